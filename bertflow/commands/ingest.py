@@ -1,0 +1,59 @@
+"""`bertflow ingest SOURCE... --name NAME [options]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bertflow.runtime import run_flow, validated
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ingest", help="raw text files → a corpus artifact (Parquet shards, catalogued)",
+        description="Read raw corpora (txt, jsonl/json, csv/tsv, parquet, saved `datasets`, WikiExtractor;"
+        " .gz .bz2 .xz .zst transparently), normalise, split documents and sentences (English and"
+        " Chinese), de-duplicate, filter, and write a corpus artifact.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="files, directories or globs")
+    p.add_argument("--name", required=True, help="artifact name for the corpus")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets", "wikiextractor"])
+    p.add_argument("--txt-mode", default="blank-line", choices=["file", "blank-line", "line"],
+                   help="txt documents: one per file, per blank-line-separated block (default), or per line")
+    p.add_argument("--text-field", default="text", help="jsonl/json key or csv/tsv/parquet column (default: text)")
+    p.add_argument("--encoding", default="utf-8")
+    p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace"],
+                   help="replace: undecodable bytes become U+FFFD instead of stopping with an error")
+    p.add_argument("--unicode-form", default="NFC", choices=["NFC", "NFKC", "NFD", "NFKD", "none"])
+    p.add_argument("--language", default="auto", choices=["auto", "en", "zh"])
+    p.add_argument("--min-chars", type=int, default=20, help="drop documents shorter than this (characters)")
+    p.add_argument("--max-chars", type=int, default=2_000_000, help="drop documents longer than this")
+    p.add_argument("--min-letter-fraction", type=float, default=0.5,
+                   help="drop documents whose letters are under this share of non-space characters")
+    p.add_argument("--min-sentences", type=int, default=1)
+    p.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate documents")
+    p.add_argument("--near-dedupe", type=float, default=None, metavar="JACCARD",
+                   help="also drop near-duplicates above this MinHash Jaccard similarity (e.g. 0.8)")
+    p.add_argument("--shard-mb", type=float, default=32.0, help="MB of text per output shard")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
+    p.add_argument("--refresh", action="store_true", help="recompute even if cached")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tasks.ingest import IngestConfig, format_summary
+
+    config = validated(IngestConfig, dict(
+        sources=args.sources, name=args.name, format=args.format, txt_mode=args.txt_mode,
+        text_field=args.text_field, encoding=args.encoding, encoding_errors=args.encoding_errors,
+        unicode_form=args.unicode_form, language=args.language, min_chars=args.min_chars,
+        max_chars=args.max_chars, min_letter_fraction=args.min_letter_fraction,
+        min_sentences=args.min_sentences, dedupe=not args.no_dedupe, near_dedupe=args.near_dedupe,
+        shard_mb=args.shard_mb, workers=args.workers,
+    ))
+    from flows.ingest import ingest_flow
+
+    manifest = run_flow(ingest_flow, config=config, refresh=args.refresh)
+    print(json.dumps(manifest, indent=2) if args.json else format_summary(manifest))
+    return 0

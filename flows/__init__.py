@@ -1,0 +1,1 @@
+"""Prefect flows: one per file, each reads like a table of contents."""

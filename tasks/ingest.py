@@ -1,0 +1,334 @@
+"""Ingest: raw documents → normalised, sentence-split, filtered, de-duplicated corpus shards.
+
+The pipeline, per document, in this order (each step's removals are counted):
+  1. normalise (Unicode form, controls, whitespace, CRLF) — drop if nothing is left (`empty`)
+  2. length filter on characters (`too_short`, `too_long`)
+  3. letter-fraction filter: tables, code and junk have few letters (`low_letter_fraction`)
+  4. sentence split (English and Chinese rules); drop if too few sentences (`too_few_sentences`)
+  5. exact de-duplication on the normalised text (`exact_duplicate`)
+  6. optional near-duplicate removal with MinHash LSH (`near_duplicate`)
+Steps 1-4 run in worker processes on batches of documents; 5-6 and the writing run in the
+parent, in input order, so the output is identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any, Iterable, Iterator, Literal
+
+import numpy as np
+from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bertflow.errors import BertflowError
+from tasks.caching import current_cache_key
+from tasks.text import UnicodeForm, char_class_counts, guess_language, normalize_text, split_sentences
+
+STAGE = "ingest"
+STAGE_VERSION = "1"  # bump when the output of the same inputs and parameters changes
+
+REMOVAL_STEPS = ("empty", "too_short", "too_long", "low_letter_fraction", "too_few_sentences",
+                 "exact_duplicate", "near_duplicate")
+
+
+class IngestConfig(BaseModel):
+    """Parameters of `bertflow ingest` (and the `ingest:` section of a pipeline config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[str] = Field(min_length=1, description="files, directories or globs")
+    name: str = Field(description="artifact name of the corpus")
+    format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets",
+                    "wikiextractor"] = "auto"
+    txt_mode: Literal["file", "blank-line", "line"] = Field(
+        "blank-line", description="txt: one document per file, per blank-line block, or per line")
+    text_field: str = Field("text", description="jsonl/json key or csv/tsv/parquet/datasets column")
+    encoding: str = "utf-8"
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    unicode_form: UnicodeForm = "NFC"
+    language: Literal["auto", "en", "zh"] = Field("auto", description="auto: guessed per document")
+    min_chars: int = Field(20, ge=0, description="characters, after normalisation")
+    max_chars: int = Field(2_000_000, ge=1, description="characters, after normalisation")
+    min_letter_fraction: float = Field(0.5, ge=0.0, le=1.0,
+                                       description="letters / non-space characters")
+    min_sentences: int = Field(1, ge=1)
+    dedupe: bool = Field(True, description="drop exact duplicate documents")
+    near_dedupe: float | None = Field(None, gt=0.0, le=1.0,
+                                      description="MinHash Jaccard threshold, e.g. 0.8; off when unset")
+    minhash_permutations: int = Field(64, ge=16, le=512)
+    shingle_chars: int = Field(5, ge=1, le=32, description="character n-gram size for MinHash")
+    shard_mb: float = Field(32.0, gt=0, description="MB of text per output shard")
+    workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
+    seed: int = 0
+
+    @field_validator("max_chars")
+    @classmethod
+    def _max_above_min(cls, value: int, info: Any) -> int:
+        if value < info.data.get("min_chars", 0):
+            raise ValueError("max_chars must be >= min_chars")
+        return value
+
+
+# --- per-document work (runs in worker processes) -----------------------------------------
+
+@dataclass(frozen=True)
+class CleanDocument:
+    source: str
+    language: str
+    sentences: list[str]
+    n_chars: int
+    digest: bytes  # exact-duplicate key
+    minhash: np.ndarray | None  # near-duplicate signature
+
+
+@dataclass
+class BatchResult:
+    documents: list[CleanDocument]
+    removed_docs: Counter = field(default_factory=Counter)
+    removed_chars: Counter = field(default_factory=Counter)
+
+
+def minhash_signature(text: str, *, num_perm: int, shingle: int, seed: int) -> np.ndarray:
+    from datasketch import MinHash
+
+    grams = {text[i:i + shingle] for i in range(max(1, len(text) - shingle + 1))}
+    mh = MinHash(num_perm=num_perm, seed=seed)
+    mh.update_batch([g.encode("utf-8") for g in grams])
+    return mh.hashvalues
+
+
+def clean_batch(raw: list[tuple[str, str]], config: IngestConfig) -> BatchResult:
+    """Steps 1-4 for a batch of (text, source) pairs."""
+    result = BatchResult(documents=[])
+    for text, source in raw:
+        raw_chars = len(text)
+        text = normalize_text(text, config.unicode_form)
+        n_chars = len(text)
+        reason = None
+        if n_chars == 0:
+            reason = "empty"
+        elif n_chars < config.min_chars:
+            reason = "too_short"
+        elif n_chars > config.max_chars:
+            reason = "too_long"
+        else:
+            non_space, letters, cjk = char_class_counts(text)
+            if non_space and letters / non_space < config.min_letter_fraction:
+                reason = "low_letter_fraction"
+        if reason is None:
+            sentences = split_sentences(text)
+            if len(sentences) < config.min_sentences:
+                reason = "too_few_sentences"
+        if reason is not None:
+            result.removed_docs[reason] += 1
+            result.removed_chars[reason] += n_chars if reason != "empty" else raw_chars
+            continue
+        language = config.language if config.language != "auto" else ("zh" if letters and cjk / letters >= 0.2 else "en")
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
+        signature = None
+        if config.near_dedupe is not None:
+            signature = minhash_signature(text, num_perm=config.minhash_permutations,
+                                          shingle=config.shingle_chars, seed=config.seed)
+        result.documents.append(CleanDocument(source, language, sentences, n_chars, digest, signature))
+    return result
+
+
+# --- the stream (runs in the task's process) ------------------------------------------------
+
+@dataclass
+class IngestStats:
+    """Counts for the summary: what came in, what each step removed, what is left."""
+
+    input_documents: int = 0
+    input_chars: int = 0
+    input_bytes: int = 0
+    documents: int = 0
+    sentences: int = 0
+    chars: int = 0
+    removed_docs: Counter = field(default_factory=Counter)
+    removed_chars: Counter = field(default_factory=Counter)
+    languages: Counter = field(default_factory=Counter)
+    per_source: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input": {"documents": self.input_documents, "chars": self.input_chars,
+                      "bytes": self.input_bytes},
+            "documents": self.documents,
+            "sentences": self.sentences,
+            "chars": self.chars,
+            "removed": {step: {"documents": self.removed_docs.get(step, 0),
+                               "chars": self.removed_chars.get(step, 0)} for step in REMOVAL_STEPS},
+            "languages": dict(sorted(self.languages.items())),
+            "per_source": {src: dict(c) for src, c in sorted(self.per_source.items())},
+        }
+
+
+def batched_raw(documents: Iterable[tuple[str, str]], batch_chars: int = 1 << 21
+                ) -> Iterator[list[tuple[str, str]]]:
+    batch: list[tuple[str, str]] = []
+    size = 0
+    for text, source in documents:
+        batch.append((text, source))
+        size += len(text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_parallel(batches: Iterable[list[tuple[str, str]]], config: IngestConfig,
+                      workers: int) -> Iterator[BatchResult]:
+    """clean_batch over batches on `workers` processes, results in input order, bounded queue."""
+    if workers <= 1:
+        for batch in batches:
+            yield clean_batch(batch, config)
+        return
+    # spawn, not fork: the parent runs Prefect's threads, which fork would copy mid-flight.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pending: list[Future] = []
+        for batch in batches:
+            pending.append(pool.submit(clean_batch, batch, config))
+            if len(pending) >= 2 * workers:  # bounded: at most 2 batches per worker in flight
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def ingest_stream(raw_documents: Iterable[tuple[str, str]], config: IngestConfig,
+                  stats: IngestStats, *, workers: int = 1) -> Iterator[CleanDocument]:
+    """Clean, filter and de-duplicate a stream of (text, source); yields kept documents in order."""
+    seen: set[bytes] = set()
+    lsh = None
+    if config.near_dedupe is not None:
+        from datasketch import MinHashLSH
+
+        lsh = MinHashLSH(threshold=config.near_dedupe, num_perm=config.minhash_permutations)
+
+    def counted(docs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+        for text, source in docs:
+            stats.input_documents += 1
+            stats.input_chars += len(text)
+            stats.per_source[source]["input_documents"] += 1
+            yield text, source
+
+    for result in _ordered_parallel(batched_raw(counted(raw_documents)), config, workers):
+        stats.removed_docs.update(result.removed_docs)
+        stats.removed_chars.update(result.removed_chars)
+        for doc in result.documents:
+            if config.dedupe:
+                if doc.digest in seen:
+                    stats.removed_docs["exact_duplicate"] += 1
+                    stats.removed_chars["exact_duplicate"] += doc.n_chars
+                    continue
+                seen.add(doc.digest)
+            if lsh is not None:
+                from datasketch import MinHash
+
+                mh = MinHash(num_perm=config.minhash_permutations, hashvalues=doc.minhash)
+                if lsh.query(mh):
+                    stats.removed_docs["near_duplicate"] += 1
+                    stats.removed_chars["near_duplicate"] += doc.n_chars
+                    continue
+                lsh.insert(str(stats.documents), mh)
+            stats.documents += 1
+            stats.sentences += len(doc.sentences)
+            stats.chars += doc.n_chars
+            stats.languages[doc.language] += 1
+            per = stats.per_source[doc.source]
+            per["documents"] += 1
+            per["sentences"] += len(doc.sentences)
+            per["chars"] += doc.n_chars
+            yield doc
+
+
+def resolve_workers(requested: int, input_bytes: int) -> int:
+    """0 means one per core; small inputs are not worth a process pool's start-up (~1-2 s)."""
+    if input_bytes < 4 << 20:
+        return 1
+    return requested or (os.cpu_count() or 1)
+
+
+# --- the Prefect task --------------------------------------------------------------------
+
+def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key: str | None = None
+               ) -> dict[str, Any]:
+    """Read, clean and write a corpus artifact; returns its manifest. Nothing is registered
+    unless every source was read and at least one document survived the filters."""
+    from storage.artifacts import ArtifactStore
+    from storage.corpus import CorpusShardWriter
+    from storage.sources import ReadOptions, SourceFile, read_documents
+
+    started = time.perf_counter()
+    files = [SourceFile(**s) for s in sources]
+    options = ReadOptions(format=config.format, txt_mode=config.txt_mode, text_field=config.text_field,
+                          encoding=config.encoding, encoding_errors=config.encoding_errors)
+    stats = IngestStats(input_bytes=sum(f.size for f in files))
+    workers = resolve_workers(config.workers, stats.input_bytes)
+
+    def raw() -> Iterator[tuple[str, str]]:
+        for source in files:
+            for doc in read_documents(source, options):
+                yield doc.text, doc.source
+
+    store = ArtifactStore()
+    with store.create("corpus", config.name) as writer:
+        shards = CorpusShardWriter(writer.dir, shard_bytes=int(config.shard_mb * 1e6))
+        for doc_id, doc in enumerate(ingest_stream(raw(), config, stats, workers=workers)):
+            shards.add(doc_id, doc.source, doc.language, doc.sentences, doc.n_chars)
+        shards.flush()
+        if stats.input_documents == 0:
+            raise BertflowError(f"the sources hold no documents ({', '.join(f.path for f in files[:3])}"
+                                f"{' …' if len(files) > 3 else ''}); check --format, --txt-mode and --text-field")
+        if stats.documents == 0:
+            worst = stats.removed_docs.most_common(1)[0][0]
+            raise BertflowError(
+                f"no text is left after filtering ({stats.input_documents} documents in, most removed by"
+                f" '{worst}'); relax the filters (--min-chars, --min-letter-fraction, --min-sentences)")
+        seconds = time.perf_counter() - started
+        summary = stats.to_json()
+        summary["shards"] = len(shards.shards)
+        summary["seconds"] = round(seconds, 3)
+        summary["workers"] = workers
+        artifact = writer.commit(
+            manifest={"shards": shards.shards, "sources": sources},
+            params=config.model_dump(mode="json"), stats=summary,
+            cache_key=cache_key, stage_version=STAGE_VERSION,
+        )
+    return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
+            "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": summary}
+
+
+@task(name="ingest-corpus", task_run_name="ingest-corpus[{config.name}]")
+def ingest_corpus(config: IngestConfig, sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """Prefect task: the ingest stage under the stage cache policy (see tasks/caching.py)."""
+    manifest = run_ingest(config, sources, cache_key=current_cache_key())
+    get_run_logger().info(format_summary(manifest))
+    return manifest
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    """The human summary printed at the end of `bertflow ingest`."""
+    s = manifest["stats"]
+    lines = [
+        f"corpus {manifest['name']} ({manifest['fingerprint']}) at {manifest['path']}",
+        f"  kept     {s['documents']:>10,} documents {s['sentences']:>11,} sentences {s['chars']:>13,} chars",
+        f"  input    {s['input']['documents']:>10,} documents {'':>21} {s['input']['chars']:>13,} chars"
+        f"  ({s['input']['bytes'] / 1e6:,.1f} MB)",
+    ]
+    for step, removed in s["removed"].items():
+        if removed["documents"]:
+            lines.append(f"  removed  {removed['documents']:>10,} documents {'':>21} {removed['chars']:>13,} chars  {step}")
+    lines.append("  languages: " + ", ".join(f"{k} {v:,}" for k, v in s["languages"].items()))
+    lines.append("  per source:")
+    for source, counts in s["per_source"].items():
+        lines.append(f"    {counts.get('documents', 0):>9,} docs {counts.get('sentences', 0):>10,} sents"
+                     f" {counts.get('chars', 0):>12,} chars  {source}")
+    return "\n".join(lines)
