@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated data home per test, one Prefect test server per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bertflow.runtime import configure_environment
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+configure_environment()
+
+
+def shared_path(relative: str) -> Path:
+    """A file under ../shared/data; the test is skipped when it is absent (a user's clone)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"../shared/data/{relative} is not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for the whole session (~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty BERTFLOW_HOME for this test."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("BERTFLOW_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def flow_home(home: Path, prefect_server) -> Path:
+    """A fresh data home plus the session's Prefect server: for tests that run flows."""
+    return home
+
+
+def run_cli(*argv: str) -> int:
+    from bertflow.cli import main
+
+    return main(list(argv))
