@@ -1,0 +1,149 @@
+"""Pretraining-data artifacts on disk: Parquet shards, one row per instance (see README).
+
+Columns: `input_ids` (list<uint16> or list<int32>, unpadded `[CLS] A [SEP] B [SEP]`),
+`token_type_ids` (list<int8>), `masked_positions` (list<int16>, sorted; empty for --dynamic),
+`masked_ids` (the original ids at those positions, same type as `input_ids`), `label` (int8:
+NSP 1 = random B, SOP 1 = swapped, -1 for objective none) and, only for --dynamic data with
+whole-word or span masking, `continuation` (list<bool>: the token continues the previous
+token's word, so the loader can mask whole words without the vocabulary or a segmenter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bertflow.errors import BertflowError
+
+SHARD_GLOB = "shard-*.parquet"
+MAX_INT32_VOCAB = 2**31 - 1
+MAX_INT16_POSITION = 2**15 - 1
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    """The smallest integer type that holds every token id of the vocabulary."""
+    if vocab_size <= 65536:
+        return "uint16"
+    if vocab_size <= MAX_INT32_VOCAB:
+        return "int32"
+    raise BertflowError(f"tokenizer vocabulary of {vocab_size:,} entries does not fit int32 token ids;"
+                        " use a vocabulary under 2^31 entries")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def pretraining_schema(id_dtype: str, with_continuation: bool = False) -> pa.Schema:
+    id_type = pa.from_numpy_dtype(np.dtype(id_dtype))
+    fields = [
+        pa.field("input_ids", pa.list_(id_type)),
+        pa.field("token_type_ids", pa.list_(pa.int8())),
+        pa.field("masked_positions", pa.list_(pa.int16())),
+        pa.field("masked_ids", pa.list_(id_type)),
+        pa.field("label", pa.int8()),
+    ]
+    if with_continuation:
+        fields.append(pa.field("continuation", pa.list_(pa.bool_())))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class InstanceColumns:
+    """A shard's instances as flat numpy arrays with row offsets (what Parquet lists are)."""
+
+    input_ids: np.ndarray        # (total tokens,)
+    token_type_ids: np.ndarray   # (total tokens,)
+    offsets: np.ndarray          # (rows + 1,) into input_ids / token_type_ids / continuation
+    masked_positions: np.ndarray  # (total predictions,)
+    masked_ids: np.ndarray       # (total predictions,)
+    mask_offsets: np.ndarray     # (rows + 1,)
+    labels: np.ndarray           # (rows,)
+    continuation: np.ndarray | None = None  # (total tokens,) bool
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
+
+
+def write_pretraining_shard(path: Path, columns: InstanceColumns, id_dtype: str) -> int:
+    """Write one shard; returns its size in bytes."""
+    schema = pretraining_schema(id_dtype, columns.continuation is not None)
+    id_type = schema.field("input_ids").type.value_type
+    arrays = [
+        _list_array(columns.offsets, columns.input_ids.astype(id_dtype), id_type),
+        _list_array(columns.offsets, columns.token_type_ids.astype(np.int8), pa.int8()),
+        _list_array(columns.mask_offsets, columns.masked_positions.astype(np.int16), pa.int16()),
+        _list_array(columns.mask_offsets, columns.masked_ids.astype(id_dtype), id_type),
+        pa.array(columns.labels.astype(np.int8), type=pa.int8()),
+    ]
+    if columns.continuation is not None:
+        arrays.append(_list_array(columns.offsets, columns.continuation.astype(bool), pa.bool_()))
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    # Token ids compress poorly with anything heavier; zstd level 1 keeps writing cheap.
+    pq.write_table(table, path, compression="zstd", compression_level=1, row_group_size=65536)
+    return path.stat().st_size
+
+
+def pretraining_shards(data_dir: str | Path) -> list[Path]:
+    return sorted(Path(data_dir).glob(SHARD_GLOB))
+
+
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, offsets starting at 0."""
+    array = column.combine_chunks()
+    if isinstance(array, pa.ChunkedArray):  # an empty table
+        array = pa.array([], type=column.type)
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.values.to_numpy(zero_copy_only=False)
+    start, stop = offsets[0], offsets[-1]
+    return values[start:stop], offsets - start
+
+
+def read_pretraining_shard(path: Path) -> InstanceColumns:
+    """One shard as flat numpy arrays (no Python object per instance)."""
+    table = pq.read_table(path)
+    input_ids, offsets = _flat(table.column("input_ids"))
+    token_type_ids, _ = _flat(table.column("token_type_ids"))
+    masked_positions, mask_offsets = _flat(table.column("masked_positions"))
+    masked_ids, _ = _flat(table.column("masked_ids"))
+    continuation = None
+    if "continuation" in table.column_names:
+        continuation, _ = _flat(table.column("continuation"))
+        continuation = continuation.astype(bool)
+    return InstanceColumns(
+        input_ids=input_ids, token_type_ids=token_type_ids, offsets=offsets,
+        masked_positions=masked_positions, masked_ids=masked_ids, mask_offsets=mask_offsets,
+        labels=table.column("label").to_numpy(), continuation=continuation,
+    )
+
+
+def read_pretraining_data(data_dir: str | Path, shards: list[str] | None = None) -> InstanceColumns:
+    """Every shard of an artifact concatenated into one set of flat arrays (offsets int64)."""
+    paths = [Path(data_dir) / name for name in shards] if shards else pretraining_shards(data_dir)
+    if not paths:
+        raise BertflowError(f"{data_dir}: no {SHARD_GLOB} files; is this a pretraining-data artifact?")
+    parts = [read_pretraining_shard(p) for p in paths]
+
+    def joined_offsets(name: str, values: str) -> np.ndarray:
+        out, base = [np.zeros(1, dtype=np.int64)], 0
+        for part in parts:
+            out.append(getattr(part, name)[1:] + base)
+            base += len(getattr(part, values))
+        return np.concatenate(out)
+
+    has_continuation = all(p.continuation is not None for p in parts)
+    return InstanceColumns(
+        input_ids=np.concatenate([p.input_ids for p in parts]),
+        token_type_ids=np.concatenate([p.token_type_ids for p in parts]),
+        offsets=joined_offsets("offsets", "input_ids"),
+        masked_positions=np.concatenate([p.masked_positions for p in parts]),
+        masked_ids=np.concatenate([p.masked_ids for p in parts]),
+        mask_offsets=joined_offsets("mask_offsets", "masked_positions"),
+        labels=np.concatenate([p.labels for p in parts]),
+        continuation=np.concatenate([p.continuation for p in parts]) if has_continuation else None,
+    )

@@ -1,0 +1,426 @@
+"""Pretraining instances as in Google BERT's `create_pretraining_data.py`, vectorised where it pays.
+
+The steps keep Google's names: `create_instances_from_document` (pairs of segments with a
+target length), `truncate_seq_pair`, `create_masked_lm_predictions` (80/10/10), plus
+`assemble_instances` and `mask_tokens_batch`, which do in numpy, for a whole shard at once, what
+Google does token by token. Pairs are built from token *ranges*: a document is its sentences'
+offsets into one flat token array, an instance is two ranges and a label, and the token ids are
+gathered in bulk afterwards. The distributions are Google's; the differences are listed where
+they are made (random documents come from the same shard, stochastic rounding of the number of
+predictions, random replacements never draw special tokens).
+
+Everything here is pure: numbers in, numbers out; randomness comes in as `rng`. No Prefect
+import either: worker processes and DataLoader workers import this module.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Objective = Literal["nsp", "sop", "none"]
+Masking = Literal["token", "whole-word", "span"]
+
+# Replacement kinds, for the realised 80/10/10 statistics.
+REPLACED_BY_MASK, REPLACED_BY_RANDOM, KEPT_ORIGINAL = 0, 1, 2
+SPAN_GEOMETRIC_P = 0.2   # SpanBERT: span lengths ~ Geometric(0.2) words ...
+SPAN_MAX_WORDS = 10      # ... clipped at 10
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"pad": self.pad, "unk": self.unk, "cls": self.cls, "sep": self.sep, "mask": self.mask}
+
+
+@dataclass(frozen=True, eq=False)
+class MaskingRule:
+    """How to choose and replace masked-LM targets."""
+
+    masking: Masking
+    masked_lm_prob: float
+    max_predictions: int
+    mask_id: int
+    random_ids: np.ndarray  # ids a "random token" replacement draws from (no special tokens)
+
+
+def random_replacement_ids(vocab_size: int, special: SpecialIds) -> np.ndarray:
+    """Google draws from the whole vocabulary; we leave out [PAD] [UNK] [CLS] [SEP] [MASK] so a
+    random replacement never looks like structure."""
+    return np.setdiff1d(np.arange(vocab_size, dtype=np.int64), list(special.as_dict().values()))
+
+
+# --- pairs of segments ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TrainingInstance:
+    """One sequence before masking: `[CLS] A [SEP] B [SEP]` (or `[CLS] A [SEP]` for objective
+    none), A and B as [start, end) ranges into the shard's flat token array.
+
+    label: NSP 1 = B is a random span, 0 = the true continuation; SOP 1 = A and B swapped;
+    -1 for objective none.
+    """
+
+    a_start: int
+    a_end: int
+    b_start: int
+    b_end: int
+    label: int
+
+
+@dataclass(frozen=True)
+class DocumentIndex:
+    """The documents of one shard: document d holds sentences
+    doc_sentences[d] .. doc_sentences[d+1]-1, sentence s holds tokens
+    sentence_offsets[s] .. sentence_offsets[s+1]-1 of the flat token array. Every sentence has
+    at least one token and every document at least one sentence."""
+
+    sentence_offsets: list[int]
+    doc_sentences: list[int]
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_sentences) - 1
+
+
+def truncate_seq_pair(len_a: int, len_b: int, max_num_tokens: int, rng: random.Random
+                      ) -> tuple[int, int, int, int]:
+    """Google's rule: while the pair is too long, drop one token from the longer segment (B on a
+    tie), from its front or back with equal probability. Which segment loses how many tokens
+    does not depend on the coin flips, so it is computed directly and the front/back split is a
+    Binomial(n, 1/2) draw. Returns tokens to drop (a_front, a_back, b_front, b_back)."""
+    excess = len_a + len_b - max_num_tokens
+    if excess <= 0:
+        return 0, 0, 0, 0
+    drop_a = drop_b = 0
+    if len_a > len_b:
+        drop_a = min(excess, len_a - len_b)
+    else:
+        drop_b = min(excess, len_b - len_a)
+    rest = excess - drop_a - drop_b
+    # Equal lengths from here: B goes first, then they alternate.
+    drop_b += (rest + 1) // 2
+    drop_a += rest // 2
+    a_front = _coin_flips(drop_a, rng)
+    b_front = _coin_flips(drop_b, rng)
+    return a_front, drop_a - a_front, b_front, drop_b - b_front
+
+
+def _coin_flips(n: int, rng: random.Random) -> int:
+    """Heads among n fair coins."""
+    return bin(rng.getrandbits(n)).count("1") if n > 0 else 0
+
+
+def create_instances_from_document(doc: int, documents: DocumentIndex, *, max_seq_len: int,
+                                   short_seq_prob: float, objective: Objective,
+                                   rng: random.Random) -> list[TrainingInstance]:
+    """Google's `create_instances_from_document` over token ranges (nsp and sop), or
+    contiguous full-length segments (none)."""
+    if objective == "none":
+        return create_full_segments_from_document(doc, documents, max_seq_len=max_seq_len)
+    offsets = documents.sentence_offsets
+    first, stop = documents.doc_sentences[doc], documents.doc_sentences[doc + 1]
+    max_num_tokens = max_seq_len - 3  # account for [CLS], [SEP], [SEP]
+    # Most sequences fill max_seq_len; short_seq_prob of them are shorter, so the model also
+    # sees the short inputs of fine-tuning. (As in Google's script the target is drawn once per
+    # document.)
+    target_seq_length = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target_seq_length = rng.randint(2, max_num_tokens)
+
+    instances: list[TrainingInstance] = []
+    chunk_start = first  # current chunk = sentences chunk_start .. i
+    i = first
+    while i < stop:
+        current_length = offsets[i + 1] - offsets[chunk_start]
+        if i == stop - 1 or current_length >= target_seq_length:
+            chunk_sentences = i + 1 - chunk_start
+            # A is the first a_end sentences of the chunk, B the rest (or a random span).
+            a_end = 1
+            if chunk_sentences >= 2:
+                a_end = rng.randint(1, chunk_sentences - 1)
+            a_start_tok, a_end_tok = offsets[chunk_start], offsets[chunk_start + a_end]
+            if objective == "sop":
+                if chunk_sentences < 2:  # SOP needs two segments of one document
+                    chunk_start = i + 1
+                    i += 1
+                    continue
+                b_start_tok, b_end_tok = a_end_tok, offsets[i + 1]
+                label = 1 if rng.random() < 0.5 else 0
+            elif chunk_sentences == 1 or rng.random() < 0.5:
+                label = 1
+                target_b_length = target_seq_length - (a_end_tok - a_start_tok)
+                b_start_tok, b_end_tok = random_span(doc, documents, target_b_length, rng)
+                # The sentences after A were not used: put them back for the next chunk.
+                i = chunk_start + a_end - 1
+            else:
+                label = 0
+                b_start_tok, b_end_tok = a_end_tok, offsets[i + 1]
+            a_front, a_back, b_front, b_back = truncate_seq_pair(
+                a_end_tok - a_start_tok, b_end_tok - b_start_tok, max_num_tokens, rng)
+            a_start_tok, a_end_tok = a_start_tok + a_front, a_end_tok - a_back
+            b_start_tok, b_end_tok = b_start_tok + b_front, b_end_tok - b_back
+            assert a_end_tok > a_start_tok and b_end_tok > b_start_tok
+            if objective == "sop" and label == 1:
+                a_start_tok, a_end_tok, b_start_tok, b_end_tok = b_start_tok, b_end_tok, a_start_tok, a_end_tok
+            instances.append(TrainingInstance(a_start_tok, a_end_tok, b_start_tok, b_end_tok, label))
+            chunk_start = i + 1
+        i += 1
+    return instances
+
+
+def random_span(doc: int, documents: DocumentIndex, target_length: int, rng: random.Random
+                ) -> tuple[int, int]:
+    """Token range of whole sentences from another document of the shard, starting at a random
+    sentence and long enough for `target_length` (or to the document's end).
+
+    Google samples the document from the whole corpus; here it comes from the same shard
+    (a few MB of text, hundreds of documents), so every worker holds only its own shard.
+    Unlike Google's ten tries, the draw excludes A's document outright."""
+    other = rng.randrange(documents.num_documents - 1)
+    if other >= doc:
+        other += 1
+    first, stop = documents.doc_sentences[other], documents.doc_sentences[other + 1]
+    offsets = documents.sentence_offsets
+    start = rng.randrange(first, stop)
+    end = start + 1
+    while end < stop and offsets[end] - offsets[start] < target_length:
+        end += 1
+    return offsets[start], offsets[end]
+
+
+def create_full_segments_from_document(doc: int, documents: DocumentIndex, *, max_seq_len: int
+                                       ) -> list[TrainingInstance]:
+    """Objective none (RoBERTa without NSP): `[CLS] tokens [SEP]` packed with whole consecutive
+    sentences up to max_seq_len, crossing sentence but not document boundaries (RoBERTa's
+    DOC-SENTENCES); a sentence longer than a sequence is cut into full-length pieces."""
+    offsets = documents.sentence_offsets
+    first, stop = documents.doc_sentences[doc], documents.doc_sentences[doc + 1]
+    max_num_tokens = max_seq_len - 2  # account for [CLS], [SEP]
+    instances: list[TrainingInstance] = []
+    start = offsets[first]
+    for s in range(first, stop):
+        end = offsets[s + 1]
+        if end - start > max_num_tokens and offsets[s] > start:
+            instances.append(TrainingInstance(start, offsets[s], 0, 0, -1))
+            start = offsets[s]
+        while end - start > max_num_tokens:
+            instances.append(TrainingInstance(start, start + max_num_tokens, 0, 0, -1))
+            start += max_num_tokens
+    if offsets[stop] > start:
+        instances.append(TrainingInstance(start, offsets[stop], 0, 0, -1))
+    return instances
+
+
+# --- sequences in bulk ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AssembledInstances:
+    input_ids: np.ndarray       # (n, max_seq_len) int32, [PAD] after each row's length
+    token_type_ids: np.ndarray  # (n, max_seq_len) int8
+    lengths: np.ndarray         # (n,) int64
+    first_b: np.ndarray         # (n,) column of B's first token (= length for objective none)
+    labels: np.ndarray          # (n,) int8
+    continuation: np.ndarray | None  # (n, max_seq_len) bool, when token flags were given
+
+
+def assemble_instances(instances: list[TrainingInstance], tokens: np.ndarray, *, max_seq_len: int,
+                       special: SpecialIds, has_b: bool,
+                       continuation: np.ndarray | None = None) -> AssembledInstances:
+    """`[CLS] A [SEP] B [SEP]` for every instance at once, as padded (n, max_seq_len) arrays."""
+    spans = np.array([(x.a_start, x.a_end, x.b_start, x.b_end, x.label) for x in instances],
+                     dtype=np.int64).reshape(-1, 5)
+    a0, a1, b0, b1, labels = (spans[:, k:k + 1] for k in range(5))
+    len_a, len_b = a1 - a0, b1 - b0
+    lengths = len_a + len_b + (3 if has_b else 2)
+    assert lengths.size == 0 or lengths.max() <= max_seq_len
+    col = np.arange(max_seq_len, dtype=np.int64)[None, :]  # (1, max_seq_len)
+    in_a = (col >= 1) & (col <= len_a)
+    in_b = (col >= len_a + 2) & (col <= len_a + 1 + len_b)
+    source = np.where(in_a, a0 + col - 1, np.where(in_b, b0 + col - len_a - 2, 0))
+    ids = np.where(in_a | in_b, tokens[source], special.sep).astype(np.int32)
+    ids[:, 0] = special.cls
+    ids[col >= lengths] = special.pad
+    first_b = len_a + 2 if has_b else lengths
+    token_types = ((col >= first_b) & (col < lengths)).astype(np.int8)
+    flags = None
+    if continuation is not None:
+        flags = np.where(in_a | in_b, continuation[source], False)
+    return AssembledInstances(ids, token_types, lengths[:, 0], first_b[:, 0],
+                              labels[:, 0].astype(np.int8), flags)
+
+
+def number_to_predict(candidates: np.ndarray | int, masked_lm_prob: float, max_predictions: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """masked_lm_prob of the maskable tokens, at least 1, capped at max_predictions.
+
+    Google rounds len(tokens) * p to the nearest integer, which skews short sequences; rounding
+    up with probability equal to the fraction keeps the expected share exactly p."""
+    expected = np.asarray(candidates, dtype=np.float64) * masked_lm_prob
+    count = np.floor(expected + rng.random(expected.shape)).astype(np.int64)
+    return np.minimum(np.minimum(np.maximum(count, 1), max_predictions), candidates)
+
+
+def maskable_positions(token_type_ids: np.ndarray) -> np.ndarray:
+    """Bool (L,): every position except [CLS] (first), the [SEP] closing the type-0 segment, and
+    the final [SEP]. [PAD] never occurs: instances are unpadded."""
+    length = len(token_type_ids)
+    maskable = np.ones(length, dtype=bool)
+    maskable[0] = maskable[-1] = False
+    maskable[length - int(np.count_nonzero(token_type_ids)) - 1] = False
+    return maskable
+
+
+def replacement_kinds(n: int, rng: np.random.Generator) -> np.ndarray:
+    """80% [MASK], 10% a random token, 10% the original token (Google's rule)."""
+    draw = rng.random(n)
+    return np.where(draw < 0.8, REPLACED_BY_MASK,
+                    np.where(draw < 0.9, REPLACED_BY_RANDOM, KEPT_ORIGINAL)).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class MaskedLmPredictions:
+    input_ids: np.ndarray   # (L,) with replacements applied
+    positions: np.ndarray   # (P,) sorted
+    labels: np.ndarray      # (P,) original ids
+    kinds: np.ndarray       # (P,) REPLACED_BY_MASK / REPLACED_BY_RANDOM / KEPT_ORIGINAL
+
+
+def word_groups(maskable: np.ndarray, continuation: np.ndarray | None) -> list[np.ndarray]:
+    """Maskable positions grouped into words: a token plus the following tokens flagged as its
+    continuation (`##` pieces, or the rest of a segmenter's Chinese word). A word never spans
+    [SEP] or the edge of a truncated segment's neighbour."""
+    positions = np.flatnonzero(maskable)
+    if positions.size == 0:
+        return []
+    starts = np.ones(positions.size, dtype=bool)
+    if continuation is not None:
+        starts[1:] = ~continuation[positions[1:]] | (np.diff(positions) != 1)
+    return np.split(positions, np.flatnonzero(starts)[1:])
+
+
+def create_masked_lm_predictions(input_ids: np.ndarray, token_type_ids: np.ndarray,
+                                 continuation: np.ndarray | None, rule: MaskingRule,
+                                 rng: np.random.Generator) -> MaskedLmPredictions:
+    """Choose and replace the masked-LM targets of one instance (token, whole-word or span)."""
+    maskable = maskable_positions(token_type_ids)
+    n_candidates = int(maskable.sum())
+    budget = int(number_to_predict(n_candidates, rule.masked_lm_prob, rule.max_predictions, rng))
+    if rule.masking == "token":
+        chosen = [rng.choice(np.flatnonzero(maskable), size=budget, replace=False)]
+        groups_kinds = replacement_kinds(budget, rng)
+        per_token_kinds = True
+    elif rule.masking == "whole-word":
+        chosen = choose_whole_words(word_groups(maskable, continuation), budget, rng)
+        per_token_kinds = True  # Google decides 80/10/10 per piece under whole-word masking
+    else:
+        chosen = choose_spans(word_groups(maskable, continuation), budget, rng)
+        per_token_kinds = False  # SpanBERT replaces a span as one unit
+    if not chosen:
+        chosen = [np.zeros(0, dtype=np.int64)]
+    positions = np.concatenate(chosen).astype(np.int64)
+    if per_token_kinds:
+        kinds = replacement_kinds(positions.size, rng) if rule.masking != "token" else groups_kinds
+    else:
+        kinds = np.repeat(replacement_kinds(len(chosen), rng), [len(g) for g in chosen])
+    order = np.argsort(positions, kind="stable")
+    positions, kinds = positions[order], kinds[order]
+    output = np.array(input_ids, dtype=np.int64, copy=True)
+    labels = output[positions].copy()
+    output[positions[kinds == REPLACED_BY_MASK]] = rule.mask_id
+    random_at = positions[kinds == REPLACED_BY_RANDOM]
+    output[random_at] = rule.random_ids[rng.integers(0, len(rule.random_ids), random_at.size)]
+    return MaskedLmPredictions(output, positions, labels, kinds)
+
+
+def choose_whole_words(words: list[np.ndarray], budget: int, rng: np.random.Generator
+                       ) -> list[np.ndarray]:
+    """Google's whole-word rule: visit words in random order, take a word only if all its pieces
+    still fit in the budget, stop when the budget is reached."""
+    chosen: list[np.ndarray] = []
+    count = 0
+    for w in rng.permutation(len(words)):
+        if count >= budget:
+            break
+        if count + len(words[w]) > budget:
+            continue
+        chosen.append(words[w])
+        count += len(words[w])
+    return chosen
+
+
+def choose_spans(words: list[np.ndarray], budget: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """SpanBERT: spans of Geometric(0.2) words (at most 10) at random starting words, not
+    overlapping, until the budget of pieces is reached; a span that would overshoot is shortened
+    (whole words only). Bounded attempts, so a budget that cannot be met exactly ends early."""
+    n_words = len(words)
+    if n_words == 0:
+        return []
+    taken = np.zeros(n_words, dtype=bool)
+    sizes = np.array([len(w) for w in words])
+    chosen: list[np.ndarray] = []
+    count = 0
+    for _ in range(10 * budget + 10):
+        if count >= budget:
+            break
+        span_words = min(int(rng.geometric(SPAN_GEOMETRIC_P)), SPAN_MAX_WORDS)
+        start = int(rng.integers(n_words))
+        stop = min(start + span_words, n_words)
+        while stop > start and (taken[start:stop].any() or count + sizes[start:stop].sum() > budget):
+            stop -= 1
+        if stop == start:
+            continue
+        taken[start:stop] = True
+        count += int(sizes[start:stop].sum())
+        chosen.append(np.concatenate(words[start:stop]))
+    return chosen
+
+
+@dataclass(frozen=True)
+class MaskedBatch:
+    input_ids: np.ndarray   # (n, max_seq_len) with replacements applied
+    positions: np.ndarray   # (n, max_predictions) sorted per row; valid where column < counts
+    labels: np.ndarray      # (n, max_predictions) original ids
+    kinds: np.ndarray       # (n, max_predictions)
+    counts: np.ndarray      # (n,) predictions per row
+    candidates: np.ndarray  # (n,) maskable tokens per row
+
+
+def mask_tokens_batch(batch: AssembledInstances, rule: MaskingRule, rng: np.random.Generator
+                      ) -> MaskedBatch:
+    """Token masking of every row at once: same rule as `create_masked_lm_predictions`, with a
+    random key per maskable token and the `budget` smallest keys of a row chosen."""
+    n, width = batch.input_ids.shape
+    col = np.arange(width)[None, :]
+    maskable = (col >= 1) & (col < batch.lengths[:, None] - 1) & (col != batch.first_b[:, None] - 1)
+    candidates = maskable.sum(axis=1)
+    counts = number_to_predict(candidates, rule.masked_lm_prob, rule.max_predictions, rng)
+    k = min(rule.max_predictions, width)
+    keys = rng.random((n, width), dtype=np.float32)
+    keys[~maskable] = 2.0
+    smallest = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < width else np.argsort(keys, axis=1)
+    smallest = np.take_along_axis(smallest, np.argsort(np.take_along_axis(keys, smallest, 1), axis=1), 1)
+    valid = np.arange(k)[None, :] < counts[:, None]
+    positions = np.sort(np.where(valid, smallest, width), axis=1)  # chosen first, sorted
+    valid = positions < width
+    rows = np.broadcast_to(np.arange(n)[:, None], positions.shape)
+    safe = np.where(valid, positions, 0)
+    labels = batch.input_ids[rows, safe]
+    kinds = replacement_kinds(n * k, rng).reshape(n, k)
+    output = batch.input_ids.copy()
+    to_mask = valid & (kinds == REPLACED_BY_MASK)
+    output[rows[to_mask], safe[to_mask]] = rule.mask_id
+    to_random = valid & (kinds == REPLACED_BY_RANDOM)
+    output[rows[to_random], safe[to_random]] = rule.random_ids[
+        rng.integers(0, len(rule.random_ids), int(to_random.sum()))]
+    return MaskedBatch(output, np.where(valid, positions, 0), np.where(valid, labels, 0),
+                       kinds, counts, candidates)
