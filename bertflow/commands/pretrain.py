@@ -1,0 +1,171 @@
+"""`bertflow pretrain`, `bertflow params`, `bertflow fill-mask`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from bertflow.errors import BertflowError
+from bertflow.runtime import run_flow, validated
+
+PRESET_NAMES = "tiny, mini, small, medium, base, large"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pretraining data → a BERT model artifact (MLM + NSP/SOP), resumable",
+        description="Pretrain BERT on a pretraining-data artifact (CUDA when available, else CPU; DDP under"
+        " torchrun). Checkpoints go to <home>/runs/pretrain/NAME; re-running the same command resumes."
+        " The result is a Hugging Face model directory with its tokenizer.")
+    p.add_argument("--data", required=True, help="pretraining-data artifact name")
+    p.add_argument("--name", required=True, help="artifact name for the model")
+    p.add_argument("--model", default="mini", help=f"preset ({PRESET_NAMES}) or a BERT config.json (default mini)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per process (default 32)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--warmup", type=float, default=0.01,
+                   help="warm-up: a fraction of the steps when < 1, else a number of steps (default 0.01)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations (default 500)")
+    p.add_argument("--eval-instances", type=int, default=1000, help="held-out instances (at most 10%% of the data)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines (default 50)")
+    p.add_argument("--bucket-batches", type=int, default=50,
+                   help="batches per length-sorted bucket (1 = no length bucketing)")
+    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default 4 on CUDA, 0 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refresh", action="store_true", help="retrain even if a finished run is cached")
+    p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(run=run)
+
+    q = subparsers.add_parser(
+        "params", help="parameter count of a model or preset, broken down by part",
+        description="Print the parameter count of a preset, a BERT config.json, a model artifact or a Hugging Face"
+        " directory, part by part (embeddings, attention, feed-forward, LayerNorms, pooler, heads), and check the"
+        " sum against the instantiated model.")
+    q.add_argument("model", metavar="MODEL_OR_PRESET")
+    q.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size for a preset (default 30522)")
+    q.add_argument("--no-nsp", action="store_true", help="masked-LM head only (data built with --objective none)")
+    q.set_defaults(run=run_params)
+
+    f = subparsers.add_parser(
+        "fill-mask", help="top-k predictions for [MASK] in a sentence",
+        description="Run a model artifact (or Hugging Face directory) on text with [MASK] and print the top-k fillers.")
+    f.add_argument("model", metavar="MODEL", help="model artifact name or a Hugging Face model directory")
+    f.add_argument("text", nargs="+", help="text(s) holding the tokenizer's mask token, e.g. \"paris is the [MASK] of france .\"")
+    f.add_argument("--top-k", type=int, default=5)
+    f.set_defaults(run=run_fill_mask)
+
+
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from tasks.pretrain import PretrainConfig, format_summary
+
+    config = validated(PretrainConfig, dict(
+        name=args.name, model=args.model, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, precision=args.precision, compile=args.compile, device=args.device,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
+        eval_instances=args.eval_instances, log_every=args.log_every, bucket_batches=args.bucket_batches,
+        workers=args.workers, seed=args.seed,
+    ))
+    if _under_torchrun():
+        import torch.distributed as dist
+
+        from tasks.pretrain import follow_rank0, release_followers
+
+        dist.init_process_group(backend="nccl" if _cuda_wanted(args.device) else "gloo")
+        try:
+            if dist.get_rank() != 0:
+                follow_rank0()  # rank 0 runs the flow and sends what to train
+                return 0
+            try:
+                manifest = _run(config, args)
+            finally:
+                release_followers()
+        finally:
+            dist.destroy_process_group()
+    else:
+        manifest = _run(config, args)
+    print(json.dumps(manifest, indent=2) if args.json else format_summary(manifest))
+    return 0
+
+
+def _run(config, args: argparse.Namespace) -> dict:
+    from flows.pretrain import pretrain_flow
+
+    return run_flow(pretrain_flow, config=config, data=args.data, refresh=args.refresh, restart=args.restart)
+
+
+def _cuda_wanted(device: str) -> bool:
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def _model_dir(model: str) -> Path:
+    """A Hugging Face directory: given as a path, or a model artifact's."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BertflowError(f"{model}: no config.json in this directory; pass a model artifact or a Hugging Face model directory")
+        return path
+    from storage.artifacts import ArtifactStore
+
+    return Path(ArtifactStore().resolve(model, kind="model").path)
+
+
+def run_params(args: argparse.Namespace) -> int:
+    from tasks.bert_model import PRESETS, bert_config, count_parameters, format_params, new_hf_model, params_breakdown
+
+    model = args.model
+    nsp_head = not args.no_nsp
+    if model in PRESETS or model.lower().endswith(".json"):
+        config = bert_config(model, vocab_size=args.vocab_size)
+    else:
+        from transformers import AutoConfig
+
+        directory = _model_dir(model)
+        config = AutoConfig.from_pretrained(directory)
+        if config.model_type != "bert":
+            raise BertflowError(f"{directory}/config.json: model_type '{config.model_type}' is not BERT")
+        nsp_head = "BertForPreTraining" in (config.architectures or ["BertForPreTraining"])
+    instantiated = count_parameters(new_hf_model(config, nsp_head=nsp_head))
+    lines = params_breakdown(config, nsp_head=nsp_head)
+    print(format_params(model, config, lines, instantiated))
+    return 0 if instantiated == sum(line.count for line in lines) else 1
+
+
+def run_fill_mask(args: argparse.Namespace) -> int:
+    import transformers
+    from transformers import pipeline
+
+    directory = str(_model_dir(args.model))
+    transformers.logging.set_verbosity_error()
+    fill = pipeline("fill-mask", model=directory, tokenizer=directory, device="cpu")
+    mask = fill.tokenizer.mask_token
+    for text in args.text:
+        if mask not in text:
+            raise BertflowError(f"text '{text}' holds no {mask} token; put {mask} where a word should be predicted")
+        predictions = fill(text, top_k=args.top_k)
+        if predictions and isinstance(predictions[0], list):  # several masks: one list per mask
+            predictions = predictions[0]
+        print(text)
+        for p in predictions:
+            print(f"  {p['score']:.4f}  {p['token_str']:<16} {p['sequence']}")
+    return 0

@@ -1,0 +1,36 @@
+"""Pretrain flow: pretraining-data artifact → model artifact (Hugging Face BERT + tokenizer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from storage.artifacts import ArtifactStore
+from storage.checkpoints import discard_run
+from storage.home import DataHome
+from tasks.caching import cached_stage
+from tasks.pretrain import STAGE, STAGE_VERSION, PretrainConfig, pretrain_model
+
+# What the stage reads from the data manifest: the cache key hashes these (not the data's timings).
+DATA_MANIFEST_KEYS = ("instances", "vocab_size", "max_seq_len", "objective", "masking", "dynamic",
+                      "special_ids", "tokenizer", "id_dtype")
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain_flow(config: PretrainConfig, data: str, refresh: bool = False, restart: bool = False) -> dict[str, Any]:
+    home = DataHome.from_env()
+
+    # Input: the pretraining data, passed by fingerprint and path (the cache key hashes them).
+    artifact = ArtifactStore(home).resolve(data, kind="pretraining-data")
+    inputs = {"id": artifact.id, "name": artifact.name, "fingerprint": artifact.fingerprint, "path": artifact.path,
+              "manifest": {k: artifact.manifest.get(k) for k in DATA_MANIFEST_KEYS}}
+
+    # --restart: drop the interrupted run's checkpoints and train from step 0.
+    if restart:
+        discard_run(config.name, home)
+
+    # Pretrain: resumes from the run's last checkpoint; a finished run is served from the cache.
+    pretrain = cached_stage(pretrain_model, stage=STAGE, version=STAGE_VERSION, home=home,
+                            refresh=refresh or restart)
+    return pretrain(config, inputs)

@@ -1,0 +1,319 @@
+"""Pretraining: the masked-gather model, the loop (overfit, exact resume), the flow and CLI, errors.
+
+The pretraining data is written here in the contract's Parquet format (tiny, synthetic, with a
+learnable pattern), so these tests depend only on the format, not on how issue 3 builds it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "park", "in", "big", "small", "red", "blue",
+         "house", "tree", "paris", "france", "is", "capital", "of", "city", "river", "green", ".", "and"]
+VOCAB = SPECIALS + WORDS
+PAD, UNK, CLS, SEP, MASK = range(5)
+
+
+def write_tokenizer(directory: Path) -> None:
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=True).save_pretrained(directory)
+
+
+def synthetic_instances(n: int, *, seed: int, max_seq_len: int = 32, objective: str = "nsp"
+                        ) -> list[dict[str, Any]]:
+    """Instances whose masked words are predictable: each segment is a cyclic run of the word list."""
+    rng = np.random.default_rng(seed)
+    word_ids = np.arange(len(SPECIALS), len(VOCAB))
+    rows = []
+    for _ in range(n):
+        budget = int(rng.integers(12, max_seq_len - 3 + 1))
+        a_len = budget // 2
+        start = int(rng.integers(len(word_ids)))
+        a = [int(word_ids[(start + i) % len(word_ids)]) for i in range(a_len)]
+        label = int(rng.integers(2)) if objective != "none" else -1
+        b_start = start + a_len if label != 1 else int(rng.integers(len(word_ids)))
+        b = [int(word_ids[(b_start + i) % len(word_ids)]) for i in range(budget - a_len)]
+        ids = [CLS] + a + [SEP] + b + [SEP]
+        types = [0] * (a_len + 2) + [1] * (len(b) + 1)
+        candidates = [i for i, t in enumerate(ids) if t not in (CLS, SEP)]
+        positions = sorted(rng.choice(candidates, size=max(1, round(0.15 * len(ids))), replace=False).tolist())
+        originals = [ids[p] for p in positions]
+        for p in positions:
+            roll = rng.random()
+            ids[p] = MASK if roll < 0.8 else (int(rng.choice(word_ids)) if roll < 0.9 else ids[p])
+        rows.append({"input_ids": ids, "token_type_ids": types, "masked_positions": positions,
+                     "masked_ids": originals, "label": label})
+    return rows
+
+
+def write_pretraining_data(directory: Path, rows: list[dict[str, Any]], *, tokenizer: dict[str, Any],
+                           max_seq_len: int = 32, objective: str = "nsp", vocab_size: int = len(VOCAB),
+                           shards: int = 2) -> dict[str, Any]:
+    schema = pa.schema([
+        pa.field("input_ids", pa.list_(pa.uint16())), pa.field("token_type_ids", pa.list_(pa.int8())),
+        pa.field("masked_positions", pa.list_(pa.int16())), pa.field("masked_ids", pa.list_(pa.uint16())),
+        pa.field("label", pa.int8()),
+    ])
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index, part in enumerate(np.array_split(np.arange(len(rows)), shards)):
+        name = f"shard-{index:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist([rows[i] for i in part], schema=schema), directory / name)
+        names.append(name)
+    manifest = {"shards": names, "instances": len(rows), "vocab_size": vocab_size, "max_seq_len": max_seq_len,
+                "objective": objective, "masking": "token", "dynamic": False, "masked_lm_prob": 0.15,
+                "max_predictions": 20, "special_ids": {"pad": PAD, "unk": UNK, "cls": CLS, "sep": SEP, "mask": MASK},
+                "tokenizer": tokenizer, "id_dtype": "uint16"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def register_pretraining_data(name: str = "toy-data", *, instances: int = 96, max_seq_len: int = 32,
+                              objective: str = "nsp", vocab_size: int = len(VOCAB)) -> dict[str, Any]:
+    """A tokenizer artifact and a pretraining-data artifact in the current BERTFLOW_HOME."""
+    from storage.artifacts import ArtifactStore
+
+    store = ArtifactStore()
+    with store.create("tokenizer", f"{name}-tok") as writer:
+        write_tokenizer(writer.dir)
+        tok = writer.commit(manifest={"vocab_size": len(VOCAB), "lowercase": True})
+    tokenizer = {"id": tok.id, "name": tok.name, "fingerprint": tok.fingerprint, "path": tok.path}
+    with store.create("pretraining-data", name) as writer:
+        rows = synthetic_instances(instances, seed=1, max_seq_len=max_seq_len, objective=objective)
+        manifest = write_pretraining_data(writer.dir, rows, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                                          objective=objective, vocab_size=vocab_size)
+        data = writer.commit(manifest=manifest)
+    return {"id": data.id, "name": data.name, "fingerprint": data.fingerprint, "path": data.path,
+            "manifest": data.manifest}
+
+
+def train_once(data: dict[str, Any], **overrides: Any):
+    from tasks.pretrain import PretrainConfig, prepare_run, train
+
+    values = dict(name="toy", model="tiny", steps=8, batch_size=8, lr=1e-3, warmup=2, save_every=4,
+                  eval_every=4, eval_instances=16, log_every=1, bucket_batches=4)
+    values.update(overrides)
+    spec = prepare_run(PretrainConfig(**values), data)
+    spec.metrics_run = None
+    return train(spec)
+
+
+# --- the model ------------------------------------------------------------------------------
+
+def test_masked_gather_loss_equals_dense_loss_at_masked_positions():
+    """Gathering before the head changes the cost, not the numbers: same logits as the dense head."""
+    from tasks.bert_model import MaskedGatherPretrainingModel, bert_config, new_hf_model
+
+    torch.manual_seed(0)
+    hf = new_hf_model(bert_config("tiny", vocab_size=len(VOCAB)), nsp_head=True).eval()
+    model = MaskedGatherPretrainingModel(hf)
+    batch = {"input_ids": torch.randint(5, len(VOCAB), (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long),
+             "token_type_ids": torch.zeros(3, 12, dtype=torch.long),
+             "mlm_positions": torch.tensor([[1, 4, 0], [2, 3, 7], [5, 0, 0]]),
+             "mlm_labels": torch.tensor([[6, 7, -100], [8, 9, 10], [11, -100, -100]]),
+             "next_sentence_label": torch.tensor([0, 1, 0])}
+    batch["attention_mask"][2, 9:] = 0
+    ours = model(**batch)
+    dense_labels = torch.full((3, 12), -100)
+    for row in range(3):
+        for pos, label in zip(batch["mlm_positions"][row], batch["mlm_labels"][row]):
+            if label != -100:
+                dense_labels[row, pos] = label
+    reference = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"], labels=dense_labels,
+                   next_sentence_label=batch["next_sentence_label"])
+    torch.testing.assert_close(ours["loss"], reference.loss, rtol=1e-5, atol=1e-5)
+    assert int(ours["mlm_count"]) == 6
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from tasks.pretrain import lr_factor
+
+    factors = [lr_factor(s, warmup=4, total=12) for s in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[-1] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+
+
+def test_epoch_plan_is_deterministic_covers_each_instance_once_and_buckets_lengths():
+    from tasks.pretrain import plan_epoch_batches
+
+    lengths = np.random.default_rng(0).integers(10, 128, size=1000)
+    indices = np.arange(1000)
+    plan = plan_epoch_batches(lengths, indices, 32, seed=3, epoch=1, bucket_batches=8)
+    again = plan_epoch_batches(lengths, indices, 32, seed=3, epoch=1, bucket_batches=8)
+    assert all((a == b).all() for a, b in zip(plan, again))
+    assert sorted(np.concatenate(plan).tolist()) == list(range(1000))
+    other_epoch = plan_epoch_batches(lengths, indices, 32, seed=3, epoch=2, bucket_batches=8)
+    assert not all((a == b).all() for a, b in zip(plan, other_epoch))
+
+    def padding(batches):
+        return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
+
+    unbucketed = plan_epoch_batches(lengths, indices, 32, seed=3, epoch=1, bucket_batches=1)
+    assert padding(plan) < padding(unbucketed) / 3
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+def test_tiny_model_overfits_one_small_batch(home: Path):
+    data = register_pretraining_data(instances=8 + 10)  # 8 train + the minimum 10% held out (1)
+    result = train_once(data, name="overfit", steps=60, batch_size=8, eval_instances=0, lr=2e-3, warmup=5,
+                        save_every=1000, eval_every=1000, log_every=1000)
+    losses = [h["loss"] for h in result.history if h["kind"] == "train"]
+    assert len(losses) == 60
+    assert losses[-1] < 0.35 * losses[0], (losses[0], losses[-1])
+
+
+def test_interrupted_and_resumed_run_follows_the_uninterrupted_trajectory_exactly(home: Path, monkeypatch):
+    import tasks.pretrain as pretrain
+
+    data = register_pretraining_data()
+    reference = train_once(data, name="straight")
+
+    real_log_step = pretrain.log_step
+
+    def crash_at_step_6(logger, record):
+        real_log_step(logger, record)
+        if record.get("step") == 6:
+            raise KeyboardInterrupt("simulated crash after the step-4 checkpoint")
+
+    monkeypatch.setattr(pretrain, "log_step", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_once(data, name="crashy")
+    monkeypatch.setattr(pretrain, "log_step", real_log_step)
+    resumed = train_once(data, name="crashy")
+
+    assert resumed.resumed_from == 4
+    expected = [h["loss"] for h in reference.history if h["kind"] == "train"]
+    got = [h["loss"] for h in resumed.history if h["kind"] == "train"]
+    assert got == expected  # exact: same batches, masks, dropout and optimizer state
+    for (name, a), (_, b) in zip(reference.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [e["mlm_accuracy"] for e in resumed.evals] == [e["mlm_accuracy"] for e in reference.evals]
+
+
+def test_checkpoints_keep_the_last_k_and_load_without_unpickling_code(home: Path):
+    from storage.checkpoints import list_checkpoints, load_checkpoint, pretrain_run_dir
+
+    data = register_pretraining_data()
+    train_once(data, name="keep", steps=6, save_every=2, keep_checkpoints=2)
+    run_dir = pretrain_run_dir("keep")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000004", "step-00000006"]
+    model_state, training_state, state = load_checkpoint(list_checkpoints(run_dir)[-1])  # weights_only=True
+    assert state["step"] == 6 and state["micro_batches_consumed"] == 6
+    assert set(training_state) == {"optimizer", "scheduler", "scaler", "rng"}
+    assert "bert.embeddings.word_embeddings.weight" in model_state
+    assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    assert not list(run_dir.glob(".tmp-*"))
+
+
+def test_resume_refuses_checkpoints_of_other_settings(home: Path):
+    from bertflow.errors import BertflowError
+
+    data = register_pretraining_data()
+    train_once(data, name="changed", steps=4)
+    with pytest.raises(BertflowError, match="other settings"):
+        train_once(data, name="changed", steps=4, lr=5e-4)
+
+
+# --- flow, CLI, export ----------------------------------------------------------------------
+
+def test_pretrain_cli_exports_a_hugging_face_model_and_serves_reruns_from_cache(flow_home: Path, capsys):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForPreTraining
+
+    from storage.artifacts import ArtifactStore
+
+    register_pretraining_data()
+    argv = ["pretrain", "--data", "toy-data", "--name", "toy-bert", "--model", "tiny", "--steps", "6",
+            "--batch-size", "8", "--lr", "1e-3", "--eval-every", "3", "--save-every", "3", "--log-every", "2",
+            "--eval-instances", "16", "--json"]
+    assert run_cli(*argv) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    path = Path(manifest["path"])
+    assert manifest["stats"]["steps"] == 6 and "mlm_accuracy" in manifest["stats"]["heldout"]
+    assert isinstance(BertForPreTraining.from_pretrained(path), BertForPreTraining)
+    mlm = AutoModelForMaskedLM.from_pretrained(path)
+    assert mlm.config.vocab_size == len(VOCAB)
+    assert AutoTokenizer.from_pretrained(path).mask_token == "[MASK]"
+
+    store = ArtifactStore()
+    metrics = store.catalog.metrics("model/toy-bert")
+    assert {m["name"] for m in metrics if m["split"] == "heldout"} >= {"loss", "mlm_accuracy", "nsp_accuracy"}
+    assert sorted({m["step"] for m in metrics if m["split"] == "heldout"}) == [3, 6]
+
+    assert run_cli(*argv) == 0  # finished: served from the cache, same artifact
+    assert json.loads(capsys.readouterr().out)["id"] == manifest["id"]
+    assert len(store.catalog.metrics("model/toy-bert")) == len(metrics)  # nothing retrained
+
+    assert run_cli("fill-mask", "toy-bert", "the cat sat on the [MASK] .", "--top-k", "3") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "the cat sat on the [MASK] ." and len(lines) == 4
+    assert run_cli("params", "toy-bert") == 0
+    assert "matches" in capsys.readouterr().out
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+def test_pretrain_bad_input_errors_register_nothing(flow_home: Path, tmp_path: Path, capsys):
+    from storage.artifacts import ArtifactStore
+
+    register_pretraining_data(max_seq_len=32)
+    register_pretraining_data("wrong-vocab", vocab_size=500)
+    base = ["pretrain", "--data", "toy-data", "--name", "bad", "--steps", "2"]
+
+    assert run_cli(*base, "--model", "gigantic") == 1
+    assert "not a preset" in _error(capsys)
+
+    gpt = tmp_path / "gpt2.json"
+    gpt.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2}))
+    assert run_cli(*base, "--model", str(gpt)) == 1
+    assert "not a BERT config" in _error(capsys)
+
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 64, "max_position_embeddings": 16}))
+    assert run_cli(*base, "--model", str(short)) == 1
+    assert "max_seq_len 32 exceeds the model's 16 positions" in _error(capsys)
+
+    other_vocab = tmp_path / "vocab.json"
+    other_vocab.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "intermediate_size": 64, "vocab_size": 30522}))
+    assert run_cli(*base, "--model", str(other_vocab)) == 1
+    assert "vocab_size 30522 does not match" in _error(capsys)
+
+    assert run_cli("pretrain", "--data", "wrong-vocab", "--name", "bad", "--steps", "2", "--model", "tiny") == 1
+    assert "does not match its tokenizer" in _error(capsys)
+
+    assert run_cli(*base, "--model", "tiny", "--precision", "fp16", "--device", "cpu") == 1
+    assert "fp16 needs a CUDA device" in _error(capsys)
+
+    assert ArtifactStore().catalog.list(kind="model") == []
+
+
+def test_fill_mask_needs_a_mask_token(flow_home: Path, tmp_path: Path, capsys):
+    from transformers import BertForMaskedLM
+
+    from tasks.bert_model import bert_config
+
+    directory = tmp_path / "hf"
+    BertForMaskedLM(bert_config("tiny", vocab_size=len(VOCAB))).save_pretrained(directory)
+    write_tokenizer(directory)
+    assert run_cli("fill-mask", str(directory), "no mask here") == 1
+    assert "holds no [MASK] token" in _error(capsys)
