@@ -9,4 +9,8 @@ COMMAND_MODULES = [
     "bertflow.commands.ingest",
     "bertflow.commands.catalog",
     "bertflow.commands.demo",
+    "bertflow.commands.tokenizer",
+    "bertflow.commands.pretraining_data",
+    "bertflow.commands.pretrain",
+    "bertflow.commands.finetune",
 ]
