@@ -1,0 +1,334 @@
+"""Fine-tuning files: task data readers (TSV/CSV/JSONL, CoNLL columns, entity-span JSONL,
+SQuAD JSON), model directory checks, and the predictions/metrics files of a finetune artifact.
+
+Every reader raises a one-line `BertflowError` naming the file (and line) on bad input.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from bertflow.errors import BertflowError
+from tasks.finetune_data import QAExample, TextExample, TokenExample, spans_to_tags
+
+# Column names tried, in order, when no column option is given (GLUE, ChnSentiCorp, common CSVs).
+TEXT_COLUMNS = ("sentence", "text", "text_a", "#1 String", "sentence1", "question1", "review", "content")
+TEXT_B_COLUMNS = ("#2 String", "text_b", "sentence2", "question2")
+LABEL_COLUMNS = ("label", "Quality", "labels", "gold_label", "class")
+
+csv.field_size_limit(1 << 30)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    format: str = "auto"  # auto | tsv | csv | jsonl | conll | jsonl-spans | squad
+    text_column: str | None = None
+    text_b_column: str | None = None
+    label_column: str | None = None
+    has_header: bool = True
+    token_column: int = 0
+    tag_column: int = -1
+    token_level: str = "word"  # word | char (entity-span JSONL, raw text in predict)
+    text_key: str = "text"
+    entities_key: str = "entities"
+
+
+def file_reference(path: str | Path) -> dict[str, Any]:
+    """Path, size and content digest: what a stage's cache key needs to know about a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BertflowError(f"{path}: no such file; check the path")
+    digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "digest": digest}
+
+
+def resolve_format(path: str, task_type: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    suffix = Path(path).suffix.lower()
+    if task_type == "qa":
+        return "squad"
+    if task_type == "token":
+        return "jsonl-spans" if suffix in (".jsonl", ".json") else "conll"
+    return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "tsv")
+
+
+def _read_text(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: GLUE's MRPC starts with a BOM
+    except FileNotFoundError:
+        raise BertflowError(f"{path}: no such file; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise BertflowError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+    if not text.strip():
+        raise BertflowError(f"{path}: the file is empty; give a file with examples")
+    return text
+
+
+# --- sentences and pairs ------------------------------------------------------------------
+
+def _pick_column(requested: str | None, candidates: Iterable[str], header: list[str], path: str,
+                 what: str, option: str, required: bool) -> int | None:
+    if requested is not None:
+        if requested in header:
+            return header.index(requested)
+        if requested.lstrip("-").isdigit() and int(requested) < len(header):
+            return int(requested) % len(header)
+        raise BertflowError(f"{path}: no column '{requested}' for the {what} (columns: {', '.join(header)});"
+                            f" pass {option} with one of them")
+    for name in candidates:
+        if name in header:
+            return header.index(name)
+    if required:
+        raise BertflowError(f"{path}: cannot find the {what} column (columns: {', '.join(header)});"
+                            f" pass {option} NAME")
+    return None
+
+
+def read_sentence_examples(path: str, options: ReadOptions, *, pair: bool, require_labels: bool
+                           ) -> list[TextExample]:
+    """TSV (GLUE files as they are: quotes are literal text), CSV, or JSONL rows."""
+    fmt = resolve_format(path, "pair" if pair else "classification", options.format)
+    text = _read_text(path)
+    if fmt == "jsonl":
+        rows, header = [], None
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise BertflowError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line") from None
+        header = list(rows[0].keys())
+        table = [[row.get(k) for k in header] for row in rows]
+    else:
+        if fmt == "tsv":
+            reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+        elif fmt == "csv":
+            reader = csv.reader(text.splitlines())
+        else:
+            raise BertflowError(f"{path}: format '{fmt}' cannot hold sentence examples; use tsv, csv or jsonl")
+        table = [row for row in reader if row]
+        if options.has_header:
+            header, table = [h.strip() for h in table[0]], table[1:]
+        else:
+            header = [str(i) for i in range(len(table[0]))]
+    if not table:
+        raise BertflowError(f"{path}: the file has a header but no examples")
+    text_col = _pick_column(options.text_column, TEXT_COLUMNS, header, path, "text", "--text-column", True)
+    text_b_col = None
+    if pair:
+        text_b_col = _pick_column(options.text_b_column, TEXT_B_COLUMNS, header, path, "second text",
+                                  "--text-b-column", True)
+    label_col = _pick_column(options.label_column, LABEL_COLUMNS, header, path, "label", "--label-column",
+                             require_labels)
+    examples = []
+    first_line = 2 if options.has_header and fmt != "jsonl" else 1
+    for number, row in enumerate(table, first_line):
+        needed = max(c for c in (text_col, text_b_col, label_col) if c is not None)
+        if len(row) <= needed:
+            raise BertflowError(f"{path}:{number}: {len(row)} columns, but column {needed + 1} is needed"
+                                f" (header has {len(header)}); fix the line or the column options")
+        label = None
+        if label_col is not None and row[label_col] is not None and str(row[label_col]).strip() != "":
+            label = str(row[label_col]).strip()
+        if require_labels and label is None:
+            raise BertflowError(f"{path}:{number}: the label is empty; every training/evaluation row needs one")
+        examples.append(TextExample(
+            text_a=str(row[text_col] or "").strip(),
+            text_b=str(row[text_b_col] or "").strip() if text_b_col is not None else None,
+            label=label))
+    return examples
+
+
+# --- token classification -----------------------------------------------------------------
+
+def read_conll(path: str, options: ReadOptions, *, require_labels: bool = True) -> list[TokenExample]:
+    """Whitespace-separated columns, one token per line, blank lines between sentences;
+    `-DOCSTART-` lines (and the blank line after them) are skipped. Every non-blank line must
+    have the same number of columns as the first one."""
+    text = _read_text(path)
+    examples: list[TokenExample] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    columns = None
+
+    def flush() -> None:
+        if tokens:
+            examples.append(TokenExample(list(tokens), list(tags) if require_labels else None))
+        tokens.clear()
+        tags.clear()
+
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            flush()
+            continue
+        if parts[0] == "-DOCSTART-":
+            flush()
+            continue
+        if columns is None:
+            columns = len(parts)
+            if require_labels and columns < 2:
+                raise BertflowError(f"{path}:{number}: one column, but a token and a tag column are needed;"
+                                    " is this a CoNLL file?")
+        if len(parts) != columns:
+            raise BertflowError(f"{path}:{number}: {len(parts)} columns where the file has {columns}"
+                                f" ({line.strip()[:60]!r}); fix the line")
+        tokens.append(parts[options.token_column])
+        if require_labels:
+            tags.append(parts[options.tag_column])
+    flush()
+    if not examples:
+        raise BertflowError(f"{path}: no sentences found; expected token lines separated by blank lines")
+    return examples
+
+
+def read_entity_jsonl(path: str, options: ReadOptions, *, require_labels: bool = True) -> list[TokenExample]:
+    """JSONL: {"text": ..., "entities": [{"start": 0, "end": 5, "label": "PER"}, ...]}; offsets are
+    characters (end exclusive). `entities` may also be [[start, end, label], ...]."""
+    examples = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BertflowError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line") from None
+        if options.text_key not in row:
+            raise BertflowError(f"{path}:{number}: no '{options.text_key}' key (keys: {', '.join(row)});"
+                                " pass --text-column")
+        if require_labels and options.entities_key not in row:
+            raise BertflowError(f"{path}:{number}: no '{options.entities_key}' key; pass --entities-key")
+        entities = []
+        for entity in row.get(options.entities_key, []) or []:
+            if isinstance(entity, (list, tuple)):
+                entity = {"start": entity[0], "end": entity[1], "label": entity[2]}
+            if not (0 <= entity["start"] < entity["end"] <= len(row[options.text_key])):
+                raise BertflowError(f"{path}:{number}: entity {entity} lies outside the text"
+                                    f" ({len(row[options.text_key])} characters)")
+            entities.append(entity)
+        tokens, tags = spans_to_tags(row[options.text_key], entities, options.token_level)
+        if tokens:
+            examples.append(TokenExample(tokens, tags if require_labels else None))
+    if not examples:
+        raise BertflowError(f"{path}: no examples found")
+    return examples
+
+
+def read_token_examples(path: str, options: ReadOptions, *, require_labels: bool = True) -> list[TokenExample]:
+    fmt = resolve_format(path, "token", options.format)
+    if fmt == "conll":
+        return read_conll(path, options, require_labels=require_labels)
+    if fmt in ("jsonl-spans", "jsonl"):
+        return read_entity_jsonl(path, options, require_labels=require_labels)
+    raise BertflowError(f"{path}: format '{fmt}' cannot hold token labels; use conll or jsonl-spans")
+
+
+# --- question answering --------------------------------------------------------------------
+
+def read_squad(path: str) -> list[QAExample]:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BertflowError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected SQuAD JSON") from None
+    if not isinstance(data, dict) or "data" not in data:
+        raise BertflowError(f"{path}: no top-level 'data' list; expected SQuAD JSON"
+                            " ({'data': [{'paragraphs': [{'context', 'qas'}]}]})")
+    examples = []
+    for article in data["data"]:
+        for paragraph in article.get("paragraphs", []):
+            if "context" not in paragraph:
+                raise BertflowError(f"{path}: a paragraph of '{article.get('title', '?')}' has no 'context'")
+            for qa in paragraph.get("qas", []):
+                if "question" not in qa or "id" not in qa:
+                    raise BertflowError(f"{path}: a question of '{article.get('title', '?')}' lacks 'id' or 'question'")
+                examples.append(QAExample(str(qa["id"]), qa["question"], paragraph["context"],
+                                          [{"text": a["text"], "answer_start": int(a["answer_start"])}
+                                           for a in qa.get("answers", [])]))
+    if not examples:
+        raise BertflowError(f"{path}: no questions found")
+    return examples
+
+
+def squad_articles(path: str) -> list[dict[str, Any]]:
+    """The raw article list (for splitting a SQuAD file by article)."""
+    return json.loads(_read_text(path))["data"]
+
+
+# --- model directories ---------------------------------------------------------------------
+
+def check_bert_directory(path: str) -> dict[str, Any]:
+    """The directory's config.json, if it describes a BERT with weights and a vocabulary."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BertflowError(f"{path}: not a directory; pass a model artifact name or a Hugging Face BERT directory")
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise BertflowError(f"{path}: no config.json; this is not a Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "bert":
+        raise BertflowError(f"{path}: config.json says model_type '{config.get('model_type')}', not 'bert';"
+                            " only BERT encoders are supported")
+    if not any((root / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise BertflowError(f"{path}: no model.safetensors or pytorch_model.bin; the weights are missing")
+    if not any((root / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+        raise BertflowError(f"{path}: no vocab.txt or tokenizer.json; the tokenizer is missing")
+    return config
+
+
+def model_reference(path: str) -> dict[str, Any]:
+    """Path and digest of a model directory's files (its weights, config and vocabulary)."""
+    root = Path(path).resolve()
+    digest = hashlib.blake2b(digest_size=16)
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json"):
+        file = root / name
+        if file.is_file():
+            stat = file.stat()
+            # Size + mtime instead of hashing hundreds of MB of weights on every run.
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return {"path": str(root), "fingerprint": digest.hexdigest()[:16]}
+
+
+# --- artifact files --------------------------------------------------------------------------
+
+METRICS_FILE = "metrics.json"
+
+
+def predictions_file(split: str) -> str:
+    return f"predictions-{split}.jsonl"
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def resolve_model(reference: str) -> dict[str, Any]:
+    """A model artifact name (kind "model") or a Hugging Face BERT directory → {id, path,
+    fingerprint}; the directory is checked to be a BERT before any work starts."""
+    from storage.artifacts import ArtifactStore
+
+    if Path(reference).expanduser().is_dir():
+        path = str(Path(reference).expanduser().resolve())
+        check_bert_directory(path)
+        return {"id": None, **model_reference(path)}
+    if "/" in reference and not reference.count("/") == 2:
+        raise BertflowError(f"--model {reference}: no such directory, and not an artifact name")
+    artifact = ArtifactStore().resolve(reference, kind="model")
+    check_bert_directory(artifact.path)
+    return {"id": artifact.id, "path": artifact.path, "fingerprint": artifact.fingerprint}

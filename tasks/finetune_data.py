@@ -1,0 +1,334 @@
+"""Fine-tuning data: examples, label sets, and their encoding into model features.
+
+Pure functions: examples in, features (lists of ints) out; the tokenizer is passed in.
+- sentences and pairs: `[CLS] A [SEP] (B [SEP])` with segment ids 0/1, truncated longest-first;
+- token tasks: words split into word pieces, the FIRST piece of each word carries the word's
+  label and the others -100 (ignored by the loss), so a prediction is read off the first piece;
+- QA: `[CLS] question [SEP] context window [SEP]`, the context cut into windows of
+  `max_seq_len` that overlap by `doc_stride` tokens; each window keeps its character offsets so
+  the best span maps back to the original context text (n-best decoding in `decode_qa`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100  # label of positions the loss skips (non-first word pieces, specials)
+
+
+@dataclass(frozen=True)
+class TextExample:
+    text_a: str
+    text_b: str | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenExample:
+    tokens: list[str]
+    tags: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class QAExample:
+    id: str
+    question: str
+    context: str
+    answers: list[dict[str, Any]] = field(default_factory=list)  # {"text", "answer_start"}
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    features: int = 0
+    truncated: int = 0  # examples cut to max_seq_len (words lost for token tasks)
+
+
+# --- labels ------------------------------------------------------------------------------
+
+def infer_labels(examples: Sequence[TextExample | TokenExample]) -> list[str]:
+    """The label set seen in training, sorted; for tags, 'O' first."""
+    if examples and isinstance(examples[0], TokenExample):
+        seen = {tag for ex in examples for tag in (ex.tags or [])}
+        return (["O"] if "O" in seen else []) + sorted(seen - {"O"}, key=lambda t: (split_type(t), t))
+    seen = {ex.label for ex in examples if ex.label is not None}
+    return sorted(seen, key=lambda x: (len(x), x) if x.isdigit() else (1 << 30, x))
+
+
+def split_type(tag: str) -> str:
+    return tag.partition("-")[2] or tag
+
+
+def unseen_labels(examples: Sequence[TextExample | TokenExample], labels: Sequence[str]) -> list[str]:
+    known = set(labels)
+    if examples and isinstance(examples[0], TokenExample):
+        found = {tag for ex in examples for tag in (ex.tags or [])}
+    else:
+        found = {ex.label for ex in examples if ex.label is not None}
+    return sorted(found - known)
+
+
+def detect_tag_scheme(tag_lists: Sequence[Sequence[str]]) -> str:
+    """iob1, iob2, bioes or bmes, from the prefixes used (IOB1: some I- opens an entity)."""
+    prefixes = {tag.partition("-")[0] for tags in tag_lists for tag in tags if tag != "O"}
+    if "M" in prefixes:
+        return "bmes"
+    if prefixes & {"E", "S"}:
+        return "bioes"
+    for tags in tag_lists:
+        previous = "O"
+        for tag in tags:
+            if tag.startswith("I-") and (previous == "O" or split_type(previous) != split_type(tag)):
+                return "iob1"
+            previous = tag
+    return "iob2"
+
+
+def spans_to_tags(text: str, entities: Sequence[dict[str, Any]], level: str) -> tuple[list[str], list[str]]:
+    """A text with character-offset entities (`start` inclusive, `end` exclusive, `label`) →
+    (tokens, IOB2 tags). `level` 'char' makes each non-space character a token, 'word' splits
+    on whitespace; an entity tags every token it overlaps."""
+    if level == "char":
+        spans = [(i, i + 1) for i, ch in enumerate(text) if not ch.isspace()]
+    else:
+        spans, start = [], None
+        for i, ch in enumerate(text + " "):
+            if ch.isspace():
+                if start is not None:
+                    spans.append((start, i))
+                start = None
+            elif start is None:
+                start = i
+    tokens = [text[s:e] for s, e in spans]
+    tags = ["O"] * len(spans)
+    for entity in sorted(entities, key=lambda e: e["start"]):
+        inside = [i for i, (s, e) in enumerate(spans) if s < entity["end"] and e > entity["start"]]
+        for position, i in enumerate(inside):
+            tags[i] = ("B-" if position == 0 else "I-") + str(entity["label"])
+    return tokens, tags
+
+
+# --- sentences and pairs -----------------------------------------------------------------
+
+def encode_text_examples(examples: Sequence[TextExample], tokenizer: Any, *, max_seq_len: int,
+                         label2id: dict[str, int] | None) -> tuple[list[dict], EncodeStats]:
+    stats = EncodeStats(examples=len(examples))
+    features = []
+    for ex in examples:
+        full = tokenizer(ex.text_a, ex.text_b, truncation=False, add_special_tokens=True)
+        if len(full["input_ids"]) > max_seq_len:
+            stats.truncated += 1
+            full = tokenizer(ex.text_a, ex.text_b, truncation="longest_first", max_length=max_seq_len)
+        feature = {"input_ids": full["input_ids"], "token_type_ids": full["token_type_ids"]}
+        if label2id is not None and ex.label is not None:
+            feature["labels"] = label2id[ex.label]
+        features.append(feature)
+    stats.features = len(features)
+    return features, stats
+
+
+# --- token classification ----------------------------------------------------------------
+
+def encode_token_examples(examples: Sequence[TokenExample], tokenizer: Any, *, max_seq_len: int,
+                          label2id: dict[str, int] | None) -> tuple[list[dict], EncodeStats]:
+    """Word pieces with first-piece labels; `word_ids` maps each position back to its word."""
+    stats = EncodeStats(examples=len(examples))
+    features = []
+    for ex in examples:
+        encoding = tokenizer(ex.tokens, is_split_into_words=True, truncation=False)
+        if len(encoding["input_ids"]) > max_seq_len:
+            stats.truncated += 1
+            encoding = tokenizer(ex.tokens, is_split_into_words=True, truncation=True, max_length=max_seq_len)
+        word_ids = encoding.word_ids()
+        labels, previous = [], None
+        for word in word_ids:
+            if word is None or word == previous or label2id is None or ex.tags is None:
+                labels.append(IGNORE_INDEX)
+            else:
+                labels.append(label2id[ex.tags[word]])
+            previous = word
+        feature = {"input_ids": encoding["input_ids"], "token_type_ids": encoding["token_type_ids"],
+                   "word_ids": [-1 if w is None else w for w in word_ids]}
+        if label2id is not None and ex.tags is not None:
+            feature["labels"] = labels
+        features.append(feature)
+    stats.features = len(features)
+    return features, stats
+
+
+def decode_token_predictions(word_ids: Sequence[int], predicted_ids: Sequence[int], n_words: int,
+                             id2label: dict[int, str]) -> list[str]:
+    """Per-word tags from per-piece predictions (first piece of each word); words cut off by
+    truncation are tagged 'O'."""
+    tags = ["O"] * n_words
+    previous = -1
+    for word, label_id in zip(word_ids, predicted_ids):
+        if word >= 0 and word != previous:
+            tags[word] = id2label[int(label_id)]
+        previous = word
+    return tags
+
+
+def tags_to_entities(tokens: Sequence[str], tags: Sequence[str], joiner: str = " ") -> list[dict]:
+    """Readable entities (`text`, `type`, token `start`/`end` inclusive) for predict output."""
+    from tasks.metrics import extract_entities
+
+    return [{"text": joiner.join(tokens[e.start:e.end + 1]), "type": e.type, "start": e.start, "end": e.end}
+            for e in extract_entities(tags)]
+
+
+# --- question answering ------------------------------------------------------------------
+
+def _truncate_question(question: str, tokenizer: Any, max_query_len: int) -> tuple[str, bool]:
+    encoding = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+    if len(encoding["input_ids"]) <= max_query_len:
+        return question, False
+    return question[:encoding["offset_mapping"][max_query_len - 1][1]], True
+
+
+def prepare_qa_features(examples: Sequence[QAExample], tokenizer: Any, *, max_seq_len: int,
+                        doc_stride: int, max_query_len: int, with_labels: bool
+                        ) -> tuple[list[dict], EncodeStats]:
+    """Sliding windows over each context. With labels, a window that does not contain the whole
+    (first) answer points both positions at [CLS] (index 0), as in Google's run_squad.py."""
+    stats = EncodeStats(examples=len(examples))
+    features: list[dict] = []
+    for example_index, ex in enumerate(examples):
+        question, cut = _truncate_question(ex.question, tokenizer, max_query_len)
+        stats.truncated += cut
+        encoding = tokenizer(question, ex.context, truncation="only_second", max_length=max_seq_len,
+                             stride=doc_stride, return_overflowing_tokens=True,
+                             return_offsets_mapping=True)
+        answer = ex.answers[0] if ex.answers else None
+        for window in range(len(encoding["input_ids"])):
+            sequence_ids = encoding.sequence_ids(window)
+            offsets = [tuple(o) if s == 1 else None
+                       for o, s in zip(encoding["offset_mapping"][window], sequence_ids)]
+            feature = {"input_ids": encoding["input_ids"][window],
+                       "token_type_ids": encoding["token_type_ids"][window],
+                       "example_index": example_index, "offsets": offsets}
+            if with_labels and answer is not None:
+                feature["start_positions"], feature["end_positions"] = _answer_positions(
+                    offsets, answer["answer_start"], answer["answer_start"] + len(answer["text"]))
+            features.append(feature)
+    stats.features = len(features)
+    return features, stats
+
+
+def _answer_positions(offsets: Sequence[tuple[int, int] | None], start_char: int, end_char: int
+                      ) -> tuple[int, int]:
+    context = [i for i, o in enumerate(offsets) if o is not None]
+    if not context or offsets[context[0]][0] > start_char or offsets[context[-1]][1] < end_char:
+        return 0, 0
+    start = next(i for i in context if offsets[i][1] > start_char)
+    end = next(i for i in reversed(context) if offsets[i][0] < end_char)
+    return start, end
+
+
+def decode_qa(examples: Sequence[QAExample], features: Sequence[dict], start_logits: np.ndarray,
+              end_logits: np.ndarray, *, n_best: int, max_answer_len: int) -> list[dict]:
+    """Best span per example over all its windows: the `n_best` highest start and end logits are
+    paired, spans outside the context, reversed, or longer than `max_answer_len` tokens are
+    dropped, and the pair with the largest start + end logit wins."""
+    by_example: dict[int, list[int]] = {}
+    for i, feature in enumerate(features):
+        by_example.setdefault(feature["example_index"], []).append(i)
+    results = []
+    for example_index, ex in enumerate(examples):
+        candidates = []
+        for i in by_example.get(example_index, []):
+            offsets = features[i]["offsets"]
+            length = len(offsets)
+            starts = np.argsort(start_logits[i][:length])[::-1][:n_best]
+            ends = np.argsort(end_logits[i][:length])[::-1][:n_best]
+            for s, e in itertools.product(starts, ends):
+                if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_answer_len:
+                    continue
+                candidates.append((float(start_logits[i][s] + end_logits[i][e]),
+                                   offsets[s][0], offsets[e][1]))
+        candidates.sort(key=lambda c: -c[0])
+        seen, nbest = set(), []
+        for score, a, b in candidates:
+            if (a, b) not in seen:
+                seen.add((a, b))
+                nbest.append({"text": ex.context[a:b], "score": round(score, 4), "start": a})
+            if len(nbest) == n_best:
+                break
+        results.append({"id": ex.id, "prediction": nbest[0]["text"] if nbest else "", "nbest": nbest[:5]})
+    return results
+
+
+def check_squad_answers(examples: Sequence[QAExample]) -> tuple[list[QAExample], int]:
+    """Drop answers whose `answer_start` does not point at their text in the context; drop
+    questions left without answers. Returns (kept examples, number of answers dropped)."""
+    kept, dropped = [], 0
+    for ex in examples:
+        good = [a for a in ex.answers
+                if ex.context[a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]]
+        dropped += len(ex.answers) - len(good)
+        if good:
+            kept.append(QAExample(ex.id, ex.question, ex.context, good))
+    return kept, dropped
+
+
+# --- batching ----------------------------------------------------------------------------
+
+MODEL_INPUTS = ("input_ids", "token_type_ids", "labels", "start_positions", "end_positions")
+
+
+def collate(features: Sequence[dict], pad_id: int) -> dict[str, Any]:
+    """Pad to the longest in the batch; labels are padded with IGNORE_INDEX."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, Any] = {}
+    batch["input_ids"] = torch.tensor([f["input_ids"] + [pad_id] * (width - len(f["input_ids"])) for f in features])
+    batch["token_type_ids"] = torch.tensor([f["token_type_ids"] + [0] * (width - len(f["token_type_ids"]))
+                                            for f in features])
+    batch["attention_mask"] = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
+                                            for f in features])
+    if "labels" in features[0]:
+        if isinstance(features[0]["labels"], list):
+            batch["labels"] = torch.tensor([f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"]))
+                                            for f in features])
+        else:
+            batch["labels"] = torch.tensor([f["labels"] for f in features])
+    for key in ("start_positions", "end_positions"):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] for f in features])
+    return batch
+
+
+# --- sweeps ------------------------------------------------------------------------------
+
+SWEEP_KEYS = {"lr": "lr", "batch-size": "batch_size", "epochs": "epochs", "warmup-ratio": "warmup_ratio",
+              "weight-decay": "weight_decay", "seed": "seed"}
+
+
+def parse_sweep(text: str) -> list[dict[str, float | int]]:
+    """'lr=2e-5,3e-5;batch-size=16,32' → the grid of settings (config field names), in order."""
+    axes: list[tuple[str, list[float | int]]] = []
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        key, sep, values = part.partition("=")
+        key = key.strip()
+        if not sep or key not in SWEEP_KEYS:
+            raise ValueError(f"--sweep part '{part}' is not KEY=V1,V2 with KEY one of {', '.join(SWEEP_KEYS)}")
+        field_name = SWEEP_KEYS[key]
+        parsed = []
+        for value in [v.strip() for v in values.split(",") if v.strip()]:
+            try:
+                parsed.append(int(value) if field_name in ("batch_size", "epochs", "seed") else float(value))
+            except ValueError:
+                raise ValueError(f"--sweep value '{value}' for {key} is not a number") from None
+        if not parsed:
+            raise ValueError(f"--sweep part '{part}' lists no values")
+        if any(name == field_name for name, _ in axes):
+            raise ValueError(f"--sweep names {key} twice")
+        axes.append((field_name, parsed))
+    if not axes:
+        raise ValueError("--sweep is empty; write e.g. 'lr=2e-5,3e-5;batch-size=16,32'")
+    return [dict(zip([name for name, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
