@@ -147,3 +147,49 @@ def read_pretraining_data(data_dir: str | Path, shards: list[str] | None = None)
         labels=np.concatenate([p.labels for p in parts]),
         continuation=np.concatenate([p.continuation for p in parts]) if has_continuation else None,
     )
+
+
+# --- reading the corpus in work units ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class CorpusUnit:
+    """Rows [row_start, row_start + row_count) of one corpus shard: one unit of work and one
+    output shard."""
+
+    shard: str
+    row_start: int
+    row_count: int
+    chars: int
+
+
+def plan_corpus_units(corpus_dir: str | Path, unit_chars: int) -> list[CorpusUnit]:
+    """Cut every corpus shard into runs of consecutive documents of about `unit_chars`
+    characters, each with at least two documents where the shard has them (random-next B comes
+    from another document of the same unit). Depends on the corpus and unit_chars only."""
+    from storage.corpus import corpus_shards
+
+    units: list[CorpusUnit] = []
+    for shard in corpus_shards(corpus_dir):
+        n_chars = pq.read_table(shard, columns=["n_chars"]).column(0).to_numpy()
+        start, chars = 0, 0
+        shard_units: list[CorpusUnit] = []
+        for row, size in enumerate(n_chars.tolist()):
+            chars += size
+            if chars >= unit_chars and row + 1 - start >= 2:
+                shard_units.append(CorpusUnit(str(shard), start, row + 1 - start, chars))
+                start, chars = row + 1, 0
+        if start < len(n_chars):
+            tail = CorpusUnit(str(shard), start, len(n_chars) - start, chars)
+            if shard_units and (tail.row_count < 2 or tail.chars < unit_chars // 4):
+                last = shard_units.pop()  # a tiny tail joins the previous unit
+                tail = CorpusUnit(str(shard), last.row_start, last.row_count + tail.row_count,
+                                  last.chars + tail.chars)
+            shard_units.append(tail)
+        units.extend(shard_units)
+    return units
+
+
+def read_corpus_slice(shard: str | Path, row_start: int, row_count: int) -> tuple[list[list[str]], list[str]]:
+    """(sentences per document, language per document) for rows of a corpus shard."""
+    table = pq.read_table(shard, columns=["sentences", "language"]).slice(row_start, row_count)
+    return table.column("sentences").to_pylist(), [str(x) for x in table.column("language").to_pylist()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal
 
 import numpy as np
@@ -124,52 +125,56 @@ def create_instances_from_document(doc: int, documents: DocumentIndex, *, max_se
                                    short_seq_prob: float, objective: Objective,
                                    rng: random.Random) -> list[TrainingInstance]:
     """Google's `create_instances_from_document` over token ranges (nsp and sop), or
-    contiguous full-length segments (none)."""
+    contiguous full-length segments (none).
+
+    One deliberate difference: Google makes B random whenever the chunk holds a single
+    sentence, which on Wikipedia pushes the random-next share to ~54%. Here such a chunk is
+    split at a random token instead (A = the head, B = the true rest), so B is random with
+    probability exactly 1/2 (and SOP can use one-sentence chunks too)."""
     if objective == "none":
         return create_full_segments_from_document(doc, documents, max_seq_len=max_seq_len)
     offsets = documents.sentence_offsets
     first, stop = documents.doc_sentences[doc], documents.doc_sentences[doc + 1]
+    draw = rng.random  # uniform [0, 1); int(draw() * n) is a uniform integer in [0, n)
     max_num_tokens = max_seq_len - 3  # account for [CLS], [SEP], [SEP]
     # Most sequences fill max_seq_len; short_seq_prob of them are shorter, so the model also
     # sees the short inputs of fine-tuning. (As in Google's script the target is drawn once per
     # document.)
     target_seq_length = max_num_tokens
-    if rng.random() < short_seq_prob:
-        target_seq_length = rng.randint(2, max_num_tokens)
+    if draw() < short_seq_prob:
+        target_seq_length = 2 + int(draw() * (max_num_tokens - 1))  # randint(2, max_num_tokens)
 
     instances: list[TrainingInstance] = []
     chunk_start = first  # current chunk = sentences chunk_start .. i
     i = first
     while i < stop:
-        current_length = offsets[i + 1] - offsets[chunk_start]
-        if i == stop - 1 or current_length >= target_seq_length:
+        if i == stop - 1 or offsets[i + 1] - offsets[chunk_start] >= target_seq_length:
             chunk_sentences = i + 1 - chunk_start
+            a_start_tok, chunk_end_tok = offsets[chunk_start], offsets[i + 1]
+            if chunk_sentences == 1 and chunk_end_tok - a_start_tok < 2:
+                chunk_start = i + 1  # a one-token sentence alone cannot form a pair
+                i += 1
+                continue
             # A is the first a_end sentences of the chunk, B the rest (or a random span).
             a_end = 1
             if chunk_sentences >= 2:
-                a_end = rng.randint(1, chunk_sentences - 1)
-            a_start_tok, a_end_tok = offsets[chunk_start], offsets[chunk_start + a_end]
-            if objective == "sop":
-                if chunk_sentences < 2:  # SOP needs two segments of one document
-                    chunk_start = i + 1
-                    i += 1
-                    continue
-                b_start_tok, b_end_tok = a_end_tok, offsets[i + 1]
-                label = 1 if rng.random() < 0.5 else 0
-            elif chunk_sentences == 1 or rng.random() < 0.5:
-                label = 1
+                a_end = 1 + int(draw() * (chunk_sentences - 1))  # randint(1, chunk_sentences - 1)
+            a_end_tok = offsets[chunk_start + a_end]
+            label = 1 if draw() < 0.5 else 0
+            if chunk_sentences == 1 and (objective == "sop" or label == 0):
+                a_end_tok = a_start_tok + 1 + int(draw() * (chunk_end_tok - a_start_tok - 1))
+            if objective == "sop" or label == 0:
+                b_start_tok, b_end_tok = a_end_tok, chunk_end_tok
+            else:
                 target_b_length = target_seq_length - (a_end_tok - a_start_tok)
                 b_start_tok, b_end_tok = random_span(doc, documents, target_b_length, rng)
-                # The sentences after A were not used: put them back for the next chunk.
-                i = chunk_start + a_end - 1
-            else:
-                label = 0
-                b_start_tok, b_end_tok = a_end_tok, offsets[i + 1]
+                if chunk_sentences >= 2:
+                    # The sentences after A were not used: put them back for the next chunk.
+                    i = chunk_start + a_end - 1
             a_front, a_back, b_front, b_back = truncate_seq_pair(
                 a_end_tok - a_start_tok, b_end_tok - b_start_tok, max_num_tokens, rng)
             a_start_tok, a_end_tok = a_start_tok + a_front, a_end_tok - a_back
             b_start_tok, b_end_tok = b_start_tok + b_front, b_end_tok - b_back
-            assert a_end_tok > a_start_tok and b_end_tok > b_start_tok
             if objective == "sop" and label == 1:
                 a_start_tok, a_end_tok, b_start_tok, b_end_tok = b_start_tok, b_end_tok, a_start_tok, a_end_tok
             instances.append(TrainingInstance(a_start_tok, a_end_tok, b_start_tok, b_end_tok, label))
@@ -186,14 +191,15 @@ def random_span(doc: int, documents: DocumentIndex, target_length: int, rng: ran
     Google samples the document from the whole corpus; here it comes from the same shard
     (a few MB of text, hundreds of documents), so every worker holds only its own shard.
     Unlike Google's ten tries, the draw excludes A's document outright."""
-    other = rng.randrange(documents.num_documents - 1)
+    other = int(rng.random() * (documents.num_documents - 1))
     if other >= doc:
         other += 1
     first, stop = documents.doc_sentences[other], documents.doc_sentences[other + 1]
     offsets = documents.sentence_offsets
-    start = rng.randrange(first, stop)
+    start = first + int(rng.random() * (stop - first))
     end = start + 1
-    while end < stop and offsets[end] - offsets[start] < target_length:
+    limit = offsets[start] + target_length
+    while end < stop and offsets[end] < limit:
         end += 1
     return offsets[start], offsets[end]
 
@@ -295,17 +301,23 @@ class MaskedLmPredictions:
     kinds: np.ndarray       # (P,) REPLACED_BY_MASK / REPLACED_BY_RANDOM / KEPT_ORIGINAL
 
 
-def word_groups(maskable: np.ndarray, continuation: np.ndarray | None) -> list[np.ndarray]:
+def word_groups(maskable: np.ndarray, continuation: np.ndarray | None) -> list[list[int]]:
     """Maskable positions grouped into words: a token plus the following tokens flagged as its
     continuation (`##` pieces, or the rest of a segmenter's Chinese word). A word never spans
-    [SEP] or the edge of a truncated segment's neighbour."""
-    positions = np.flatnonzero(maskable)
-    if positions.size == 0:
-        return []
-    starts = np.ones(positions.size, dtype=bool)
-    if continuation is not None:
-        starts[1:] = ~continuation[positions[1:]] | (np.diff(positions) != 1)
-    return np.split(positions, np.flatnonzero(starts)[1:])
+    a [SEP]. (Python lists: rows are short, and numpy's per-call cost dominates here.)"""
+    positions = np.flatnonzero(maskable).tolist()
+    if continuation is None:
+        return [[p] for p in positions]
+    flags = continuation.tolist()
+    groups: list[list[int]] = []
+    previous = -2
+    for p in positions:
+        if groups and flags[p] and p == previous + 1:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+        previous = p
+    return groups
 
 
 def create_masked_lm_predictions(input_ids: np.ndarray, token_type_ids: np.ndarray,
@@ -313,75 +325,85 @@ def create_masked_lm_predictions(input_ids: np.ndarray, token_type_ids: np.ndarr
                                  rng: np.random.Generator) -> MaskedLmPredictions:
     """Choose and replace the masked-LM targets of one instance (token, whole-word or span)."""
     maskable = maskable_positions(token_type_ids)
-    n_candidates = int(maskable.sum())
-    budget = int(number_to_predict(n_candidates, rule.masked_lm_prob, rule.max_predictions, rng))
     if rule.masking == "token":
-        chosen = [rng.choice(np.flatnonzero(maskable), size=budget, replace=False)]
-        groups_kinds = replacement_kinds(budget, rng)
-        per_token_kinds = True
-    elif rule.masking == "whole-word":
-        chosen = choose_whole_words(word_groups(maskable, continuation), budget, rng)
-        per_token_kinds = True  # Google decides 80/10/10 per piece under whole-word masking
+        candidates = np.flatnonzero(maskable)
+        budget = _budget(candidates.size, rule, rng)
+        keys = rng.random(candidates.size)
+        positions = candidates[np.argpartition(keys, budget - 1)[:budget]] if budget < candidates.size else candidates
+        kinds = replacement_kinds(budget, rng)
     else:
-        chosen = choose_spans(word_groups(maskable, continuation), budget, rng)
-        per_token_kinds = False  # SpanBERT replaces a span as one unit
-    if not chosen:
-        chosen = [np.zeros(0, dtype=np.int64)]
-    positions = np.concatenate(chosen).astype(np.int64)
-    if per_token_kinds:
-        kinds = replacement_kinds(positions.size, rng) if rule.masking != "token" else groups_kinds
-    else:
-        kinds = np.repeat(replacement_kinds(len(chosen), rng), [len(g) for g in chosen])
+        words = word_groups(maskable, continuation)
+        budget = _budget(sum(len(w) for w in words), rule, rng)
+        if rule.masking == "whole-word":
+            chosen = choose_whole_words(words, budget, rng)
+            # Google decides 80/10/10 per piece under whole-word masking.
+            positions = np.fromiter(chain.from_iterable(chosen), dtype=np.int64)
+            kinds = replacement_kinds(positions.size, rng)
+        else:
+            chosen = choose_spans(words, budget, rng)
+            positions = np.fromiter(chain.from_iterable(chosen), dtype=np.int64)
+            # SpanBERT replaces a span as one unit.
+            kinds = np.repeat(replacement_kinds(len(chosen), rng), [len(c) for c in chosen]).astype(np.int8)
     order = np.argsort(positions, kind="stable")
-    positions, kinds = positions[order], kinds[order]
+    positions, kinds = positions[order].astype(np.int64), kinds[order]
     output = np.array(input_ids, dtype=np.int64, copy=True)
-    labels = output[positions].copy()
+    labels = output[positions]
     output[positions[kinds == REPLACED_BY_MASK]] = rule.mask_id
     random_at = positions[kinds == REPLACED_BY_RANDOM]
-    output[random_at] = rule.random_ids[rng.integers(0, len(rule.random_ids), random_at.size)]
+    if random_at.size:
+        output[random_at] = rule.random_ids[rng.integers(0, len(rule.random_ids), random_at.size)]
     return MaskedLmPredictions(output, positions, labels, kinds)
 
 
-def choose_whole_words(words: list[np.ndarray], budget: int, rng: np.random.Generator
-                       ) -> list[np.ndarray]:
+def _budget(candidates: int, rule: MaskingRule, rng: np.random.Generator) -> int:
+    """`number_to_predict` for one instance, without numpy's per-call cost."""
+    if candidates == 0:
+        return 0
+    count = int(candidates * rule.masked_lm_prob + rng.random())
+    return min(max(count, 1), rule.max_predictions, candidates)
+
+
+def choose_whole_words(words: list[list[int]], budget: int, rng: np.random.Generator) -> list[list[int]]:
     """Google's whole-word rule: visit words in random order, take a word only if all its pieces
     still fit in the budget, stop when the budget is reached."""
-    chosen: list[np.ndarray] = []
+    chosen: list[list[int]] = []
     count = 0
-    for w in rng.permutation(len(words)):
+    for w in rng.permutation(len(words)).tolist():
         if count >= budget:
             break
-        if count + len(words[w]) > budget:
+        size = len(words[w])
+        if count + size > budget:
             continue
         chosen.append(words[w])
-        count += len(words[w])
+        count += size
     return chosen
 
 
-def choose_spans(words: list[np.ndarray], budget: int, rng: np.random.Generator) -> list[np.ndarray]:
+def choose_spans(words: list[list[int]], budget: int, rng: np.random.Generator) -> list[list[int]]:
     """SpanBERT: spans of Geometric(0.2) words (at most 10) at random starting words, not
     overlapping, until the budget of pieces is reached; a span that would overshoot is shortened
     (whole words only). Bounded attempts, so a budget that cannot be met exactly ends early."""
     n_words = len(words)
-    if n_words == 0:
+    if n_words == 0 or budget == 0:
         return []
-    taken = np.zeros(n_words, dtype=bool)
-    sizes = np.array([len(w) for w in words])
-    chosen: list[np.ndarray] = []
+    attempts = 10 * budget + 10
+    lengths = np.minimum(rng.geometric(SPAN_GEOMETRIC_P, attempts), SPAN_MAX_WORDS).tolist()
+    starts = rng.integers(0, n_words, attempts).tolist()
+    taken = [False] * n_words
+    chosen: list[list[int]] = []
     count = 0
-    for _ in range(10 * budget + 10):
+    for span_words, start in zip(lengths, starts):
         if count >= budget:
             break
-        span_words = min(int(rng.geometric(SPAN_GEOMETRIC_P)), SPAN_MAX_WORDS)
-        start = int(rng.integers(n_words))
-        stop = min(start + span_words, n_words)
-        while stop > start and (taken[start:stop].any() or count + sizes[start:stop].sum() > budget):
-            stop -= 1
-        if stop == start:
-            continue
-        taken[start:stop] = True
-        count += int(sizes[start:stop].sum())
-        chosen.append(np.concatenate(words[start:stop]))
+        span: list[int] = []
+        for w in range(start, min(start + span_words, n_words)):
+            if taken[w] or count + len(span) + len(words[w]) > budget:
+                break
+            span.extend(words[w])
+            taken[w] = True
+        if span:
+            chosen.append(span)
+            count += len(span)
     return chosen
 
 

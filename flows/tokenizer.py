@@ -1,0 +1,36 @@
+"""Tokenizer flow: corpus artifact → tokenizer artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from storage.artifacts import ArtifactStore
+from storage.fingerprint import hash_value
+from storage.home import DataHome
+from tasks.caching import cached_stage
+from tasks.tokenizer import STAGE, STAGE_VERSION, TokenizerConfig, train_tokenizer
+
+
+def _file_fingerprint(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from storage.tokenizer_store import read_vocab_file
+
+    return hash_value(read_vocab_file(path))
+
+
+@flow(name="tokenizer", log_prints=True)
+def tokenizer_flow(config: TokenizerConfig, refresh: bool = False) -> dict[str, Any]:
+    home = DataHome.from_env()
+
+    # Inputs: the corpus artifact (by name) and, when adopting, the vocab file's content.
+    corpus = ArtifactStore(home).resolve(config.corpus, kind="corpus")
+    corpus_ref = {"id": corpus.id, "name": corpus.name, "fingerprint": corpus.fingerprint,
+                  "path": corpus.path, "stats": {"sentences": corpus.manifest["stats"]["sentences"]}}
+    vocab_fingerprint = _file_fingerprint(config.vocab)
+
+    # Train (or adopt) the WordPiece vocabulary and measure it on held-out documents.
+    train = cached_stage(train_tokenizer, stage=STAGE, version=STAGE_VERSION, home=home, refresh=refresh)
+    return train(config, corpus_ref, vocab_fingerprint)

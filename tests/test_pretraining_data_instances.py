@@ -1,0 +1,210 @@
+"""Pure pair building and masking: Google's rules, checked statistically on >= 10k instances."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
+                                         DocumentIndex, MaskingRule, SpecialIds, assemble_instances,
+                                         create_instances_from_document, create_masked_lm_predictions,
+                                         mask_tokens_batch, maskable_positions, random_replacement_ids,
+                                         truncate_seq_pair, word_groups)
+
+SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+VOCAB = 1000
+MAX_SEQ_LEN = 64
+
+
+def synthetic_index(n_docs: int = 400, seed: int = 0) -> tuple[DocumentIndex, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths, doc_sentences = [], [0]
+    for _ in range(n_docs):
+        lengths += rng.integers(3, 30, rng.integers(1, 25)).tolist()
+        doc_sentences.append(len(lengths))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    tokens = rng.integers(10, VOCAB, offsets[-1]).astype(np.int32)
+    return DocumentIndex(offsets, doc_sentences), tokens
+
+
+def build(objective: str, seed: int = 1, rounds: int = 8, max_seq_len: int = MAX_SEQ_LEN):
+    index, tokens = synthetic_index()
+    rng = random.Random(seed)
+    instances = [x for _ in range(rounds) for d in range(index.num_documents)
+                 for x in create_instances_from_document(d, index, max_seq_len=max_seq_len, short_seq_prob=0.1,
+                                                         objective=objective, rng=rng)]
+    return index, tokens, instances
+
+
+def doc_of(index: DocumentIndex, token_positions: np.ndarray) -> np.ndarray:
+    sentence = np.searchsorted(index.sentence_offsets, token_positions, side="right") - 1
+    return np.searchsorted(index.doc_sentences, sentence, side="right") - 1
+
+
+def google_truncate_counts(len_a: int, len_b: int, max_num_tokens: int) -> tuple[int, int]:
+    """Google's loop, counting removals per segment."""
+    drop_a = drop_b = 0
+    while len_a + len_b > max_num_tokens:
+        if len_a > len_b:
+            len_a, drop_a = len_a - 1, drop_a + 1
+        else:
+            len_b, drop_b = len_b - 1, drop_b + 1
+    return drop_a, drop_b
+
+
+def test_truncate_seq_pair_removes_what_googles_loop_removes():
+    rng = random.Random(0)
+    for len_a in range(1, 40):
+        for len_b in range(1, 40):
+            a_front, a_back, b_front, b_back = truncate_seq_pair(len_a, len_b, 25, rng)
+            assert (a_front + a_back, b_front + b_back) == google_truncate_counts(len_a, len_b, 25)
+            assert min(a_front, a_back, b_front, b_back) >= 0
+
+
+def test_nsp_pairs_balance_lengths_and_random_documents():
+    index, tokens, instances = build("nsp")
+    assert len(instances) >= 10_000
+    spans = np.array([(x.a_start, x.a_end, x.b_start, x.b_end, x.label) for x in instances])
+    a0, a1, b0, b1, label = spans.T
+    assert abs(label.mean() - 0.5) <= 0.02
+    assert ((a1 > a0) & (b1 > b0)).all()
+    assert ((a1 - a0) + (b1 - b0) <= MAX_SEQ_LEN - 3).all()
+    doc_a, doc_b = doc_of(index, a0), doc_of(index, b0)
+    assert (doc_of(index, a1 - 1) == doc_a).all() and (doc_of(index, b1 - 1) == doc_b).all()
+    # Random-next B never comes from A's document; true-next B follows A in the same document.
+    assert (doc_a[label == 1] != doc_b[label == 1]).all()
+    assert (doc_a[label == 0] == doc_b[label == 0]).all()
+    assert (b0[label == 0] >= a1[label == 0]).all()
+    # short_seq_prob: some documents aim at shorter sequences.
+    total = (a1 - a0) + (b1 - b0)
+    assert 0.02 < (total < (MAX_SEQ_LEN - 3) // 2).mean() < 0.3
+
+
+def test_sop_labels_mark_swapped_order():
+    index, _, instances = build("sop", rounds=4)
+    spans = np.array([(x.a_start, x.a_end, x.b_start, x.b_end, x.label) for x in instances])
+    a0, a1, b0, b1, label = spans.T
+    assert abs(label.mean() - 0.5) <= 0.03
+    assert (doc_of(index, a0) == doc_of(index, b0)).all()  # both segments always from one document
+    assert (b0[label == 0] >= a1[label == 0]).all()
+    assert (a0[label == 1] >= b1[label == 1]).all()
+
+
+def test_objective_none_packs_each_document_in_order():
+    index, _, instances = build("none", rounds=1)
+    assert all(x.label == -1 and x.b_start == x.b_end for x in instances)
+    covered = np.zeros(index.sentence_offsets[-1], dtype=int)
+    for x in instances:
+        assert 0 < x.a_end - x.a_start <= MAX_SEQ_LEN - 2
+        covered[x.a_start:x.a_end] += 1
+    assert (covered == 1).all()  # every token exactly once, documents never crossed
+    assert len({doc for x in instances for doc in doc_of(index, np.array([x.a_start, x.a_end - 1]))}) == index.num_documents
+
+
+def assembled(objective: str = "nsp"):
+    index, tokens, instances = build(objective, rounds=6)
+    return assemble_instances(instances, tokens, max_seq_len=MAX_SEQ_LEN, special=SPECIAL,
+                              has_b=objective != "none"), instances, tokens
+
+
+def test_assembled_sequences_have_separators_where_segment_ids_change():
+    batch, instances, tokens = assembled()
+    for row in range(0, len(instances), 97):
+        x, length = instances[row], batch.lengths[row]
+        ids, types = batch.input_ids[row], batch.token_type_ids[row]
+        expected = [SPECIAL.cls, *tokens[x.a_start:x.a_end], SPECIAL.sep, *tokens[x.b_start:x.b_end], SPECIAL.sep]
+        assert ids[:length].tolist() == expected
+        assert (ids[length:] == SPECIAL.pad).all() and (types[length:] == 0).all()
+        first_b = x.a_end - x.a_start + 2
+        assert ids[first_b - 1] == SPECIAL.sep and types[:first_b].sum() == 0 and (types[first_b:length] == 1).all()
+
+
+def rule(masking: str = "token", max_predictions: int = MAX_SEQ_LEN) -> MaskingRule:
+    return MaskingRule(masking=masking, masked_lm_prob=0.15, max_predictions=max_predictions,
+                       mask_id=SPECIAL.mask, random_ids=random_replacement_ids(VOCAB, SPECIAL))
+
+
+def test_batch_token_masking_statistics():
+    batch, _, _ = assembled()
+    assert len(batch.lengths) >= 10_000
+    masked = mask_tokens_batch(batch, rule(), np.random.default_rng(0))
+    valid = np.arange(masked.positions.shape[1])[None, :] < masked.counts[:, None]
+    assert abs(masked.counts.sum() / masked.candidates.sum() - 0.15) <= 0.005  # no cap at 64
+    kinds = masked.kinds[valid]
+    for kind, share in ((REPLACED_BY_MASK, 0.8), (REPLACED_BY_RANDOM, 0.1), (KEPT_ORIGINAL, 0.1)):
+        assert abs((kinds == kind).mean() - share) <= 0.02
+    rows = np.nonzero(valid)[0]
+    positions = masked.positions[valid]
+    original = batch.input_ids[rows, positions]
+    assert not np.isin(original, [SPECIAL.cls, SPECIAL.sep, SPECIAL.pad]).any()  # never masked
+    assert (masked.labels[valid] == original).all()
+    assert (masked.input_ids[rows[kinds == REPLACED_BY_MASK], positions[kinds == REPLACED_BY_MASK]] == SPECIAL.mask).all()
+    assert (masked.input_ids[rows[kinds == KEPT_ORIGINAL], positions[kinds == KEPT_ORIGINAL]] == original[kinds == KEPT_ORIGINAL]).all()
+    untouched = np.ones_like(batch.input_ids, dtype=bool)
+    untouched[rows, positions] = False
+    assert (masked.input_ids[untouched] == batch.input_ids[untouched]).all()
+    padded = np.where(valid, masked.positions, 10**6 + np.arange(valid.shape[1])[None, :])
+    assert (np.diff(padded, axis=1) > 0).all()  # sorted, unique
+
+
+def test_batch_masking_respects_the_cap():
+    batch, _, _ = assembled()
+    masked = mask_tokens_batch(batch, rule(max_predictions=5), np.random.default_rng(0))
+    assert masked.counts.max() == 5 and masked.counts.min() >= 1
+
+
+def test_per_instance_token_masking_matches_the_rule():
+    batch, _, _ = assembled()
+    rng = np.random.default_rng(3)
+    masked_total = candidates = 0
+    kinds = []
+    for row in range(10_000):
+        length = batch.lengths[row]
+        ids, types = batch.input_ids[row, :length], batch.token_type_ids[row, :length]
+        out = create_masked_lm_predictions(ids, types, None, rule(), rng)
+        assert maskable_positions(types)[out.positions].all()
+        masked_total += out.positions.size
+        candidates += int(maskable_positions(types).sum())
+        kinds.append(out.kinds)
+    kinds = np.concatenate(kinds)
+    assert abs(masked_total / candidates - 0.15) <= 0.005
+    assert abs((kinds == REPLACED_BY_MASK).mean() - 0.8) <= 0.02
+
+
+def words_with_continuations(length: int, rng: np.random.Generator) -> np.ndarray:
+    continuation = rng.random(length) < 0.4
+    continuation[0] = False
+    return continuation
+
+
+@pytest.mark.parametrize("masking", ["whole-word", "span"])
+def test_whole_words_are_never_split(masking):
+    rng = np.random.default_rng(5)
+    batch, _, _ = assembled()
+    fractions = []
+    for row in range(3000):
+        length = batch.lengths[row]
+        ids, types = batch.input_ids[row, :length], batch.token_type_ids[row, :length]
+        continuation = words_with_continuations(length, rng)
+        out = create_masked_lm_predictions(ids, types, continuation, rule(masking, max_predictions=20), rng)
+        chosen = set(out.positions.tolist())
+        for word in word_groups(maskable_positions(types), continuation):
+            hit = chosen.intersection(word)
+            assert not hit or len(hit) == len(word)  # all pieces of a word, or none
+        assert out.positions.size <= 20
+        fractions.append(out.positions.size / maskable_positions(types).sum())
+        if masking == "span" and out.positions.size:
+            # a span is replaced as one unit: one kind per run of consecutive masked words
+            assert set(out.kinds.tolist()) <= {REPLACED_BY_MASK, REPLACED_BY_RANDOM, KEPT_ORIGINAL}
+    assert 0.12 <= np.mean(fractions) <= 0.16
+
+
+def test_same_seed_same_instances_and_masks():
+    first, _, _ = assembled()
+    second, _, _ = assembled()
+    assert (first.input_ids == second.input_ids).all()
+    a = mask_tokens_batch(first, rule(), np.random.default_rng(9))
+    b = mask_tokens_batch(second, rule(), np.random.default_rng(9))
+    assert (a.input_ids == b.input_ids).all() and (a.positions == b.positions).all()

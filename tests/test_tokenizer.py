@@ -1,0 +1,108 @@
+"""Tokenizer stage: BERT WordPiece behaviour, adoption of vocab.txt files, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from storage.artifacts import ArtifactStore
+from tests.conftest import run_cli, shared_path
+from tests.pretraining_helpers import synthetic_documents, write_corpus
+
+
+def tiny_config(**overrides):
+    from tasks.tokenizer import TokenizerConfig
+
+    values = dict(corpus="c", name="tok", vocab_size=300, min_frequency=1, heldout_every=10)
+    values.update(overrides)
+    return TokenizerConfig(**values)
+
+
+@pytest.fixture
+def corpus(home):
+    docs = synthetic_documents(60)
+    docs[0] = ["Café Ürün naïve RÉSUMÉ déjà vu.", "中文分词的句子很好。", "Hello, world!"]
+    return write_corpus("c", docs)
+
+
+def test_trained_tokenizer_behaves_like_bert_and_loads_in_transformers(corpus):
+    from transformers import BertTokenizerFast
+
+    from tasks.tokenizer import run_tokenizer
+
+    manifest = run_tokenizer(tiny_config(), corpus)
+    path = Path(manifest["path"])
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (path / name).is_file()
+    saved = json.loads((path / "manifest.json").read_text())
+    assert saved["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert saved["vocab_size"] == manifest["stats"]["vocab_size"] <= 300 and saved["lowercase"] is True
+    assert saved["parents"] == [corpus["id"]]
+    vocab = (path / "vocab.txt").read_text().split("\n")[:-1]
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(vocab) == saved["vocab_size"]
+    assert any(token.startswith("##") for token in vocab)
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(path))
+    assert (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id) == (0, 2, 4)
+    encoded = tokenizer("Café 中文", "ka lo")
+    tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
+    assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2 and tokens[-1] == "[SEP]"
+    assert "中" in tokens and "文" in tokens  # CJK characters split one per token
+    assert "".join(t.removeprefix("##") for t in tokens[1:tokens.index("中")]) == "cafe"  # uncased strips accents
+    assert encoded["token_type_ids"] == [0] * (tokens.index("[SEP]") + 1) + [1] * (len(tokens) - tokens.index("[SEP]") - 1)
+    stats = manifest["stats"]
+    assert stats["heldout_sentences"] > 0 and 0 <= stats["unk_rate"] < 0.05 and stats["pieces_per_word"] >= 1.0
+
+
+def test_cased_tokenizer_keeps_case_and_accents(corpus):
+    from transformers import BertTokenizerFast
+
+    from tasks.tokenizer import run_tokenizer
+
+    manifest = run_tokenizer(tiny_config(name="cased", lowercase=False, vocab_size=400), corpus)
+    tokenizer = BertTokenizerFast.from_pretrained(manifest["path"])
+    pieces = tokenizer.tokenize("Café")
+    assert "".join(p.removeprefix("##") for p in pieces) in {"Café", "[UNK]"}
+
+
+def test_adopting_googles_vocabulary_keeps_its_ids(corpus):
+    from transformers import BertTokenizerFast
+
+    from tasks.tokenizer import run_tokenizer
+
+    vocab = shared_path("vocab/uncased_L-12_H-768_A-12/vocab.txt")
+    manifest = run_tokenizer(tiny_config(name="google", vocab=str(vocab)), corpus)
+    saved = json.loads((Path(manifest["path"]) / "manifest.json").read_text())
+    assert saved["vocab_size"] == 30522 and saved["source"] == "adopted"
+    assert saved["special_ids"] == {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+    assert (Path(manifest["path"]) / "vocab.txt").read_bytes() == vocab.read_bytes()
+    tokenizer = BertTokenizerFast.from_pretrained(manifest["path"])
+    assert tokenizer("the unaffable")["input_ids"] == [101, 1996, 14477, 20961, 3468, 102]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n", "lacks the special token(s) [MASK]"),
+    ("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nhello\n", "'hello' repeats line 6"),
+    ("", "the file is empty"),
+])
+def test_bad_vocab_files_are_rejected_before_anything_is_registered(flow_home, tmp_path, content, message, capsys):
+    write_corpus("c", synthetic_documents(5))
+    bad = tmp_path / "vocab.txt"
+    bad.write_text(content)
+    assert run_cli("tokenizer", "--corpus", "c", "--name", "t", "--vocab", str(bad)) == 1
+    assert message in capsys.readouterr().err
+    assert ArtifactStore().catalog.find("t", "tokenizer") == []
+
+
+def test_cli_trains_then_reports_cached(flow_home, capsys):
+    write_corpus("c", synthetic_documents(30))
+    argv = ("tokenizer", "--corpus", "c", "--name", "t", "--vocab-size", "200", "--min-frequency", "1")
+    assert run_cli(*argv) == 0
+    out = capsys.readouterr().out
+    assert "[UNK] rate" in out and "pieces/word" in out
+    assert run_cli(*argv) == 0  # second run: the stage cache answers
+    assert len(ArtifactStore().catalog.find("t", "tokenizer")) == 1
+    assert run_cli("tokenizer", "--corpus", "nope", "--name", "t2") == 1
+    assert "no corpus named 'nope'" in capsys.readouterr().err
