@@ -17,7 +17,7 @@ import json
 import lzma
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Iterator, Literal
 
@@ -44,6 +44,7 @@ class SourceFile:
     compression: str | None
     size: int
     mtime_ns: int
+    options: dict = field(default_factory=dict)  # ReadOptions fields for this file
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,11 @@ def _walk(directory: str) -> list[str]:
     return sorted(found)
 
 
-def resolve_sources(patterns: list[str], fmt: Format = "auto") -> list[SourceFile]:
-    """Files, directories and globs to a sorted, de-duplicated list of source files."""
+def resolve_sources(patterns: list[str], fmt: Format = "auto", options: ReadOptions | None = None
+                    ) -> list[SourceFile]:
+    """Files, directories and globs to a sorted, de-duplicated list of source files, each
+    carrying the read options that apply to it."""
+    options = options or ReadOptions(format=fmt)
     if not patterns:
         raise BertflowError("no SOURCE given; pass files, directories or globs to ingest")
     paths: list[str] = []
@@ -158,7 +162,8 @@ def resolve_sources(patterns: list[str], fmt: Format = "auto") -> list[SourceFil
         size = stat.st_size if not os.path.isdir(path) else sum(
             f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         files.append(SourceFile(path=path, format=resolved, compression=compression,
-                                size=size, mtime_ns=stat.st_mtime_ns))
+                                size=size, mtime_ns=stat.st_mtime_ns,
+                                options=asdict(replace(options, format=resolved))))
     return files
 
 
@@ -384,7 +389,8 @@ READERS = {
 }
 
 
-def read_documents(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+def read_documents(source: SourceFile, options: ReadOptions | None = None) -> Iterator[RawDocument]:
+    options = options or ReadOptions(**source.options)
     try:
         yield from READERS[source.format](source, options)
     except (OSError, EOFError, lzma.LZMAError) as exc:

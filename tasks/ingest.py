@@ -13,7 +13,6 @@ parent, in input order, so the output is identical for any number of workers.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import Counter, defaultdict
@@ -22,13 +21,13 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, Iterable, Iterator, Literal
 
-import numpy as np
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bertflow.errors import BertflowError
 from tasks.caching import current_cache_key
-from tasks.text import UnicodeForm, char_class_counts, guess_language, normalize_text, split_sentences
+from tasks.cleaning import BatchResult, CleanDocument, CleaningOptions, clean_batch
+from tasks.text import UnicodeForm
 
 STAGE = "ingest"
 STAGE_VERSION = "1"  # bump when the output of the same inputs and parameters changes
@@ -37,12 +36,27 @@ REMOVAL_STEPS = ("empty", "too_short", "too_long", "low_letter_fraction", "too_f
                  "exact_duplicate", "near_duplicate")
 
 
+class SourceSpec(BaseModel):
+    """One SOURCE with read options of its own (the config file form; the CLI sets them globally)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="file, directory or glob")
+    format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets",
+                    "wikiextractor"] | None = None
+    txt_mode: Literal["file", "blank-line", "line"] | None = None
+    text_field: str | None = None
+    encoding: str | None = None
+    encoding_errors: Literal["strict", "replace"] | None = None
+
+
 class IngestConfig(BaseModel):
     """Parameters of `bertflow ingest` (and the `ingest:` section of a pipeline config)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sources: list[str] = Field(min_length=1, description="files, directories or globs")
+    sources: list[str | SourceSpec] = Field(
+        min_length=1, description="files, directories or globs; or {path, format, txt_mode, ...}")
     name: str = Field(description="artifact name of the corpus")
     format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets",
                     "wikiextractor"] = "auto"
@@ -75,68 +89,20 @@ class IngestConfig(BaseModel):
         return value
 
 
-# --- per-document work (runs in worker processes) -----------------------------------------
+    def cleaning_options(self) -> CleaningOptions:
+        """The per-document settings, as a plain dataclass (cheap to send to worker processes)."""
+        return CleaningOptions(**{f: getattr(self, f) for f in CleaningOptions.__dataclass_fields__})
 
-@dataclass(frozen=True)
-class CleanDocument:
-    source: str
-    language: str
-    sentences: list[str]
-    n_chars: int
-    digest: bytes  # exact-duplicate key
-    minhash: np.ndarray | None  # near-duplicate signature
-
-
-@dataclass
-class BatchResult:
-    documents: list[CleanDocument]
-    removed_docs: Counter = field(default_factory=Counter)
-    removed_chars: Counter = field(default_factory=Counter)
-
-
-def minhash_signature(text: str, *, num_perm: int, shingle: int, seed: int) -> np.ndarray:
-    from datasketch import MinHash
-
-    grams = {text[i:i + shingle] for i in range(max(1, len(text) - shingle + 1))}
-    mh = MinHash(num_perm=num_perm, seed=seed)
-    mh.update_batch([g.encode("utf-8") for g in grams])
-    return mh.hashvalues
-
-
-def clean_batch(raw: list[tuple[str, str]], config: IngestConfig) -> BatchResult:
-    """Steps 1-4 for a batch of (text, source) pairs."""
-    result = BatchResult(documents=[])
-    for text, source in raw:
-        raw_chars = len(text)
-        text = normalize_text(text, config.unicode_form)
-        n_chars = len(text)
-        reason = None
-        if n_chars == 0:
-            reason = "empty"
-        elif n_chars < config.min_chars:
-            reason = "too_short"
-        elif n_chars > config.max_chars:
-            reason = "too_long"
-        else:
-            non_space, letters, cjk = char_class_counts(text)
-            if non_space and letters / non_space < config.min_letter_fraction:
-                reason = "low_letter_fraction"
-        if reason is None:
-            sentences = split_sentences(text)
-            if len(sentences) < config.min_sentences:
-                reason = "too_few_sentences"
-        if reason is not None:
-            result.removed_docs[reason] += 1
-            result.removed_chars[reason] += n_chars if reason != "empty" else raw_chars
-            continue
-        language = config.language if config.language != "auto" else ("zh" if letters and cjk / letters >= 0.2 else "en")
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
-        signature = None
-        if config.near_dedupe is not None:
-            signature = minhash_signature(text, num_perm=config.minhash_permutations,
-                                          shingle=config.shingle_chars, seed=config.seed)
-        result.documents.append(CleanDocument(source, language, sentences, n_chars, digest, signature))
-    return result
+    def source_specs(self) -> list[SourceSpec]:
+        """Every source with its read options resolved (its own, else the config's)."""
+        specs = []
+        for source in self.sources:
+            spec = SourceSpec(path=source) if isinstance(source, str) else source
+            specs.append(SourceSpec(**{
+                name: getattr(spec, name) if getattr(spec, name) is not None else getattr(self, name)
+                for name in SourceSpec.model_fields
+            }))
+        return specs
 
 
 # --- the stream (runs in the task's process) ------------------------------------------------
@@ -187,6 +153,7 @@ def batched_raw(documents: Iterable[tuple[str, str]], batch_chars: int = 1 << 21
 def _ordered_parallel(batches: Iterable[list[tuple[str, str]]], config: IngestConfig,
                       workers: int) -> Iterator[BatchResult]:
     """clean_batch over batches on `workers` processes, results in input order, bounded queue."""
+    config = config.cleaning_options()
     if workers <= 1:
         for batch in batches:
             yield clean_batch(batch, config)
@@ -264,18 +231,16 @@ def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key
     unless every source was read and at least one document survived the filters."""
     from storage.artifacts import ArtifactStore
     from storage.corpus import CorpusShardWriter
-    from storage.sources import ReadOptions, SourceFile, read_documents
+    from storage.sources import SourceFile, read_documents
 
     started = time.perf_counter()
     files = [SourceFile(**s) for s in sources]
-    options = ReadOptions(format=config.format, txt_mode=config.txt_mode, text_field=config.text_field,
-                          encoding=config.encoding, encoding_errors=config.encoding_errors)
     stats = IngestStats(input_bytes=sum(f.size for f in files))
     workers = resolve_workers(config.workers, stats.input_bytes)
 
     def raw() -> Iterator[tuple[str, str]]:
         for source in files:
-            for doc in read_documents(source, options):
+            for doc in read_documents(source):
                 yield doc.text, doc.source
 
     store = ArtifactStore()
@@ -332,3 +297,16 @@ def format_summary(manifest: dict[str, Any]) -> str:
         lines.append(f"    {counts.get('documents', 0):>9,} docs {counts.get('sentences', 0):>10,} sents"
                      f" {counts.get('chars', 0):>12,} chars  {source}")
     return "\n".join(lines)
+
+
+def resolve_source_specs(config: IngestConfig) -> list[Any]:
+    """Expand every source spec to files, each with its read options; duplicates keep the first."""
+    from storage.sources import ReadOptions, resolve_sources
+
+    files: dict[str, Any] = {}
+    for spec in config.source_specs():
+        options = ReadOptions(format=spec.format, txt_mode=spec.txt_mode, text_field=spec.text_field,
+                              encoding=spec.encoding, encoding_errors=spec.encoding_errors)
+        for source in resolve_sources([spec.path], spec.format, options):
+            files.setdefault(source.path, source)
+    return list(files.values())

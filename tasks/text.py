@@ -25,56 +25,65 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b\u200e\u200f
 _BLANK_LINES = re.compile(r"\n\n\n+")
 
 
+# ASCII characters that are text (printable, plus the whitespace we keep or turn into spaces).
+_ASCII_TEXT = bytes(range(0x20, 0x7F)) + b"\t\n"
+
+
+def _has_ascii_controls(text: str) -> bool:
+    return bool(text.encode("ascii").translate(None, _ASCII_TEXT))
+
+
 def normalize_text(text: str, unicode_form: UnicodeForm = "NFC") -> str:
     """CRLF and exotic line breaks to \\n, Unicode normal form, controls removed, spaces collapsed.
 
     Line breaks are kept (single \\n between lines, \\n\\n between paragraphs): they are
-    sentence and document boundaries for the splitters downstream.
+    sentence and document boundaries for the splitters downstream. Each step first checks,
+    at C speed, whether it has anything to do: most documents need few of them.
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    ascii_only = text.isascii()
-    if not ascii_only:
+    if text.isascii():
+        if _has_ascii_controls(text):
+            text = _CONTROLS.sub("", text)
+        if "\t" in text:
+            text = text.replace("\t", " ")
+    else:
         text = _ODD_NEWLINES.sub("\n", text)
         if unicode_form != "none" and not unicodedata.is_normalized(unicode_form, text):
             text = unicodedata.normalize(unicode_form, text)
-    text = _CONTROLS.sub("", text)
-    if not ascii_only or "\t" in text:
+        text = _CONTROLS.sub("", text)
         text = _ODD_SPACES.sub(" ", text)
-    text = _SPACE_RUNS.sub(" ", text)
-    text = "\n".join(line.strip(" ") for line in text.split("\n"))
-    text = _BLANK_LINES.sub("\n\n", text)
+    if "  " in text:
+        text = _SPACE_RUNS.sub(" ", text)
+    if " \n" in text or "\n " in text:
+        text = "\n".join(line.strip(" ") for line in text.split("\n"))
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
     return text.strip()
 
 
-def _letter_table() -> np.ndarray:
-    """For each BMP code point: 1 if a letter (any script), else 0."""
-    table = np.zeros(0x10000, dtype=np.uint8)
+def _char_classes() -> np.ndarray:
+    """Per BMP code point: bit 0 = letter (any script), bit 1 = CJK ideograph. The extra last
+    entry stands for every supplementary-plane character: mostly CJK extensions, so both."""
+    table = np.zeros(0x10001, dtype=np.uint8)
     for cp in range(0x10000):
         if chr(cp).isalpha():
             table[cp] = 1
+    for lo, hi in ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)):
+        table[lo:hi + 1] |= 2
+    table[0x10000] = 3
     return table
 
 
-_IS_LETTER = _letter_table()
-_IS_CJK = np.zeros(0x10000, dtype=np.uint8)
-for _lo, _hi in ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)):
-    _IS_CJK[_lo:_hi + 1] = 1
-
-
-def _code_points(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+_CHAR_CLASSES = _char_classes()
 
 
 def char_class_counts(text: str) -> tuple[int, int, int]:
     """(non-space characters, letters of any script, CJK ideographs), counted in numpy."""
-    cps = _code_points(text)
-    bmp = np.minimum(cps, 0xFFFF)
-    astral = cps > 0xFFFF  # supplementary planes: CJK extension B and beyond count as CJK letters
-    letters = int(_IS_LETTER[bmp][~astral].sum()) + int(astral.sum())
-    cjk = int(_IS_CJK[bmp][~astral].sum()) + int(astral.sum())
-    non_space = len(cps) - text.count(" ") - text.count("\n")
-    return non_space, letters, cjk
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    classes = _CHAR_CLASSES[np.minimum(code_points, 0x10000)]
+    non_space = len(code_points) - text.count(" ") - text.count("\n")
+    return non_space, int(np.count_nonzero(classes)), int(np.count_nonzero(classes & 2))
 
 
 def cjk_fraction(text: str) -> float:
