@@ -292,6 +292,8 @@ def train(spec: RunSpec) -> TrainResult:
     # --- model, optimizer, schedule, scaler
     hf_model = new_hf_model(BertConfig(**spec.hf_config), nsp_head=spec.nsp_head)
     raw_model = MaskedGatherPretrainingModel(hf_model).to(device)
+    # Same initial weights on every rank (seeded above); dropout masks differ between ranks.
+    torch.manual_seed(cfg.seed + 1000 * rank)
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                   fused=device_type == "cuda")
