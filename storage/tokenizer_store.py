@@ -42,8 +42,8 @@ def read_vocab_file(path: str | Path) -> list[str]:
         if token in seen:
             raise BertflowError(f"--vocab {path}:{line}: '{token}' repeats line {seen[token]};"
                                 " every token must appear once")
-        if token == "" or token != token.strip():
-            raise BertflowError(f"--vocab {path}:{line}: empty token or surrounding spaces; one token per line")
+        if token == "":
+            raise BertflowError(f"--vocab {path}:{line}: empty line; one token per line")
         seen[token] = line
     return tokens
 

@@ -66,7 +66,8 @@ def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndar
     """For each token of a Chinese sentence: does it continue the previous token's jieba word?"""
     import jieba
 
-    words = jieba.lcut(sentence)
+    jieba.setLogLevel(30)  # its dictionary-loading chatter is DEBUG/INFO noise on stderr
+    words = jieba.lcut(sentence, HMM=False)  # dictionary words only: the HMM guesser costs 2x
     word_of_char = np.repeat(np.arange(len(words)), [len(w) for w in words])
     starts = np.minimum([start for start, _ in offsets], len(sentence) - 1)
     word = word_of_char[starts] if len(offsets) else np.zeros(0, dtype=np.int64)
