@@ -272,7 +272,7 @@ def _read_wikiextractor(source: SourceFile, options: ReadOptions) -> Iterator[Ra
                 raise BertflowError(f"{source.path}:{line_no}: </doc> without an opening <doc>")
             if body and title is not None and body[0].strip() == title:
                 body = body[1:]  # WikiExtractor repeats the title as the first line
-            text = "\n".join(body)
+            text = "\n".join(body).strip("\n")
             if text.strip():
                 yield RawDocument(text, source.path)
             body, title = None, None

@@ -14,6 +14,8 @@ import numpy as np
 
 from tasks.text import char_class_counts, normalize_text, split_sentences
 
+MINHASH_SCHEME = "affine64"  # datasketch >= 2.0 needs the scheme named to rebuild a signature
+
 
 @dataclass(frozen=True)
 class CleaningOptions:
@@ -52,7 +54,7 @@ def minhash_signature(text: str, *, num_perm: int, shingle: int, seed: int) -> n
     from datasketch import MinHash
 
     grams = {text[i:i + shingle] for i in range(max(1, len(text) - shingle + 1))}
-    mh = MinHash(num_perm=num_perm, seed=seed)
+    mh = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME)
     mh.update_batch([g.encode("utf-8") for g in grams])
     return mh.hashvalues
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bertflow.errors import BertflowError
 from tasks.caching import current_cache_key
-from tasks.cleaning import BatchResult, CleanDocument, CleaningOptions, clean_batch
+from tasks.cleaning import MINHASH_SCHEME, BatchResult, CleanDocument, CleaningOptions, clean_batch
 from tasks.text import UnicodeForm
 
 STAGE = "ingest"
@@ -80,6 +80,13 @@ class IngestConfig(BaseModel):
     shard_mb: float = Field(32.0, gt=0, description="MB of text per output shard")
     workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
     seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        from storage.artifacts import check_name
+
+        return check_name(value)
 
     @field_validator("max_chars")
     @classmethod
@@ -199,7 +206,8 @@ def ingest_stream(raw_documents: Iterable[tuple[str, str]], config: IngestConfig
             if lsh is not None:
                 from datasketch import MinHash
 
-                mh = MinHash(num_perm=config.minhash_permutations, hashvalues=doc.minhash)
+                mh = MinHash(num_perm=config.minhash_permutations, hashvalues=doc.minhash,
+                             scheme=MINHASH_SCHEME)
                 if lsh.query(mh):
                     stats.removed_docs["near_duplicate"] += 1
                     stats.removed_chars["near_duplicate"] += doc.n_chars
@@ -217,10 +225,11 @@ def ingest_stream(raw_documents: Iterable[tuple[str, str]], config: IngestConfig
 
 
 def resolve_workers(requested: int, input_bytes: int) -> int:
-    """0 means one per core; small inputs are not worth a process pool's start-up (~1-2 s)."""
-    if input_bytes < 4 << 20:
-        return 1
-    return requested or (os.cpu_count() or 1)
+    """An explicit count wins; 0 means one per core, except for inputs too small to repay a
+    process pool's start-up (about a second)."""
+    if requested:
+        return requested
+    return 1 if input_bytes < 4 << 20 else (os.cpu_count() or 1)
 
 
 # --- the Prefect task --------------------------------------------------------------------

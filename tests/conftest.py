@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,27 @@ def shared_path(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"../shared/data/{relative} is not present")
     return path
+
+
+def _prefect_console_follows_sys_stderr() -> None:
+    """Prefect's console handler keeps the stream it was built with, which pytest's capture
+    closes after a test; later log lines would then fail. Write to the current sys.stderr."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if getattr(PrefectConsoleHandler.emit, "_follows_stderr", False):
+        return
+    original = PrefectConsoleHandler.emit
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        self.console.file = sys.stderr
+        original(self, record)
+
+    emit._follows_stderr = True
+    PrefectConsoleHandler.emit = emit
+
+
+_prefect_console_follows_sys_stderr()
 
 
 @pytest.fixture(scope="session")

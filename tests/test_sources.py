@@ -1,0 +1,112 @@
+"""Reading every raw format, compressed or not, and the errors for bad input."""
+
+import bz2
+import gzip
+import json
+import lzma
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from bertflow.errors import BertflowError
+from storage.sources import ReadOptions, read_documents, resolve_sources
+
+
+def texts(path, **options):
+    files = resolve_sources([str(path)], options.get("format", "auto"), ReadOptions(**options))
+    return [doc.text for f in files for doc in read_documents(f)]
+
+
+def test_txt_modes(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("first doc line one\nline two\n\nsecond doc\n\n\nthird doc\n")
+    assert texts(path) == ["first doc line one\nline two", "second doc", "third doc"]
+    assert texts(path, txt_mode="line") == ["first doc line one", "line two", "second doc", "third doc"]
+    assert texts(path, txt_mode="file") == ["first doc line one\nline two\n\nsecond doc\n\n\nthird doc"]
+
+
+def test_jsonl_and_json_array(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert texts(tmp_path / "a.jsonl") == ["one", "two"]
+    (tmp_path / "b.json").write_text(json.dumps([{"body": "x"}, {"body": "y"}]))
+    assert texts(tmp_path / "b.json", text_field="body") == ["x", "y"]
+
+
+def test_csv_tsv_with_bom_and_quoted_newlines(tmp_path):
+    (tmp_path / "a.csv").write_text('\ufeffid,text\n1,"hello, world"\n2,"two\nlines"\n', encoding="utf-8")
+    assert texts(tmp_path / "a.csv") == ["hello, world", "two\nlines"]
+    (tmp_path / "b.tsv").write_text("label\tsentence\npos\tgood film\n")
+    assert texts(tmp_path / "b.tsv", text_field="sentence") == ["good film"]
+
+
+def test_parquet_and_saved_datasets(tmp_path):
+    pq.write_table(pa.table({"text": ["p1", "p2"], "n": [1, 2]}), tmp_path / "a.parquet")
+    assert texts(tmp_path / "a.parquet") == ["p1", "p2"]
+    import datasets
+
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["d1", "d2"]}),
+        "test": datasets.Dataset.from_dict({"text": ["d3"]}),
+    }).save_to_disk(str(tmp_path / "saved"))
+    assert sorted(texts(tmp_path / "saved")) == ["d1", "d2", "d3"]
+
+
+def test_wikiextractor(tmp_path):
+    path = tmp_path / "wiki_00"
+    path.write_text('<doc id="1" url="u" title="Alpha">\nAlpha\n\nAlpha is first.\n</doc>\n'
+                    '<doc id="2" url="u" title="Beta">\nBeta\nBeta is second.\n</doc>\n')
+    assert texts(path) == ["Alpha is first.", "Beta is second."]
+
+
+@pytest.mark.parametrize("suffix, opener", [
+    (".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open),
+    (".zst", lambda p, m: zstandard.open(p, m)),
+])
+def test_compressed(tmp_path, suffix, opener):
+    path = tmp_path / f"a.jsonl{suffix}"
+    with opener(path, "wb") as handle:
+        handle.write(b'{"text": "compressed one"}\n{"text": "two"}\n')
+    assert texts(path) == ["compressed one", "two"]
+
+
+def test_directories_and_globs_are_sorted_and_deduplicated(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("b\n")
+    (tmp_path / "sub" / "a.txt").write_text("a\n")
+    (tmp_path / "notes.md").write_text("ignored: unknown suffix inside a directory\n")
+    files = resolve_sources([str(tmp_path), str(tmp_path / "*.txt")])
+    assert [f.path.rsplit("/", 1)[1] for f in files] == ["b.txt", "a.txt"]
+
+
+def test_encodings(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("ok line\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(BertflowError, match=r"latin.txt: bytes at offset 11 are not valid utf-8.*--encoding"):
+        texts(path)
+    assert texts(path, encoding="latin-1") == ["ok line\ncafé au lait"]
+    assert texts(path, encoding_errors="replace") == ["ok line\ncaf\ufffd au lait"]
+
+
+@pytest.mark.parametrize("name, content, options, message", [
+    ("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', {}, r"bad.jsonl:2: malformed JSON"),
+    ("nofield.jsonl", '{"body": "x"}\n', {}, r"nofield.jsonl:1: no field 'text' \(fields: body\); pass --text-field"),
+    ("nocol.csv", "a,b\n1,2\n", {}, r"nocol.csv: no column 'text' \(columns: a, b\)"),
+    ("wrong.json", '[{"text": 1}]', {}, r"wrong.json\[0\]: field 'text' is int"),
+    ("open.txt", '<doc id="1" title="t">\nbody\n', {}, r"open.txt:1: <doc> is never closed"),
+])
+def test_malformed_input_names_file_and_line(tmp_path, name, content, options, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(BertflowError, match=message):
+        texts(tmp_path / name, **options)
+
+
+def test_unknown_format_and_missing_paths(tmp_path):
+    (tmp_path / "data.xlsx").write_text("x")
+    with pytest.raises(BertflowError, match=r"data.xlsx: unknown format '.xlsx'.*--format"):
+        resolve_sources([str(tmp_path / "data.xlsx")])
+    with pytest.raises(BertflowError, match="no such file or directory"):
+        resolve_sources([str(tmp_path / "missing.txt")])
+    with pytest.raises(BertflowError, match="matches no files"):
+        resolve_sources([str(tmp_path / "*.nothing")])

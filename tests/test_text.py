@@ -1,0 +1,58 @@
+"""Normalisation, language guess and sentence splitting (English and Chinese)."""
+
+import pytest
+
+from tasks.text import char_class_counts, guess_language, letter_fraction, normalize_text, split_sentences
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("a\r\nb\rc", "a\nb\nc"),                                   # CRLF and lone CR
+    ("  many   spaces\tand\ttabs  ", "many spaces and tabs"),
+    ("para one\n\n\n\n\npara two", "para one\n\npara two"),     # blank lines collapse to one
+    ("line  \n   next", "line\nnext"),                          # spaces at line edges
+    ("zero\u200bwidth\ufeff and \x07bell\x00", "zerowidth and bell"),  # controls removed
+    ("ideographic\u3000space\u00a0nbsp", "ideographic space nbsp"),
+    ("line\u2028separator", "line\nseparator"),
+    ("", ""),
+])
+def test_normalize_text(raw, expected):
+    assert normalize_text(raw) == expected
+
+
+def test_unicode_normal_forms():
+    decomposed = "cafe\u0301"  # e + combining acute
+    assert normalize_text(decomposed, "NFC") == "caf\u00e9"
+    assert normalize_text("ｆｕｌｌ", "NFKC") == "full"   # full-width Latin folds under NFKC only
+    assert normalize_text("ｆｕｌｌ", "NFC") == "ｆｕｌｌ"
+    assert normalize_text(decomposed, "none") == decomposed
+
+
+def test_split_english_sentences():
+    text = ('Mr. Smith went to Washington. He saw the U.S. Capitol! Did he? "Yes." '
+            "J. R. R. Tolkien wrote it in 1937. Pi is about 3.14 for most uses. See e.g. the table.")
+    assert split_sentences(text) == [
+        "Mr. Smith went to Washington.", "He saw the U.S. Capitol!", "Did he?", '"Yes."',
+        "J. R. R. Tolkien wrote it in 1937.", "Pi is about 3.14 for most uses.", "See e.g. the table.",
+    ]
+
+
+def test_split_keeps_lowercase_continuations_and_line_breaks():
+    assert split_sentences("version 2.0 is out. and then what\nnew paragraph") == [
+        "version 2.0 is out. and then what", "new paragraph"]
+
+
+def test_split_chinese_sentences():
+    text = "我今天很高兴。你呢？他说：“我也是！”然后走了……好吧；再见。"
+    assert split_sentences(text) == ["我今天很高兴。", "你呢？", "他说：“我也是！”", "然后走了……", "好吧；", "再见。"]
+
+
+def test_split_mixed_chinese_english():
+    assert split_sentences("他用Python写代码。It works. 很好！") == ["他用Python写代码。", "It works.", "很好！"]
+
+
+def test_language_and_char_classes():
+    assert guess_language("The quick brown fox jumps over the lazy dog.") == "en"
+    assert guess_language("今天天气很好，我们去公园散步吧。") == "zh"
+    assert char_class_counts("ab 中文 12\n") == (6, 4, 2)
+    assert letter_fraction("| 1 | 2 | 3 |") == 0.0
+    assert letter_fraction("words only") == 1.0
