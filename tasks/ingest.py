@@ -22,6 +22,7 @@ from multiprocessing import get_context
 from typing import Any, Iterable, Iterator, Literal
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bertflow.errors import BertflowError
@@ -285,7 +286,25 @@ def ingest_corpus(config: IngestConfig, sources: list[dict[str, Any]]) -> dict[s
     """Prefect task: the ingest stage under the stage cache policy (see tasks/caching.py)."""
     manifest = run_ingest(config, sources, cache_key=current_cache_key())
     get_run_logger().info(format_summary(manifest))
+    create_markdown_artifact(key=f"corpus-{config.name.lower().replace('_', '-').replace('.', '-')}",
+                             markdown=summary_markdown(manifest),
+                             description=f"ingest summary of corpus {config.name}")
     return manifest
+
+
+def summary_markdown(manifest: dict[str, Any]) -> str:
+    """The ingest summary as a Markdown table (a Prefect artifact in the UI)."""
+    s = manifest["stats"]
+    rows = [("kept", s["documents"], s["sentences"], s["chars"]),
+            ("input", s["input"]["documents"], "", s["input"]["chars"])]
+    rows += [(f"removed: {step}", r["documents"], "", r["chars"]) for step, r in s["removed"].items() if r["documents"]]
+    lines = [f"### corpus `{manifest['name']}` ({manifest['fingerprint']})", "",
+             "| | documents | sentences | characters |", "|---|---:|---:|---:|"]
+    lines += [f"| {a} | {b:,} | {c if c == '' else format(c, ',')} | {d:,} |" for a, b, c, d in rows]
+    lines += ["", "| source | documents | sentences | characters |", "|---|---:|---:|---:|"]
+    lines += [f"| {src} | {c.get('documents', 0):,} | {c.get('sentences', 0):,} | {c.get('chars', 0):,} |"
+              for src, c in s["per_source"].items()]
+    return "\n".join(lines)
 
 
 def format_summary(manifest: dict[str, Any]) -> str:
