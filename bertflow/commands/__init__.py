@@ -9,8 +9,11 @@ COMMAND_MODULES = [
     "bertflow.commands.ingest",
     "bertflow.commands.catalog",
     "bertflow.commands.demo",
+    "bertflow.commands.run",
     "bertflow.commands.tokenizer",
     "bertflow.commands.pretraining_data",
     "bertflow.commands.pretrain",
     "bertflow.commands.finetune",
+    "bertflow.commands.server",
+    "bertflow.commands.serve",
 ]

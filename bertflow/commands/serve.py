@@ -1,0 +1,97 @@
+"""`bertflow serve --config CONFIG.yaml --cron "0 2 * * *" [--name N]`: the pipeline on a schedule.
+
+Registers the pipeline flow as a Prefect deployment with a cron schedule and the validated config
+as its default parameters, then stays in the foreground executing its runs (scheduled ones, and
+those triggered with `prefect deployment run 'pipeline/N'`). Prefect refuses to schedule without
+a server, so this needs `PREFECT_API_URL` pointing at one (`bertflow server`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bertflow.errors import BertflowError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the pipeline as a Prefect deployment on a cron schedule (needs `bertflow server`)",
+        description="Register `pipeline/NAME` with a cron schedule and CONFIG as its parameters on the"
+        " Prefect server at $PREFECT_API_URL, and run its scheduled and triggered runs until Ctrl-C."
+        " Runs write to this shell's $BERTFLOW_HOME.")
+    p.add_argument("--config", required=True, metavar="CONFIG.yaml", help="pipeline config (as for `bertflow run`)")
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *" (02:00 every day)')
+    p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron expression (default: UTC)")
+    p.add_argument("--name", default=None, help="deployment name (default: the config file's stem)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.steps=200 (repeatable)")
+    p.set_defaults(run=run)
+
+
+def require_server() -> str:
+    """The API URL of a running Prefect server, or a one-line error saying what to do."""
+    import prefect.settings
+
+    url = prefect.settings.get_current_settings().api.url
+    if not url:
+        raise BertflowError(
+            "bertflow serve needs a Prefect server for its schedule: start one with `bertflow server`"
+            " and `export PREFECT_API_URL=http://127.0.0.1:4200/api` here; or, without a server,"
+            " put `bertflow run --config CONFIG.yaml` in a system crontab (see README)")
+    from bertflow.commands.server import is_healthy
+
+    if not is_healthy(url):
+        raise BertflowError(f"PREFECT_API_URL={url}: no Prefect server answers there; start it with"
+                            " `bertflow server` (or fix PREFECT_API_URL)")
+    return url
+
+
+def validated_schedule(cron: str, timezone: str) -> Any:
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        return CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"] and first["loc"][-1] == "timezone":
+            raise BertflowError(f"--timezone {timezone!r}: {message}") from None
+        raise BertflowError(f"--cron {cron!r}: {message}; e.g. \"0 2 * * *\" (minute hour"
+                            " day-of-month month day-of-week)") from None
+
+
+def serve_deployment(flow: Any, *, name: str, schedule: Any, parameters: dict[str, Any]) -> None:
+    """Register `flow` as deployment `name` and execute its runs until Ctrl-C/SIGTERM.
+
+    The entrypoint is the flow's module path (flows.pipeline.pipeline_flow), so runs load the
+    installed package whatever the current directory. Stopping pauses the schedule.
+    """
+    from prefect.deployments.runner import EntrypointType
+
+    flow.serve(name=name, schedules=[schedule], parameters=parameters,
+               entrypoint_type=EntrypointType.MODULE_PATH, print_starting_message=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bertflow.config import load_pipeline_config
+
+    config = load_pipeline_config(args.config, args.overrides)
+    schedule = validated_schedule(args.cron, args.timezone)
+    url = require_server()
+    name = args.name or Path(args.config).stem
+    from flows.pipeline import pipeline_flow
+    from storage.home import DataHome
+
+    print(f"serving deployment '{pipeline_flow.name}/{name}' on {url}\n"
+          f"  schedule: cron {args.cron!r} ({args.timezone}); config {args.config} (run '{config.name}'),"
+          f" artifacts in {DataHome.from_env().url}\n"
+          f"  run it now:  prefect deployment run '{pipeline_flow.name}/{name}'\n"
+          f"  with a refresh:  prefect deployment run '{pipeline_flow.name}/{name}'"
+          " --param refresh='[\"ingest\"]'\n"
+          "  Ctrl-C stops serving (and pauses the schedule).", flush=True)
+    serve_deployment(pipeline_flow, name=name, schedule=schedule,
+                     parameters={"config": config.model_dump(mode="json")})
+    return 0
