@@ -76,11 +76,12 @@ def serve_deployment(flow: Any, *, name: str, schedule: Any, parameters: dict[st
 
 
 def run(args: argparse.Namespace) -> int:
+    # Cheapest checks first: the config check imports every stage (torch included).
+    schedule = validated_schedule(args.cron, args.timezone)
+    url = require_server()
     from bertflow.config import load_pipeline_config
 
     config = load_pipeline_config(args.config, args.overrides)
-    schedule = validated_schedule(args.cron, args.timezone)
-    url = require_server()
     name = args.name or Path(args.config).stem
     from flows.pipeline import pipeline_flow
     from storage.home import DataHome

@@ -1,0 +1,299 @@
+"""`bertflow server` and `bertflow serve` against a real Prefect server on a free port.
+
+One server (a `bertflow server` subprocess) is shared by the tests of this module; the last
+test stops it the way a user does (Ctrl-C) and checks that nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-ui-server")]
+
+BERTFLOW = [sys.executable, "-m", "bertflow.cli"]
+CHROMIUM = "/usr/bin/chromium"
+TEXT = ("The museum opened in 1901. Its first curator was Dr. Jane Hill! She bought paintings from"
+        " local artists.\n\nVisitors came from all over the region. Most of them arrived by train.\n")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """This process's environment without the Prefect settings the test session put there."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_UI_API_URL", "BERTFLOW_HOME")}
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
+    env.update(values)
+    return env
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Background:
+    """A subprocess whose combined output is collected by a thread (so its pipe never fills)."""
+
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, argv: list[str], env: dict[str, str], cwd: Path) -> "Background":
+        process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        background = cls(process)
+        threading.Thread(target=background._collect, daemon=True).start()
+        return background
+
+    def _collect(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def interrupt(self, timeout: float = 30) -> int:
+        """Ctrl-C, then wait; kill only if it hangs (the test then fails on the return code)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@dataclass
+class Server:
+    background: Background
+    base: str  # http://127.0.0.1:PORT
+    home: Path
+
+    @property
+    def api(self) -> str:
+        return f"{self.base}/api"
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.api}{path}", timeout=10)
+
+
+def healthy(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    # The scheduler normally looks for new schedules once a minute; the serve test waits for it.
+    env = clean_env(BERTFLOW_HOME=str(root / "server-home"), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
+    background = Background.start([*BERTFLOW, "server", "--port", str(port)], env, cwd=root)
+    started = Server(background, f"http://127.0.0.1:{port}", root)
+
+    def ready() -> bool:
+        if background.process.poll() is not None:
+            pytest.fail(f"bertflow server exited with {background.process.returncode}:\n{background.output}")
+        return "Ctrl-C stops the server." in background.output
+
+    wait_for(ready, 150, "bertflow server to report the UI")
+    yield started
+    background.interrupt()
+
+
+def run_bertflow(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
+    done = subprocess.run([*BERTFLOW, *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"bertflow {' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_server_prints_ui_url_and_api_setting(server):
+    assert healthy(server.api)
+    out = server.background.output
+    assert f"Prefect UI:  {server.base}" in out
+    assert f"export PREFECT_API_URL={server.api}" in out
+    # Its own database under the data home, not ~/.prefect nor the per-command one.
+    assert (server.home / "server-home" / "prefect-server" / "prefect.db").exists()
+
+
+def test_run_with_tasks_logs_and_artifacts_shows_in_ui(server, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "museum.txt").write_text(TEXT)
+    env = clean_env(BERTFLOW_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+                    PREFECT_API_URL=server.api)
+    run_bertflow(["ingest", str(tmp_path / "src"), "--name", "ui-check", "--workers", "1"], env, tmp_path)
+
+    flow_runs = server.post("/flow_runs/filter", {"flows": {"name": {"any_": ["ingest"]}}})
+    runs = [r for r in flow_runs if r["parameters"]["config"]["name"] == "ui-check"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["state_type"] == "COMPLETED", run["state"]
+
+    task_runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert [(t["name"], t["state_type"]) for t in task_runs] == [("ingest-corpus[ui-check]", "COMPLETED")]
+
+    logs = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})
+    assert any("corpus ui-check" in entry["message"] for entry in logs)
+
+    artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    summaries = [a for a in artifacts if a["key"] == "corpus-ui-check"]
+    assert len(summaries) == 1
+    assert summaries[0]["type"] == "markdown"
+    assert summaries[0]["task_run_id"] == task_runs[0]["id"]
+    assert "| kept | 2 | 5 |" in summaries[0]["data"]
+
+
+def test_ui_is_served_and_points_at_this_api(server):
+    page = httpx.get(server.base + "/", timeout=10)
+    assert page.status_code == 200 and "<!DOCTYPE html>" in page.text and "/assets/" in page.text
+    # The UI asks this endpoint where the API is; the default would be port 4200.
+    settings = httpx.get(server.base + "/ui-settings", timeout=10).json()
+    assert settings["api_url"] == server.api
+    page_v2 = httpx.get(server.base + "/v2/", timeout=10)
+    assert page_v2.status_code == 200 and "<!doctype html>" in page_v2.text.lower()
+
+
+def test_serve_registers_the_cron_deployment(server, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "museum.txt").write_text(TEXT)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"name: tiny\ningest:\n  sources: [{tmp_path / 'src'}]\n  workers: 1\n")
+    env = clean_env(BERTFLOW_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+                    PREFECT_API_URL=server.api)
+    serving = Background.start([*BERTFLOW, "serve", "--config", str(config), "--cron", "0 2 * * *",
+                                "--name", "nightly", "--set", "ingest.min_chars=10"], env, tmp_path)
+    try:
+        def deployment() -> dict | None:
+            if serving.process.poll() is not None:
+                pytest.fail(f"bertflow serve exited with {serving.process.returncode}:\n{serving.output}")
+            response = server.get("/deployments/name/pipeline/nightly")
+            return response.json() if response.status_code == 200 else None
+
+        found = wait_for(deployment, 120, "deployment pipeline/nightly")
+        [schedule] = found["schedules"]
+        assert schedule["schedule"]["cron"] == "0 2 * * *"
+        assert schedule["schedule"]["timezone"] == "UTC"
+        assert schedule["active"] and not found["paused"]
+        parameters = found["parameters"]["config"]
+        assert parameters["name"] == "tiny"
+        assert parameters["ingest"]["sources"] == [str(tmp_path / "src")]
+        assert parameters["ingest"]["min_chars"] == 10
+        assert found["entrypoint"] == "flows.pipeline.pipeline_flow"
+
+        # The server's scheduler turns the cron into upcoming runs, each at 02:00 UTC.
+        def scheduled() -> list:
+            return server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [found["id"]]}},
+                                                     "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+
+        upcoming = wait_for(scheduled, 60, "scheduled runs of pipeline/nightly")
+        assert all(re.search(r"T02:00:00(\.0+)?(Z|\+00:00)$", r["expected_start_time"]) for r in upcoming)
+        assert upcoming[0]["parameters"]["config"] == parameters
+
+        # Triggered with parameters (set for tomorrow, so the served runner leaves it alone).
+        trigger = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "pipeline/nightly",
+             "--param", 'refresh=["ingest"]', "--start-in", "1 day"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+        triggered = httpx.get(f"{server.api}/flow_runs/{flow_run_id}", timeout=10).json()
+        assert triggered["parameters"]["refresh"] == ["ingest"]
+        assert triggered["parameters"]["config"] == parameters  # the default stays
+    finally:
+        returncode = serving.interrupt()
+    assert returncode == 0, serving.output
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
+def test_ui_page_renders_in_chromium(server, tmp_path):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800",
+             "--virtual-time-budget=15000"]
+    shot = tmp_path / "ui.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", f"{server.base}/dashboard"],
+                   capture_output=True, timeout=90)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", f"{server.base}/dashboard"],
+                         capture_output=True, text=True, timeout=90).stdout
+    assert "Can't connect to Server API" not in dom
+    assert "Dashboard" in dom or "Flow Runs" in dom or "Runs" in dom
+
+
+def test_server_stops_on_ctrl_c_and_leaves_nothing_running(server):
+    match = re.search(r"starting Prefect server on \S+ \(pid (\d+),", server.background.output)
+    child_pid = int(match.group(1))
+    assert server.background.interrupt() == 0, server.background.output
+    assert "Prefect server stopped" in server.background.output
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
+    assert not healthy(server.api)
+
+
+def test_port_in_use_is_one_line_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([*BERTFLOW, "server", "--port", str(port)], env=clean_env(BERTFLOW_HOME=str(tmp_path)),
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"error: port {port} on 127.0.0.1 is already in use by another program;"
+                                   " pass a free one with --port")
+
+
+def test_serve_without_server_says_what_to_do(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"name: tiny\ningest:\n  sources: [{tmp_path}]\n")
+    done = subprocess.run([*BERTFLOW, "serve", "--config", str(config), "--cron", "0 2 * * *"],
+                          env=clean_env(BERTFLOW_HOME=str(tmp_path / "home")), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "bertflow serve needs a Prefect server" in done.stderr and "`bertflow server`" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_serve_rejects_a_bad_cron_before_contacting_a_server(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"name: tiny\ningest:\n  sources: [{tmp_path}]\n")
+    done = subprocess.run([*BERTFLOW, "serve", "--config", str(config), "--cron", "0 2 * *"],
+                          env=clean_env(BERTFLOW_HOME=str(tmp_path / "home")), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: --cron '0 2 * *': Invalid cron string")
