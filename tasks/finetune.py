@@ -549,6 +549,9 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     with store.create("finetune", config.name) as writer:
         net.save_pretrained(writer.dir)
         tokenizer.save_pretrained(writer.dir)
+        for name in TOKENIZER_FILES:  # transformers 5 writes tokenizer.json only; keep vocab.txt for other tools
+            if (Path(model["path"]) / name).is_file() and not (writer.dir / name).exists():
+                shutil.copy2(Path(model["path"]) / name, writer.dir / name)
         write_jsonl(writer.dir / predictions_file("dev"), result.best.rows)
         if test_rows is not None:
             write_jsonl(writer.dir / predictions_file("test"), test_rows)
@@ -795,6 +798,15 @@ def format_summary(manifest: dict[str, Any]) -> str:
                                                                   "macro_f1", "exact_match", "token_accuracy")}
             lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" if v <= 1 else f"{k} {v:.2f}"
                                                       for k, v in shown.items()))
+    for split in ("train", "dev", "test"):
+        if s.get(f"{split}_skipped_answers"):
+            lines.append(f"  warning: {split}: {s[f'{split}_skipped_answers']} answer(s) skipped: answer_start does"
+                         " not match the context")
+        if s.get(f"{split}_truncated"):
+            what = {"qa": "questions cut to --max-query-len",
+                    "token": "sentences cut at --max-seq-len (cut words predicted O)"}.get(
+                        manifest["task_type"], "examples truncated to --max-seq-len")
+            lines.append(f"  note: {split}: {s[f'{split}_truncated']} {what}")
     if s.get("sweep"):
         columns = list(s["sweep"][0].keys())
         lines.append("  sweep (selected: " + s["selected"] + ")")

