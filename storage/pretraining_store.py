@@ -84,8 +84,10 @@ def write_pretraining_shard(path: Path, columns: InstanceColumns, id_dtype: str)
     if columns.continuation is not None:
         arrays.append(_list_array(columns.offsets, columns.continuation.astype(bool), pa.bool_()))
     table = pa.Table.from_arrays(arrays, schema=schema)
-    # Token ids compress poorly with anything heavier; zstd level 1 keeps writing cheap.
-    pq.write_table(table, path, compression="zstd", compression_level=1, row_group_size=65536)
+    # zstd level 1: heavier levels gain little on token ids and cost time. Row groups of 8,192
+    # rows and no dictionaries keep the writer's buffers small (a worker's peak memory).
+    pq.write_table(table, path, compression="zstd", compression_level=1, row_group_size=8192,
+                   use_dictionary=False)
     return path.stat().st_size
 
 
@@ -170,7 +172,7 @@ def plan_corpus_units(corpus_dir: str | Path, unit_chars: int) -> list[CorpusUni
 
     units: list[CorpusUnit] = []
     for shard in corpus_shards(corpus_dir):
-        n_chars = pq.read_table(shard, columns=["n_chars"]).column(0).to_numpy()
+        n_chars = pq.ParquetFile(shard).read(columns=["n_chars"]).column(0).to_numpy()
         start, chars = 0, 0
         shard_units: list[CorpusUnit] = []
         for row, size in enumerate(n_chars.tolist()):
@@ -189,7 +191,21 @@ def plan_corpus_units(corpus_dir: str | Path, unit_chars: int) -> list[CorpusUni
     return units
 
 
-def read_corpus_slice(shard: str | Path, row_start: int, row_count: int) -> tuple[list[list[str]], list[str]]:
-    """(sentences per document, language per document) for rows of a corpus shard."""
-    table = pq.read_table(shard, columns=["sentences", "language"]).slice(row_start, row_count)
-    return table.column("sentences").to_pylist(), [str(x) for x in table.column("language").to_pylist()]
+def read_corpus_slice(shard: str | Path, row_start: int, row_count: int, batch_rows: int = 64
+                      ) -> tuple[list[list[str]], list[str]]:
+    """(sentences per document, language per document) for rows of a corpus shard, streamed in
+    small batches so only the unit's rows are ever held (a shard can be one large row group)."""
+    documents: list[list[str]] = []
+    languages: list[str] = []
+    row = 0
+    stop = row_start + row_count
+    parquet = pq.ParquetFile(shard)
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["sentences", "language"]):
+        if row + batch.num_rows > row_start:
+            part = batch.slice(max(0, row_start - row), stop - max(row, row_start))
+            documents.extend(part.column(0).to_pylist())
+            languages.extend(str(x) for x in part.column(1).to_pylist())
+        row += batch.num_rows
+        if row >= stop:
+            break
+    return documents, languages

@@ -52,7 +52,7 @@ class PretrainingDataConfig(BaseModel):
     dynamic: bool = Field(False, description="store pairs only; masks drawn at load time, per epoch")
     seed: int = Field(12345, ge=0, description="random seed")
     workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
-    shard_mb: float = Field(4.0, gt=0, description="MB (million characters) of corpus text per unit/shard")
+    shard_mb: float = Field(2.0, gt=0, description="MB (million characters) of corpus text per unit/shard")
 
 
 # --- running the units -------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLAC
                                          create_masked_lm_predictions, mask_tokens_batch,
                                          random_replacement_ids)
 
-ENCODE_BATCH_SENTENCES = 8192  # bounds the Encoding objects alive at once
+ENCODE_BATCH_SENTENCES = 2048  # bounds the Encoding objects alive at once (memory)
 
 
 @dataclass(frozen=True)
@@ -83,24 +83,30 @@ def tokenize_documents(documents: list[list[str]], languages: list[str], tokeniz
     whole-word or span masking) per-token word-continuation flags: `##` pieces, plus jieba
     words for Chinese documents."""
     sentences = list(chain.from_iterable(documents))
-    ids: list[list[int]] = []
+    token_parts: list[np.ndarray] = []
+    length_parts: list[np.ndarray] = []
     flags: list[np.ndarray] = []
     doc_of_sentence = np.repeat(np.arange(len(documents)), [len(d) for d in documents])
     for start in range(0, len(sentences), ENCODE_BATCH_SENTENCES):
         chunk = sentences[start:start + ENCODE_BATCH_SENTENCES]
         if need_words:
             encodings = tokenizer.encode_batch(chunk, add_special_tokens=False)
+            ids = [encoding.ids for encoding in encodings]
             for k, encoding in enumerate(encodings):
-                piece_ids = encoding.ids
-                ids.append(piece_ids)
-                flag = is_continuation[np.asarray(piece_ids, dtype=np.int64)]
-                if languages[doc_of_sentence[start + k]] == "zh" and piece_ids:
+                flag = is_continuation[np.asarray(ids[k], dtype=np.int64)]
+                if languages[doc_of_sentence[start + k]] == "zh" and ids[k]:
                     flag = flag | jieba_continuation(chunk[k], encoding.offsets)
                 flags.append(flag)
         else:
-            ids.extend(encoding.ids for encoding in tokenizer.encode_batch_fast(chunk, add_special_tokens=False))
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+            ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(chunk, add_special_tokens=False)]
+        # Into numpy per chunk: a Python int per token for a whole unit would cost ~40 bytes each.
+        lengths_chunk = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        length_parts.append(lengths_chunk)
+        token_parts.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths_chunk.sum())))
+        del ids
+    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, dtype=np.int32)
+    del token_parts
     continuation = np.concatenate(flags) if need_words and flags else (
         np.zeros(0, dtype=bool) if need_words else None)
     # Sentences that tokenise to nothing carry no tokens; documents left without sentences go.

@@ -31,8 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="store pairs only; masks are drawn at load time, fresh each epoch")
     p.add_argument("--seed", type=int, default=12345, help="random seed (default 12345, Google's)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
-    p.add_argument("--shard-mb", type=float, default=4.0,
-                   help="MB of corpus text per work unit and output shard (default 4)")
+    p.add_argument("--shard-mb", type=float, default=2.0,
+                   help="MB of corpus text per work unit and output shard (default 2)")
     p.add_argument("--refresh", action="store_true", help="recompute even if cached")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(run=run)

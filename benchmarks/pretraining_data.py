@@ -1,0 +1,178 @@
+"""Benchmark: the tokenizer and pretraining-data stages on a real corpus.
+
+Measures, for the corpus and for the corpus concatenated `--scale` times (memory must stay
+flat): MB of raw text per second end to end (read + tokenise + pairs + masks + write), instances
+per second, and peak RSS of the whole process tree (this process plus its workers, sampled
+every 20 ms) and of the largest single worker. Also times the tokenizer stage: adopting a
+vocab.txt, and training a 30,522-entry WordPiece vocabulary.
+
+The stage functions are called directly (no Prefect), so the figures are the stage's own.
+
+Usage (the corpus must be ingested first):
+    export BERTFLOW_HOME=/tmp/bench-home
+    bertflow ingest ../shared/data/corpora/enwiki_sample --name enwiki
+    python benchmarks/pretraining_data.py --corpus enwiki \\
+        --vocab ../shared/data/vocab/uncased_L-12_H-768_A-12/vocab.txt --workers 2
+Pin to two cores with `taskset -c 0,1 python ...` on a bigger machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bertflow.runtime import configure_environment  # noqa: E402
+
+configure_environment()
+
+import psutil  # noqa: E402
+
+from storage.artifacts import ArtifactStore  # noqa: E402
+
+
+class TreeRssSampler:
+    """Peak of the summed RSS of this process and all its descendants."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "TreeRssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def corpus_ref(artifact) -> dict:
+    return {"id": artifact.id, "name": artifact.name, "fingerprint": artifact.fingerprint,
+            "path": artifact.path, "stats": artifact.manifest["stats"]}
+
+
+def scaled_corpus(store: ArtifactStore, base, scale: int):
+    """The corpus's shards repeated `scale` times, as a new corpus artifact."""
+    name = f"{base.name}-x{scale}"
+    if store.catalog.find(name, "corpus"):
+        return store.resolve(name, kind="corpus")
+    with store.create("corpus", name) as writer:
+        shards = []
+        for copy in range(scale):
+            for shard in base.manifest["shards"]:
+                target = f"shard-{len(shards):05d}.parquet"
+                shutil.copyfile(Path(base.path) / shard, writer.dir / target)
+                shards.append(target)
+        stats = {k: v * scale for k, v in base.manifest["stats"].items() if isinstance(v, int)}
+        writer.commit(manifest={"shards": shards}, parents=[base.id], stats=stats)
+    return store.resolve(name, kind="corpus")
+
+
+def time_tokenizer(corpus, name: str, **settings) -> dict:
+    from tasks.tokenizer import TokenizerConfig, run_tokenizer
+
+    started = time.perf_counter()
+    manifest = run_tokenizer(TokenizerConfig(corpus=corpus.name, name=name, **settings), corpus_ref(corpus))
+    seconds = time.perf_counter() - started
+    s = manifest["stats"]
+    mb = corpus.manifest["stats"]["chars"] / 1e6
+    print(f"tokenizer {name}: {seconds:.1f} s ({mb / seconds:.2f} M chars/s), vocab {s['vocab_size']:,}"
+          f"  [UNK] {100 * s['unk_rate']:.3f}%  pieces/word {s['pieces_per_word']:.3f}", flush=True)
+    return manifest
+
+
+def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
+    from tasks.pretraining_data import PretrainingDataConfig, run_pretraining_data
+
+    artifact = ArtifactStore().resolve(tokenizer["name"], kind="tokenizer")
+    tok = {"id": artifact.id, "name": artifact.name, "fingerprint": artifact.fingerprint, "path": artifact.path,
+           "vocab_size": artifact.manifest["vocab_size"], "special_ids": artifact.manifest["special_ids"]}
+    config = PretrainingDataConfig(corpus=corpus.name, tokenizer=tok["name"], name=name, max_seq_len=128,
+                                   dupe_factor=5, workers=workers)
+    cpu_before = cpu_seconds()
+    with TreeRssSampler() as sampler:
+        started = time.perf_counter()
+        manifest = run_pretraining_data(config, corpus_ref(corpus), tok)
+        seconds = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu_before
+    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    s = manifest["stats"]
+    print(f"pretraining-data {name}: {s['text_mb']:.1f} MB text, {s['instances']:,} instances,"
+          f" {s['shards']} shards, {s['workers']} workers\n"
+          f"  wall {seconds:.1f} s: {s['text_mb'] / seconds:.2f} MB/s, {s['instances'] / seconds:,.0f} instances/s"
+          f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
+          f"  CPU {cpu:.1f} s (this process + workers): {s['text_mb'] / cpu:.2f} MB per CPU-second,"
+          f" i.e. {2 * s['text_mb'] / cpu:.2f} MB/s on 2 otherwise idle cores\n"
+          f"  peak RSS: process tree {sampler.peak / 2**20:,.0f} MiB, largest worker {worker_peak / 2**10:,.0f} MiB,"
+          f" this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB", flush=True)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its finished children (the pool's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="enwiki", help="name of an ingested corpus artifact")
+    parser.add_argument("--vocab", default="../shared/data/vocab/uncased_L-12_H-768_A-12/vocab.txt")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--scale", type=int, default=4, help="also run on the corpus repeated this many times")
+    parser.add_argument("--skip-training", action="store_true", help="do not time WordPiece training")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    store = ArtifactStore()
+    if args.step == "pretraining-data":
+        tokenizer = store.resolve(args.tokenizer, kind="tokenizer")
+        time_pretraining_data(store.resolve(args.corpus, kind="corpus"), {"name": tokenizer.name},
+                              args.name, args.workers)
+        return 0
+
+    corpus = store.resolve(args.corpus, kind="corpus")
+    print(f"corpus {corpus.name}: {corpus.manifest['stats']['documents']:,} documents,"
+          f" {corpus.manifest['stats']['chars'] / 1e6:.1f} M chars; {os.cpu_count()} CPUs visible,"
+          f" load average {os.getloadavg()[0]:.1f}", flush=True)
+    stamp = str(int(time.time()))
+    adopted = time_tokenizer(corpus, f"adopted-{stamp}", vocab=str(Path(args.vocab).resolve()))
+    corpora = [corpus.name]
+    if args.scale > 1:
+        corpora.append(scaled_corpus(store, corpus, args.scale).name)
+    for name in corpora:
+        # A fresh process per measurement: its peak RSS is the stage's, not this process's
+        # (which has imported transformers to save the tokenizer).
+        subprocess.run([sys.executable, __file__, "--step", "pretraining-data", "--corpus", name,
+                        "--tokenizer", adopted["name"], "--name", f"{name}-{stamp}",
+                        "--workers", str(args.workers)], check=True)
+    if not args.skip_training:
+        time_tokenizer(corpus, f"trained-{stamp}", vocab_size=30522)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
