@@ -174,15 +174,15 @@ class MaskedGatherPretrainingModel(nn.Module):
         logits = self.hf.cls.predictions(gathered)  # (masked tokens, vocab)
         labels = mlm_labels[valid]
         mlm_loss = nn.functional.cross_entropy(logits.float(), labels)
-        result = {"mlm_loss": mlm_loss, "mlm_correct": (logits.argmax(-1) == labels).sum(),
-                  "mlm_count": labels.new_tensor(labels.numel())}
+        result = {"mlm_loss": mlm_loss, "mlm_count": labels.new_tensor(labels.numel())}
+        if not self.training:  # accuracy is for evaluation; an argmax over the vocabulary is not free
+            result["mlm_correct"] = (logits.argmax(-1) == labels).sum()
         loss = mlm_loss
         if self.has_sentence_head and next_sentence_label is not None:
             sentence_logits = self.hf.cls.seq_relationship(outputs.pooler_output)  # (batch, 2)
             nsp_loss = nn.functional.cross_entropy(sentence_logits.float(), next_sentence_label)
             loss = loss + nsp_loss
-            result.update(nsp_loss=nsp_loss,
-                          nsp_correct=(sentence_logits.argmax(-1) == next_sentence_label).sum(),
+            result.update(nsp_loss=nsp_loss, nsp_correct=(sentence_logits.argmax(-1) == next_sentence_label).sum(),
                           nsp_count=next_sentence_label.new_tensor(next_sentence_label.numel()))
         result["loss"] = loss
         return result

@@ -127,7 +127,11 @@ def _model_dir(model: str) -> Path:
         return path
     from storage.artifacts import ArtifactStore
 
-    return Path(ArtifactStore().resolve(model, kind="model").path)
+    store = ArtifactStore()
+    if not store.catalog.find(model, "model"):
+        raise BertflowError(f"'{model}' is not a model artifact (see `bertflow ls --kind model`), a Hugging Face"
+                            f" model directory, a preset ({PRESET_NAMES}) or a BERT config.json")
+    return Path(store.resolve(model, kind="model").path)
 
 
 def run_params(args: argparse.Namespace) -> int:
