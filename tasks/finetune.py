@@ -393,10 +393,13 @@ def train_model(model: Any, train_features: list[dict], *, config: FinetuneConfi
     best_state: dict | None = None
     history: list[dict] = []
     step, running_loss, running_count, without_gain = 0, 0.0, 0, 0
+    log_every = max(10, total_steps // 20)  # progress lines: tqdm never reaches the Prefect UI
     stopped_early = False
 
-    def should_evaluate(end_of_epoch: bool) -> bool:
-        return (config.eval_every and step % config.eval_every == 0) or (end_of_epoch and not config.eval_every)
+    def should_evaluate(end_of_epoch: bool, last_step: bool) -> bool:
+        # With --eval-every the last step is evaluated too, so no trained steps go unseen.
+        return bool(config.eval_every and step % config.eval_every == 0) or last_step or \
+            (end_of_epoch and not config.eval_every)
 
     for epoch in range(config.epochs):
         order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(config.seed + epoch))
@@ -413,8 +416,12 @@ def train_model(model: Any, train_features: list[dict], *, config: FinetuneConfi
             step += 1
             running_loss += loss.item()  # a CPU-GPU sync point, once per step
             running_count += 1
+            if step % log_every == 0:
+                elapsed = time.perf_counter() - started
+                log(f"step {step:>6,}/{total_steps:,}  train loss {running_loss / running_count:.4f}"
+                    f"  {elapsed / step:.2f} s/step")
             end_of_epoch = begin + config.batch_size >= len(order)
-            if not should_evaluate(end_of_epoch):
+            if not should_evaluate(end_of_epoch, last_step=step == total_steps):
                 continue
             score, metrics, rows = evaluate(model)
             train_loss = running_loss / max(1, running_count)

@@ -467,3 +467,58 @@ def test_minilm_sst2_slice_and_embed(flow_home, tmp_path, capsys):
     assert "384 dimensions" in out
     similarity = float(out.strip().splitlines()[-1].split("=")[-1])
     assert 0.0 < similarity < 0.99  # contextual: the two 'bank's differ
+
+
+# --- the training loop ------------------------------------------------------------------------
+
+def _loop_setup(tiny_bert, tokenizer, **overrides):
+    from tasks.finetune import FinetuneConfig, build_model
+    from tasks.finetune_data import TextExample
+
+    examples = [TextExample(text, None, label) for text, label in SENTIMENT]
+    features, _ = encode_text_examples(examples, tokenizer, max_seq_len=16, label2id={"0": 0, "1": 1})
+    config = FinetuneConfig(name="loop", model=str(tiny_bert), batch_size=4, lr=1e-2, warmup_ratio=0.0,
+                            **overrides)
+    model = build_model("classification", str(tiny_bert), ["0", "1"], seed=config.seed, mode=config.mode)
+    return config, model, features
+
+
+def test_early_stopping_restores_the_best_weights(tiny_bert, tokenizer):
+    import torch
+
+    from tasks.finetune import train_model
+
+    config, model, features = _loop_setup(tiny_bert, tokenizer, epochs=5, eval_every=1, early_stopping=2)
+    scores = iter([0.5, 0.9, 0.8, 0.7, 0.95])
+    snapshots = []
+
+    def evaluate(current):
+        snapshots.append(current.classifier.weight.detach().clone())
+        return next(scores), {}, []
+
+    result = train_model(model, features, config=config, pad_id=0, device=torch.device("cpu"), evaluate=evaluate,
+                         log=lambda line: None)
+    assert result.stopped_early and result.steps == 4 and result.best.step == 2
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    assert torch.equal(model.classifier.weight, snapshots[1])
+    assert not torch.equal(snapshots[1], snapshots[3])
+
+
+def test_training_is_deterministic_and_feature_mode_freezes_the_encoder(tiny_bert, tokenizer):
+    import torch
+
+    from tasks.finetune import train_model
+
+    def trained(mode: str):
+        config, model, features = _loop_setup(tiny_bert, tokenizer, epochs=2, mode=mode)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_model(model, features, config=config, pad_id=0, device=torch.device("cpu"),
+                    evaluate=lambda m: (0.0, {}, []), log=lambda line: None)
+        return before, model.state_dict()
+
+    _, first = trained("finetune")
+    _, second = trained("finetune")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    before, after = trained("feature")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("classifier.", "bert.pooler.")) for k in changed)
