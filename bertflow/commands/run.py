@@ -1,0 +1,80 @@
+"""`bertflow run` (the whole pipeline from a config) and `bertflow report` (its HTML report)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bertflow.config import STAGES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="the whole pipeline from a YAML config: ingest → tokenizer →"
+                              " pretraining data → pretrain → fine-tune and evaluate")
+    p.add_argument("--config", required=True, help="pipeline config (see configs/)")
+    p.add_argument("--refresh", action="append", default=[], choices=list(STAGES), metavar="STAGE",
+                   help=f"recompute this stage and every stage after it ({', '.join(STAGES)}); repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value, e.g. --set pretrain.steps=200 --set finetune.0.lr=5e-5")
+    p.set_defaults(run=run)
+
+    r = subparsers.add_parser("report", help="write a self-contained HTML report of a pipeline run")
+    r.add_argument("run_name", nargs="?", metavar="RUN", help="run name (default: the most recent run)")
+    r.add_argument("--output", "-o", help="HTML file to write (default: the run's directory)")
+    r.set_defaults(run=report)
+
+
+def run_pipeline(config_path: str, refresh: list[str], overrides: list[str]) -> dict[str, Any]:
+    """Validate, run, and print what ran, where the artifacts are and the metrics table."""
+    from bertflow.config import load_pipeline_config
+    from bertflow.runtime import run_flow
+
+    config = load_pipeline_config(config_path, overrides)  # every error before any work
+    from flows.pipeline import pipeline_flow
+    from storage.artifacts import ArtifactStore
+    from tasks.report import format_table
+
+    started_at = datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+    started = time.perf_counter()
+    summary = run_flow(pipeline_flow, config=config, refresh=refresh or None)
+    seconds = time.perf_counter() - started
+
+    store = ArtifactStore()
+    print(f"\nrun {config.name} finished in {seconds:.1f} s")
+    print("\nartifacts (computed now, or reused from cache):")
+    for item in summary["artifacts"]:
+        entry = store.catalog.find(item["name"], item["kind"])[0]
+        state = "computed" if entry.created_at >= started_at else "reused"
+        print(f"  {item['kind']:<17} {item['name']:<34} {state:<9} {item['path']}")
+    print("\nmetrics:")
+    print(format_table(summary["metrics"]))
+    print(f"\nHTML report: bertflow report {config.name}")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    run_pipeline(args.config, args.refresh, args.overrides)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from storage.artifacts import ArtifactStore
+    from storage.reports import load_run_summary, write_report
+    from tasks.report import render_report
+
+    run_name, summary = load_run_summary(args.run_name)
+    store = ArtifactStore()
+    stages: dict[str, dict] = {}
+    points: list[dict] = []
+    for item in summary["artifacts"]:
+        entries = store.catalog.find(item["name"], item["kind"])
+        if entries and item["kind"] not in stages:
+            stages[item["kind"]] = entries[0].stats
+        if item["kind"] == "model" and not points:
+            points = store.catalog.metrics(f"model/{item['name']}")
+    path = write_report(run_name, render_report(run_name, summary, stages, points), args.output)
+    print(f"report written to {Path(path).resolve()}")
+    return 0

@@ -1,0 +1,56 @@
+"""The random-initialisation baseline: the pretrained model's architecture and tokenizer with
+fresh weights, so fine-tuning it shows what pretraining bought."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tasks.caching import current_cache_key
+
+STAGE = "random-init"
+STAGE_VERSION = "1"
+
+
+def initialise_like(model_dir: str, seed: int) -> Any:
+    """A BertForPreTraining with `model_dir`'s config and weights drawn fresh under `seed`."""
+    import torch
+    from transformers import AutoConfig, BertForPreTraining
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.architectures = ["BertForPreTraining"]
+    torch.manual_seed(seed)
+    return BertForPreTraining(config)
+
+
+def run_random_init(name: str, model: dict[str, Any], seed: int, *, cache_key: str | None = None
+                    ) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from storage.artifacts import ArtifactStore
+
+    store = ArtifactStore()
+    with store.create("model", name) as writer:
+        net = initialise_like(model["path"], seed)
+        net.save_pretrained(writer.dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model["path"]).save_pretrained(writer.dir)
+        vocab = Path(model["path"]) / "vocab.txt"  # keep the plain vocabulary beside tokenizer.json
+        if vocab.exists() and not (writer.dir / "vocab.txt").exists():
+            shutil.copy2(vocab, writer.dir / "vocab.txt")
+        parameters = sum(p.numel() for p in net.parameters())
+        artifact = writer.commit(
+            manifest={"architecture": "BertForPreTraining", "initialised_like": model, "seed": seed},
+            parents=[model["id"]], params={"seed": seed, "like": model["id"]},
+            stats={"parameters": parameters, "pretraining_steps": 0},
+            cache_key=cache_key, stage_version=STAGE_VERSION)
+    return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
+            "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": artifact.manifest["stats"]}
+
+
+@task(name="initialise-random-model", task_run_name="initialise-random-model[{name}]")
+def initialise_random_model(name: str, model: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Prefect task: the same architecture and tokenizer as `model`, random weights."""
+    return run_random_init(name, model, seed, cache_key=current_cache_key())

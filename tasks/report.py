@@ -1,0 +1,204 @@
+"""Run summaries: the metrics table printed after `bertflow run`, its Prefect artifacts, and the
+self-contained HTML report of `bertflow report` (plots embedded as PNG data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+from prefect import task
+
+# Metrics shown first in the comparison table, per task type (whichever the run reported).
+HEADLINE = ("accuracy", "f1", "macro_f1", "micro_f1", "exact_match", "precision", "recall")
+
+
+def comparison_rows(finetunes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, split, metric): pretrained vs random initialisation, and the gain."""
+    rows = []
+    for entry in finetunes:
+        pretrained = entry["pretrained"]["stats"]
+        baseline = entry["random_init"]["stats"] if entry.get("random_init") else None
+        for split in ("dev", "test"):
+            ours = pretrained.get(split) or {}
+            theirs = (baseline or {}).get(split) or {}
+            for metric in [m for m in HEADLINE if isinstance(ours.get(m), (int, float))]:
+                value = float(ours[metric])
+                base = float(theirs[metric]) if isinstance(theirs.get(metric), (int, float)) else None
+                rows.append({"task": entry["task"], "split": split, "metric": metric,
+                             "pretrained": round(value, 4),
+                             "random_init": None if base is None else round(base, 4),
+                             "gain": None if base is None else round(value - base, 4)})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no fine-tuning tasks)"
+    header = f"{'task':<16} {'split':<5} {'metric':<12} {'pretrained':>10} {'random init':>11} {'gain':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        base = "-" if r["random_init"] is None else f"{r['random_init']:.4f}"
+        gain = "-" if r["gain"] is None else f"{r['gain']:+.4f}"
+        lines.append(f"{r['task']:<16} {r['split']:<5} {r['metric']:<12} {r['pretrained']:>10.4f} {base:>11} {gain:>8}")
+    return "\n".join(lines)
+
+
+@task(name="summarise-run", task_run_name="summarise-run[{run}]")
+def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """The run's artifacts and metrics table: a Prefect table + markdown artifact, the catalog,
+    and the flow's return value."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from storage.reports import save_run_summary
+
+    rows = comparison_rows(finetunes)
+    artifacts = [{"kind": m["kind"], "name": m["name"], "fingerprint": m["fingerprint"], "path": m["path"]}
+                 for m in [*stage_manifests, *[f[k] for f in finetunes for k in ("pretrained", "random_init") if f.get(k)]]]
+    summary = {"run": run, "artifacts": artifacts, "metrics": rows,
+               "stages": {m["kind"]: m.get("stats", {}) for m in stage_manifests}}
+    key = "".join(ch if ch.isalnum() else "-" for ch in run.lower())
+    if rows:
+        create_table_artifact(key=f"{key}-metrics", table=rows,
+                              description=f"run {run}: fine-tuning metrics, pretrained vs random initialisation")
+    lines = [f"### run `{run}`", "", "| kind | name | fingerprint |", "|---|---|---|"]
+    lines += [f"| {a['kind']} | {a['name']} | {a['fingerprint']} |" for a in artifacts]
+    create_markdown_artifact(key=f"{key}-artifacts", markdown="\n".join(lines),
+                             description=f"run {run}: artifacts")
+    save_run_summary(run, summary)
+    return summary
+
+
+# --- the HTML report ---------------------------------------------------------------------------
+
+def _png(figure: Any) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def curves_figure(points: list[dict[str, Any]]) -> str | None:
+    """Pretraining curves: training loss, held-out loss, MLM and NSP accuracy against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(name: str, split: str) -> tuple[list, list]:
+        xs = [p["step"] for p in points if p["name"] == name and p["split"] == split and p["step"] is not None]
+        ys = [p["value"] for p in points if p["name"] == name and p["split"] == split and p["step"] is not None]
+        return xs, ys
+
+    train = series("loss", "train")
+    heldout = series("loss", "heldout")
+    mlm = series("mlm_accuracy", "heldout")
+    nsp = series("nsp_accuracy", "heldout")
+    if not (train[0] or heldout[0]):
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    if train[0]:
+        left.plot(*train, label="training loss", alpha=0.8)
+    if heldout[0]:
+        left.plot(*heldout, "o-", label="held-out loss")
+    left.set_xlabel("step")
+    left.set_ylabel("loss (MLM + NSP)")
+    left.legend()
+    left.grid(alpha=0.3)
+    if mlm[0]:
+        right.plot(*mlm, "o-", label="MLM accuracy")
+    if nsp[0]:
+        right.plot(*nsp, "s-", label="NSP accuracy")
+    right.set_xlabel("step")
+    right.set_ylabel("held-out accuracy")
+    right.set_ylim(0, 1)
+    right.legend()
+    right.grid(alpha=0.3)
+    fig.suptitle("Pretraining")
+    return _png(fig)
+
+
+def comparison_figure(rows: list[dict[str, Any]]) -> str | None:
+    """Bars: each task's test (else dev) headline metric, pretrained vs random initialisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen: dict[str, dict] = {}
+    for r in rows:
+        if r["random_init"] is None:
+            continue
+        best = chosen.get(r["task"])
+        rank = (r["split"] == "test", HEADLINE.index(r["metric"]) * -1)
+        if best is None or rank > (best["split"] == "test", HEADLINE.index(best["metric"]) * -1):
+            chosen[r["task"]] = r
+    if not chosen:
+        return None
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(chosen), 3.8))
+    names = list(chosen)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [chosen[n]["pretrained"] for n in names], width=0.4, label="pretrained")
+    ax.bar([x + 0.2 for x in xs], [chosen[n]["random_init"] for n in names], width=0.4, label="random init")
+    for x, n in zip(xs, names):
+        ax.text(x - 0.2, chosen[n]["pretrained"] + 0.01, f"{chosen[n]['pretrained']:.3f}", ha="center", fontsize=8)
+        ax.text(x + 0.2, chosen[n]["random_init"] + 0.01, f"{chosen[n]['random_init']:.3f}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [f"{n}\n{chosen[n]['split']} {chosen[n]['metric']}" for n in names])
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("Fine-tuning: pretrained vs random initialisation")
+    return _png(fig)
+
+
+def _kv_table(data: dict[str, Any]) -> str:
+    rows = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False)[:400]
+        elif isinstance(value, float):
+            value = f"{value:,.4g}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        rows.append(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>")
+    return "<table class='kv'>" + "".join(rows) + "</table>"
+
+
+def render_report(run: str, summary: dict[str, Any], stages: dict[str, dict[str, Any]],
+                  pretrain_points: list[dict[str, Any]]) -> str:
+    """A self-contained HTML page: per-stage statistics, pretraining curves, metrics, comparison."""
+    rows = summary.get("metrics", [])
+    curves = curves_figure(pretrain_points)
+    bars = comparison_figure(rows)
+    parts = [f"<h1>bertflow run <code>{html.escape(run)}</code></h1>"]
+    if bars:
+        parts.append(f"<img src='{bars}' alt='pretrained vs random initialisation'>")
+    if rows:
+        head = "".join(f"<th>{h}</th>" for h in ("task", "split", "metric", "pretrained", "random init", "gain"))
+        body = "".join(
+            f"<tr><td>{html.escape(r['task'])}</td><td>{r['split']}</td><td>{r['metric']}</td>"
+            f"<td>{r['pretrained']:.4f}</td><td>{'-' if r['random_init'] is None else format(r['random_init'], '.4f')}</td>"
+            f"<td>{'-' if r['gain'] is None else format(r['gain'], '+.4f')}</td></tr>" for r in rows)
+        parts.append(f"<h2>Fine-tuning metrics</h2><table><tr>{head}</tr>{body}</table>")
+    if curves:
+        parts.append(f"<h2>Pretraining</h2><img src='{curves}' alt='pretraining curves'>")
+    titles = {"corpus": "Corpus", "tokenizer": "Vocabulary", "pretraining-data": "Pretraining data",
+              "model": "Model"}
+    for kind, title in titles.items():
+        stats = stages.get(kind)
+        if stats:
+            flat = {k: v for k, v in stats.items() if k not in ("per_source",)}
+            parts.append(f"<h2>{title}</h2>{_kv_table(flat)}")
+    artifacts = "".join(f"<tr><td>{a['kind']}</td><td>{html.escape(a['name'])}</td><td><code>{a['fingerprint']}</code>"
+                        f"</td><td><code>{html.escape(a['path'])}</code></td></tr>" for a in summary.get("artifacts", []))
+    parts.append(f"<h2>Artifacts</h2><table><tr><th>kind</th><th>name</th><th>fingerprint</th><th>path</th></tr>"
+                 f"{artifacts}</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left;font-size:14px}table.kv th{background:#f4f4f4}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>bertflow {html.escape(run)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
