@@ -7,13 +7,13 @@
 2. CoNLL-2003 (original IOB1 files): MiniLM on the first --conll-train training sentences;
    entity-level micro F1 (conlleval rules) on all of dev (testa) and test (testb).
 3. SQuAD v1.1: dev-v1.1.json split by article (the official train file is not available):
-   the first 40 articles for training (first --squad-train questions), the remaining 8 held out;
-   EM/F1 (official normalisation) on all held-out questions.
+   the last --squad-heldout articles held out, the first --squad-train questions of the others
+   for training; EM/F1 (official normalisation) on all held-out questions.
 4. ChnSentiCorp: a Chinese model pretrained by this project (--zh-model, or a model artifact
    whose name contains 'zh'/'chinese' in $BERTFLOW_HOME) versus the same architecture from random
    initialisation; skipped with a note when no such model exists.
 
-Run: `.venv/bin/python benchmarks/finetune_quality.py` (2 CPU cores: ~45 min with the defaults).
+Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults sized for ~45 min on 2 heavily shared CPU cores).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def squad(args: argparse.Namespace, work: Path) -> None:
     model_path = minilm_path()
     data = json.loads((TASKS / "squad_v1.1" / "dev-v1.1.json").read_text(encoding="utf-8"))
     articles = data["data"]
-    train_articles, held_out = articles[:40], articles[40:]
+    train_articles, held_out = articles[:-args.squad_heldout], articles[-args.squad_heldout:]
     kept, budget = [], args.squad_train
     for article in train_articles:  # the first N questions, paragraph structure kept
         paragraphs = []
@@ -174,7 +174,7 @@ def squad(args: argparse.Namespace, work: Path) -> None:
     config = FinetuneConfig(name="bench-squad", model=model_path, task_type="qa", train=str(train_file),
                             dev=str(eval_file), epochs=args.squad_epochs, lr=args.qa_lr, batch_size=16,
                             max_seq_len=args.squad_seq_len, doc_stride=128, seed=args.seed, device="cpu")
-    say(f"\n== SQuAD v1.1 (dev file split by article: 40 for training, {len(held_out)} held out with {questions:,}"
+    say(f"\n== SQuAD v1.1 (dev file split by article: {len(train_articles)} for training, {len(held_out)} held out with {questions:,}"
         f" questions): MiniLM-L6, first {args.squad_train:,} training questions, {args.squad_epochs} epoch(s),"
         f" batch 16, lr {args.qa_lr:g}, max_seq_len {args.squad_seq_len}, doc_stride 128 ==")
     manifest, seconds = ours(config, model_path, train_file, eval_file)
@@ -241,11 +241,12 @@ def chnsenticorp(args: argparse.Namespace, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=["sst2", "conll", "squad", "chnsenticorp"])
-    parser.add_argument("--sst2-train", type=int, default=20_000, help="first N SST-2 training sentences")
-    parser.add_argument("--conll-train", type=int, default=3_000, help="first N CoNLL training sentences")
+    parser.add_argument("--sst2-train", type=int, default=5_000, help="first N SST-2 training sentences")
+    parser.add_argument("--conll-train", type=int, default=1_000, help="first N CoNLL training sentences")
     parser.add_argument("--conll-epochs", type=int, default=1)
-    parser.add_argument("--squad-train", type=int, default=2_000, help="first N SQuAD training questions")
+    parser.add_argument("--squad-train", type=int, default=600, help="first N SQuAD training questions")
     parser.add_argument("--squad-epochs", type=int, default=1)
+    parser.add_argument("--squad-heldout", type=int, default=3, help="last N articles held out for evaluation")
     parser.add_argument("--squad-seq-len", type=int, default=256)
     parser.add_argument("--chn-train", type=int, default=3_000, help="first N ChnSentiCorp training reviews")
     parser.add_argument("--chn-epochs", type=int, default=1)
