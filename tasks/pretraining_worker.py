@@ -10,6 +10,7 @@ the artifact is identical for any number of workers.
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,7 +27,7 @@ from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLAC
                                          create_masked_lm_predictions, mask_tokens_batch,
                                          random_replacement_ids)
 
-ENCODE_BATCH_SENTENCES = 2048  # bounds the Encoding objects alive at once (memory)
+ENCODE_BATCH_SENTENCES = 16384  # sentences tokenised per call (bounds the chunk lists held)
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,14 @@ class ShardJob:
     seed: int
 
 
-@lru_cache(maxsize=4)
-def _tokenizer_and_flags(tokenizer_dir: str) -> tuple[Any, np.ndarray]:
+@lru_cache(maxsize=2)
+def _tokenizer_and_flags(tokenizer_dir: str) -> tuple[Any, np.ndarray, "ChunkCache"]:
+    """Per worker process: the tokenizer, its `##` flags, and a chunk cache that stays warm
+    from one unit to the next (it changes speed only, never ids)."""
     from storage.tokenizer_store import continuation_flags, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    return tokenizer, np.array(continuation_flags(tokenizer), dtype=bool)
+    return tokenizer, np.array(continuation_flags(tokenizer), dtype=bool), ChunkCache(tokenizer)
 
 
 def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndarray:
@@ -76,8 +79,77 @@ def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndar
     return flags
 
 
+class ChunkCache:
+    """Token ids of whitespace-separated chunks, each distinct chunk tokenised once per unit.
+
+    BERT's normaliser maps characters one by one (removing controls, turning whitespace into
+    spaces, lower-casing, stripping accents, spacing out CJK characters) and its pre-tokeniser
+    then splits on whitespace and punctuation, so a sentence's ids are the concatenation of its
+    whitespace-separated chunks' ids. Text repeats (Zipf), so most chunks are dictionary hits;
+    the distinct ones go to the fast tokenizer joined into long strings (it costs ~15 µs per
+    input), and the token ids are gathered in numpy. Control characters that Python's
+    `str.split` separates on but BERT deletes are deleted first, so both agree on every input
+    (tests/test_pretraining_data_instances.py checks this against the tokenizer itself)."""
+
+    MAX_ENTRIES = 300_000  # distinct chunks kept (~40 MB); bounds memory on text with few repeats
+    CHUNKS_PER_CALL = 50_000
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._reset()
+
+    def _reset(self) -> None:
+        self.index: dict[str, int] = {}
+        self.starts = np.zeros(0, dtype=np.int64)   # chunk -> first token in store
+        self.lengths = np.zeros(0, dtype=np.int64)  # chunk -> number of tokens
+        self.store = np.zeros(0, dtype=np.int32)    # token ids of every known chunk
+
+    def encode(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
+        chunked = [_BERT_DELETED.sub("", s).split() if _BERT_DELETED.search(s) else s.split()
+                   for s in sentences]
+        chunks_per_sentence = np.fromiter(map(len, chunked), dtype=np.int64, count=len(chunked))
+        flat = list(chain.from_iterable(chunked))
+        del chunked
+        if len(self.index) > self.MAX_ENTRIES:
+            self._reset()
+        index = self.index
+        missing = [c for c in dict.fromkeys(flat) if c not in index]
+        for start in range(0, len(missing), self.CHUNKS_PER_CALL):
+            self._add(missing[start:start + self.CHUNKS_PER_CALL])
+        which = np.fromiter(map(index.__getitem__, flat), dtype=np.int64, count=len(flat))
+        lengths = self.lengths[which]
+        ends = np.cumsum(lengths)
+        # token t of chunk occurrence j sits at store[starts[j] + t]
+        positions = np.repeat(self.starts[which] - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+        tokens = self.store[positions]
+        cumulative = np.concatenate([[0], ends])
+        sentence_bounds = np.concatenate([[0], np.cumsum(chunks_per_sentence)])
+        return tokens, cumulative[sentence_bounds[1:]] - cumulative[sentence_bounds[:-1]]
+
+    def _add(self, chunks: list[str]) -> None:
+        """Tokenise chunks as one space-joined string; each token's character offset says
+        which chunk it came from."""
+        lengths = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
+        chunk_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+        encoding = self.tokenizer.encode(" ".join(chunks), add_special_tokens=False)
+        token_starts = np.fromiter((start for start, _ in encoding.offsets), dtype=np.int64,
+                                   count=len(encoding.offsets))
+        owner = np.searchsorted(chunk_starts, token_starts, side="right") - 1
+        bounds = np.searchsorted(owner, np.arange(len(chunks) + 1))
+        base = len(self.index)
+        self.index.update(zip(chunks, range(base, base + len(chunks))))
+        self.starts = np.concatenate([self.starts, len(self.store) + bounds[:-1]])
+        self.lengths = np.concatenate([self.lengths, np.diff(bounds)])
+        self.store = np.concatenate([self.store, np.asarray(encoding.ids, dtype=np.int32)])
+
+
+# Characters Python's str.split() separates on but BERT's normaliser deletes (controls).
+_BERT_DELETED = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
+
+
 def tokenize_documents(documents: list[list[str]], languages: list[str], tokenizer: Any,
-                       is_continuation: np.ndarray, *, need_words: bool
+                       is_continuation: np.ndarray, *, need_words: bool, cache: "ChunkCache | None" = None
                        ) -> tuple[np.ndarray, np.ndarray | None, DocumentIndex, dict[str, int]]:
     """Flat token ids of every non-empty sentence, the document index over them, and (for
     whole-word or span masking) per-token word-continuation flags: `##` pieces, plus jieba
@@ -87,9 +159,12 @@ def tokenize_documents(documents: list[list[str]], languages: list[str], tokeniz
     length_parts: list[np.ndarray] = []
     flags: list[np.ndarray] = []
     doc_of_sentence = np.repeat(np.arange(len(documents)), [len(d) for d in documents])
+    cache = cache or ChunkCache(tokenizer)
     for start in range(0, len(sentences), ENCODE_BATCH_SENTENCES):
         chunk = sentences[start:start + ENCODE_BATCH_SENTENCES]
-        if need_words:
+        chinese_words = need_words and any(
+            languages[d] == "zh" for d in doc_of_sentence[start:start + len(chunk)].tolist())
+        if chinese_words:  # jieba needs each token's character offsets
             encodings = tokenizer.encode_batch(chunk, add_special_tokens=False)
             ids = [encoding.ids for encoding in encodings]
             for k, encoding in enumerate(encodings):
@@ -97,13 +172,16 @@ def tokenize_documents(documents: list[list[str]], languages: list[str], tokeniz
                 if languages[doc_of_sentence[start + k]] == "zh" and ids[k]:
                     flag = flag | jieba_continuation(chunk[k], encoding.offsets)
                 flags.append(flag)
+            # Into numpy per batch: a Python int per token for a whole unit costs ~40 bytes each.
+            lengths_chunk = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            tokens_chunk = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths_chunk.sum()))
+            del ids, encodings
         else:
-            ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(chunk, add_special_tokens=False)]
-        # Into numpy per chunk: a Python int per token for a whole unit would cost ~40 bytes each.
-        lengths_chunk = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            tokens_chunk, lengths_chunk = cache.encode(chunk)
+            if need_words:
+                flags.append(is_continuation[tokens_chunk])
         length_parts.append(lengths_chunk)
-        token_parts.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths_chunk.sum())))
-        del ids
+        token_parts.append(tokens_chunk)
     lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
     tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, dtype=np.int32)
     del token_parts
@@ -173,11 +251,11 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     from storage.pretraining_store import InstanceColumns, read_corpus_slice, write_pretraining_shard
 
     started = time.perf_counter()
-    tokenizer, is_continuation = _tokenizer_and_flags(job.tokenizer_dir)
+    tokenizer, is_continuation, cache = _tokenizer_and_flags(job.tokenizer_dir)
     documents, languages = read_corpus_slice(job.corpus_shard, job.row_start, job.row_count)
     need_words = job.masking != "token"
     tokens, continuation, index, counts = tokenize_documents(
-        documents, languages, tokenizer, is_continuation, need_words=need_words)
+        documents, languages, tokenizer, is_continuation, need_words=need_words, cache=cache)
     del documents
     if job.objective == "nsp" and index.num_documents < 2:
         raise BertflowError(f"{job.corpus_shard}: rows {job.row_start}..{job.row_start + job.row_count - 1}"

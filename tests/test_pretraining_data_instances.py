@@ -208,3 +208,21 @@ def test_same_seed_same_instances_and_masks():
     a = mask_tokens_batch(first, rule(), np.random.default_rng(9))
     b = mask_tokens_batch(second, rule(), np.random.default_rng(9))
     assert (a.input_ids == b.input_ids).all() and (a.positions == b.positions).all()
+
+
+def test_chunk_cache_gives_the_tokenizers_own_ids():
+    from tasks.pretraining_worker import ChunkCache
+    from tasks.tokenizer import adopt_vocabulary
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "cafe", ",", ".", "'", "!",
+             "un", "##aff", "##able", "中", "文", "a", "b", "##b", "x", "##x", "s", "t", "don"]
+    tokenizer = adopt_vocabulary(vocab, lowercase=True)
+    sentences = ["Hello, WORLD!", "Café unaffable.", "中文 中文字", "don't", "a\x0bb a\x1cb", "x\u2028y",
+                 "tab\there", "zero\u200bwidth", "nbsp\xa0b", "[MASK] hello[SEP]x", "x" * 150 + " a",
+                 "", "   ", "ab abb hello hello hello"] * 3
+    reference = [e.ids for e in tokenizer.encode_batch_fast(sentences, add_special_tokens=False)]
+    cache = ChunkCache(tokenizer)
+    for _ in range(2):  # cold, then warm
+        tokens, lengths = cache.encode(sentences)
+        assert lengths.tolist() == [len(r) for r in reference]
+        assert tokens.tolist() == [i for r in reference for i in r]
