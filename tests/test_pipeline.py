@@ -1,0 +1,184 @@
+"""The whole pipeline as one flow: end to end on a tiny config, caching across runs, recomputing
+only what a change affects, resuming after a failure, and config validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bertflow.config import load_pipeline_config
+from bertflow.errors import BertflowError
+from storage.demo_data import export_demo_sources
+from storage.home import DataHome
+from tests.conftest import run_cli
+
+STAGE_FUNCTIONS = {
+    "ingest": ("tasks.ingest", "run_ingest"),
+    "tokenizer": ("tasks.tokenizer", "run_tokenizer"),
+    "pretraining_data": ("tasks.pretraining_data", "run_pretraining_data"),
+    "pretrain": ("tasks.pretrain", "run_pretrain"),
+    "random_init": ("tasks.baseline", "run_random_init"),
+    "finetune": ("tasks.finetune", "run_finetune"),
+}
+
+
+def tiny_config(home: Path, tmp_path: Path) -> Path:
+    """Real text from the demo corpus, cut down so that the whole pipeline runs in well under a minute."""
+    sources = export_demo_sources(DataHome.from_env(str(home)))
+    data = tmp_path / "data"
+    data.mkdir()
+    articles = (sources / "zh" / "peoples_daily_1998.txt").read_text(encoding="utf-8").split("\n\n")[:150]
+    (data / "news.txt").write_text("\n\n".join(articles), encoding="utf-8")
+    for split, rows in (("train", 400), ("dev", 120), ("test", 120)):
+        lines = (sources / "zh" / f"reviews_{split}.tsv").read_text(encoding="utf-8").splitlines()
+        (data / f"{split}.tsv").write_text("\n".join(lines[: rows + 1]) + "\n", encoding="utf-8")
+    config = {
+        "name": "tiny",
+        "ingest": {"sources": [str(data / "news.txt"), {"path": str(data / "train.tsv"), "text_field": "text"}]},
+        "tokenizer": {"vocab_size": 1500},
+        "pretraining_data": {"max_seq_len": 64, "dupe_factor": 1, "workers": 1},
+        "pretrain": {"model": "tiny", "steps": 12, "batch_size": 8, "eval_every": 6, "eval_instances": 32,
+                     "save_every": 6, "log_every": 6, "lr": 0.001},
+        "finetune": [{"name": "sentiment", "task_type": "classification", "train": str(data / "train.tsv"),
+                      "dev": str(data / "dev.tsv"), "test": str(data / "test.tsv"), "text_column": "text",
+                      "label_column": "label", "epochs": 1, "batch_size": 16, "max_seq_len": 64, "lr": 0.0005}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """How many times each stage really computed (a cached stage does not call its function)."""
+    import importlib
+
+    calls = {stage: 0 for stage in STAGE_FUNCTIONS}
+    for stage, (module_name, function) in STAGE_FUNCTIONS.items():
+        module = importlib.import_module(module_name)
+        original = getattr(module, function)
+
+        def counted(*args, _stage=stage, _original=original, **kwargs):
+            calls[_stage] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, counted)
+    return calls
+
+
+def run_pipeline(config: Path, *extra: str) -> dict:
+    from bertflow.commands.run import run_pipeline as run
+
+    argv_refresh = [extra[i + 1] for i, a in enumerate(extra) if a == "--refresh"]
+    argv_set = [extra[i + 1] for i, a in enumerate(extra) if a == "--set"]
+    return run(str(config), argv_refresh, argv_set)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_caches_and_recomputes_only_what_changed(flow_home, tmp_path, stage_calls):
+    config = tiny_config(flow_home, tmp_path)
+
+    summary = run_pipeline(config)
+    assert stage_calls == {"ingest": 1, "tokenizer": 1, "pretraining_data": 1, "pretrain": 1,
+                           "random_init": 1, "finetune": 2}
+    kinds = [a["kind"] for a in summary["artifacts"]]
+    assert kinds == ["corpus", "tokenizer", "pretraining-data", "model", "finetune", "finetune"]
+    rows = {(r["split"], r["metric"]): r for r in summary["metrics"]}
+    assert {("dev", "accuracy"), ("test", "accuracy")} <= set(rows)
+    for row in rows.values():
+        assert 0.0 <= row["pretrained"] <= 1.0 and 0.0 <= row["random_init"] <= 1.0
+        assert row["gain"] == pytest.approx(row["pretrained"] - row["random_init"], abs=1e-4)
+
+    # the same config again: every stage served from cache
+    for stage in stage_calls:
+        stage_calls[stage] = 0
+    again = run_pipeline(config)
+    assert set(stage_calls.values()) == {0}
+    assert again["metrics"] == summary["metrics"]
+
+    # a fine-tuning parameter changed: only fine-tuning recomputes (both initialisations)
+    run_pipeline(config, "--set", "finetune.0.lr=0.0002")
+    assert stage_calls == {"ingest": 0, "tokenizer": 0, "pretraining_data": 0, "pretrain": 0,
+                           "random_init": 0, "finetune": 2}
+
+    # --refresh forces a stage and its dependants, not the stages before it
+    for stage in stage_calls:
+        stage_calls[stage] = 0
+    run_pipeline(config, "--refresh", "pretrain")
+    assert stage_calls == {"ingest": 0, "tokenizer": 0, "pretraining_data": 0, "pretrain": 1,
+                           "random_init": 1, "finetune": 2}
+
+    # the report: a self-contained HTML page with the plots inline
+    assert run_cli("report", "tiny", "--output", str(tmp_path / "report.html")) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "random init" in page and "Pretraining data" in page
+
+
+@pytest.mark.slow
+def test_failed_stage_fixed_and_rerun_keeps_finished_stages(flow_home, tmp_path, stage_calls, monkeypatch):
+    import tasks.pretrain
+
+    config = tiny_config(flow_home, tmp_path)
+    counting = tasks.pretrain.run_pretrain
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure in pretraining")
+
+    monkeypatch.setattr(tasks.pretrain, "run_pretrain", broken)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_pipeline(config)
+    assert stage_calls["ingest"] == stage_calls["tokenizer"] == stage_calls["pretraining_data"] == 1
+
+    monkeypatch.setattr(tasks.pretrain, "run_pretrain", counting)  # "fixed"
+    summary = run_pipeline(config)
+    assert stage_calls == {"ingest": 1, "tokenizer": 1, "pretraining_data": 1, "pretrain": 1,
+                           "random_init": 1, "finetune": 2}
+    assert len(summary["metrics"]) >= 2
+
+
+def write_config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"name": "v", "ingest": {"sources": ["x.txt"]}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "blue"}, "'colour': Extra inputs are not permitted (unknown key)"),
+    ({"tokenizer": {"vocab_size": "big"}}, "invalid value for 'tokenizer.vocab_size'"),
+    ({"tokenizer": {"vocab_sise": 100}}, "invalid value for 'tokenizer.vocab_sise'"),
+    ({"tokenizer": {"corpus": "other"}}, "tokenizer.corpus: set by the pipeline"),
+    ({"pretraining_data": {"masked_lm_prob": 1.5}}, "'pretraining_data.masked_lm_prob'"),
+    ({"finetune": [{"name": "t", "task_type": "regression", "train": "a", "dev": "b"}]},
+     "invalid value for 'finetune.0.task_type'"),
+    ({"name": "bad name"}, "name 'bad name' is not a valid artifact name"),
+])
+def test_config_errors_name_the_key(home, tmp_path, change, message):
+    with pytest.raises(BertflowError) as error:
+        load_pipeline_config(write_config(tmp_path, {**BASE, **change}))
+    assert message in str(error.value)
+
+
+def test_overrides_and_cli_errors(home, tmp_path, capsys):
+    path = write_config(tmp_path, {**BASE, "pretrain": {"steps": 10}})
+    config = load_pipeline_config(path, ["pretrain.steps=20", "tokenizer.vocab_size=900"])
+    assert config.pretrain["steps"] == 20 and config.tokenizer["vocab_size"] == 900
+    with pytest.raises(BertflowError, match="--set nokey: expected key=value"):
+        load_pipeline_config(path, ["nokey"])
+    assert run_cli("run", "--config", str(tmp_path / "missing.yaml")) == 1
+    assert "missing.yaml: no such config file" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    assert run_cli("run", "--config", str(tmp_path / "broken.yaml")) == 1
+    assert "broken.yaml:2: not valid YAML" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid(home):
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        config = load_pipeline_config(path)
+        assert config.name and config.finetune, path
