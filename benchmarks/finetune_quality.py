@@ -13,7 +13,7 @@
    whose name contains 'zh'/'chinese' in $BERTFLOW_HOME) versus the same architecture from random
    initialisation; skipped with a note when no such model exists.
 
-Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults sized for ~45 min on 2 heavily shared CPU cores).
+Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults sized for about an hour on 2 CPU cores shared with a load average of ~10).
 """
 
 from __future__ import annotations
@@ -241,13 +241,13 @@ def chnsenticorp(args: argparse.Namespace, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=["sst2", "conll", "squad", "chnsenticorp"])
-    parser.add_argument("--sst2-train", type=int, default=5_000, help="first N SST-2 training sentences")
-    parser.add_argument("--conll-train", type=int, default=1_000, help="first N CoNLL training sentences")
+    parser.add_argument("--sst2-train", type=int, default=2_000, help="first N SST-2 training sentences")
+    parser.add_argument("--conll-train", type=int, default=500, help="first N CoNLL training sentences")
     parser.add_argument("--conll-epochs", type=int, default=1)
-    parser.add_argument("--squad-train", type=int, default=600, help="first N SQuAD training questions")
+    parser.add_argument("--squad-train", type=int, default=240, help="first N SQuAD training questions")
     parser.add_argument("--squad-epochs", type=int, default=1)
-    parser.add_argument("--squad-heldout", type=int, default=3, help="last N articles held out for evaluation")
-    parser.add_argument("--squad-seq-len", type=int, default=256)
+    parser.add_argument("--squad-heldout", type=int, default=2, help="last N articles held out for evaluation")
+    parser.add_argument("--squad-seq-len", type=int, default=192)
     parser.add_argument("--chn-train", type=int, default=3_000, help="first N ChnSentiCorp training reviews")
     parser.add_argument("--chn-epochs", type=int, default=1)
     parser.add_argument("--zh-model", default=None, help="Chinese model artifact name or directory")
