@@ -198,8 +198,9 @@ def test_serve_registers_the_cron_deployment(server, tmp_path):
     (tmp_path / "src" / "museum.txt").write_text(TEXT)
     config = tmp_path / "tiny.yaml"
     config.write_text(f"name: tiny\ningest:\n  sources: [{tmp_path / 'src'}]\n  workers: 1\n")
+    # The runner looks for runs to start every 10 s by default.
     env = clean_env(BERTFLOW_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
-                    PREFECT_API_URL=server.api)
+                    PREFECT_API_URL=server.api, PREFECT_RUNNER_POLL_FREQUENCY="1")
     serving = Background.start([*BERTFLOW, "serve", "--config", str(config), "--cron", "0 2 * * *",
                                 "--name", "nightly", "--set", "ingest.min_chars=10"], env, tmp_path)
     try:
@@ -229,16 +230,26 @@ def test_serve_registers_the_cron_deployment(server, tmp_path):
         assert all(re.search(r"T02:00:00(\.0+)?(Z|\+00:00)$", r["expected_start_time"]) for r in upcoming)
         assert upcoming[0]["parameters"]["config"] == parameters
 
-        # Triggered with parameters (set for tomorrow, so the served runner leaves it alone).
+        # Triggered now with parameters: a whole new config (a dict parameter is replaced, not
+        # merged) whose source is missing. The served runner executes it: the flow is imported,
+        # its parameters become a PipelineConfig, and the ingest stage stops on the missing file.
+        missing = tmp_path / "no-such-dir"
+        replaced = {"name": "other", "ingest": {"sources": [str(missing)]}}
         trigger = subprocess.run(
             [sys.executable, "-m", "prefect", "deployment", "run", "pipeline/nightly",
-             "--param", 'refresh=["ingest"]', "--start-in", "1 day"],
+             "--param", f"config={json.dumps(replaced)}", "--param", 'refresh=["ingest"]'],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert trigger.returncode == 0, trigger.stdout + trigger.stderr
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
-        triggered = httpx.get(f"{server.api}/flow_runs/{flow_run_id}", timeout=10).json()
-        assert triggered["parameters"]["refresh"] == ["ingest"]
-        assert triggered["parameters"]["config"] == parameters  # the default stays
+
+        def finished() -> dict | None:
+            flow_run = httpx.get(f"{server.api}/flow_runs/{flow_run_id}", timeout=10).json()
+            return flow_run if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+        triggered = wait_for(finished, 150, "the triggered run to finish")
+        assert triggered["parameters"] == {"config": replaced, "refresh": ["ingest"]}
+        assert triggered["state"]["type"] == "FAILED"
+        assert str(missing) in triggered["state"]["message"], triggered["state"]["message"]
     finally:
         returncode = serving.interrupt()
     assert returncode == 0, serving.output

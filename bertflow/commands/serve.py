@@ -66,13 +66,18 @@ def validated_schedule(cron: str, timezone: str) -> Any:
 def serve_deployment(flow: Any, *, name: str, schedule: Any, parameters: dict[str, Any]) -> None:
     """Register `flow` as deployment `name` and execute its runs until Ctrl-C/SIGTERM.
 
-    The entrypoint is the flow's module path (flows.pipeline.pipeline_flow), so runs load the
-    installed package whatever the current directory. Stopping pauses the schedule.
+    Each run starts `python -m prefect.engine`, which imports the flow by its module path
+    (flows.pipeline.pipeline_flow) whatever the current directory. `flow.serve()` would instead
+    send the in-memory flow to a spawned process by value, where the string annotations of our
+    modules (`from __future__ import annotations`) no longer resolve and every run fails its
+    parameter validation. Stopping pauses the schedule.
     """
+    from prefect import serve
     from prefect.deployments.runner import EntrypointType
 
-    flow.serve(name=name, schedules=[schedule], parameters=parameters,
-               entrypoint_type=EntrypointType.MODULE_PATH, print_starting_message=False)
+    deployment = flow.to_deployment(name=name, schedules=[schedule], parameters=parameters,
+                                    entrypoint_type=EntrypointType.MODULE_PATH)
+    serve(deployment, print_starting_message=False)
 
 
 def run(args: argparse.Namespace) -> int:
