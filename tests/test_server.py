@@ -23,7 +23,8 @@ from typing import Any, Callable
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-ui-server")]
+# One worker runs them all, in order: they share the server, and the last server test stops it.
+pytestmark = pytest.mark.xdist_group("prefect-ui-server")
 
 BERTFLOW = [sys.executable, "-m", "bertflow.cli"]
 CHROMIUM = "/usr/bin/chromium"
@@ -143,6 +144,7 @@ def run_bertflow(argv: list[str], env: dict[str, str], cwd: Path, timeout: float
     return done.stdout
 
 
+@pytest.mark.slow
 def test_server_prints_ui_url_and_api_setting(server):
     assert healthy(server.api)
     out = server.background.output
@@ -166,6 +168,7 @@ def ingest_run(server: Server, tmp_path_factory: pytest.TempPathFactory) -> dict
     return runs[0]
 
 
+@pytest.mark.slow
 def test_run_with_tasks_logs_and_artifacts_shows_in_ui(server, ingest_run):
     assert ingest_run["state_type"] == "COMPLETED", ingest_run["state"]
 
@@ -183,6 +186,7 @@ def test_run_with_tasks_logs_and_artifacts_shows_in_ui(server, ingest_run):
     assert "| kept | 2 | 5 |" in summaries[0]["data"]
 
 
+@pytest.mark.slow
 def test_ui_is_served_and_points_at_this_api(server):
     page = httpx.get(server.base + "/", timeout=10)
     assert page.status_code == 200 and "<!DOCTYPE html>" in page.text and "/assets/" in page.text
@@ -193,6 +197,7 @@ def test_ui_is_served_and_points_at_this_api(server):
     assert page_v2.status_code == 200 and "<!doctype html>" in page_v2.text.lower()
 
 
+@pytest.mark.slow
 def test_serve_registers_the_cron_deployment(server, tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "museum.txt").write_text(TEXT)
@@ -255,6 +260,7 @@ def test_serve_registers_the_cron_deployment(server, tmp_path):
     assert returncode == 0, serving.output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
 def test_ui_renders_the_run_in_a_browser(server, ingest_run, tmp_path):
     """What a person sees: the run's page, filled from the API (a UI pointed at the wrong API
@@ -272,6 +278,7 @@ def test_ui_renders_the_run_in_a_browser(server, ingest_run, tmp_path):
     assert "corpus ui-check" in dom  # the task's log line
 
 
+@pytest.mark.slow
 def test_server_stops_on_ctrl_c_and_leaves_nothing_running(server):
     match = re.search(r"starting Prefect server on \S+ \(pid (\d+),", server.background.output)
     child_pid = int(match.group(1))
