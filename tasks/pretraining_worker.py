@@ -27,7 +27,7 @@ from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLAC
                                          create_masked_lm_predictions, mask_tokens_batch,
                                          random_replacement_ids)
 
-ENCODE_BATCH_SENTENCES = 16384  # sentences tokenised per call (bounds the chunk lists held)
+ENCODE_BATCH_SENTENCES = 8192  # sentences tokenised per call (bounds the chunk lists held)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class ChunkCache:
     `str.split` separates on but BERT deletes are deleted first, so both agree on every input
     (tests/test_pretraining_data_instances.py checks this against the tokenizer itself)."""
 
-    MAX_ENTRIES = 300_000  # distinct chunks kept (~40 MB); bounds memory on text with few repeats
+    MAX_ENTRIES = 150_000  # distinct chunks kept (~20 MB); bounds memory on text with few repeats
     CHUNKS_PER_CALL = 50_000
 
     def __init__(self, tokenizer: Any):
