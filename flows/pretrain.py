@@ -7,9 +7,9 @@ from typing import Any
 from prefect import flow
 
 from storage.artifacts import ArtifactStore
-from storage.checkpoints import discard_run
+from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run
 from storage.home import DataHome
-from tasks.caching import cached_stage
+from tasks.caching import cached_stage, stage_cache_key
 from tasks.pretrain import STAGE, STAGE_VERSION, PretrainConfig, pretrain_model
 
 # What the stage reads from the data manifest: the cache key hashes these (not the data's timings).
@@ -26,11 +26,15 @@ def pretrain_flow(config: PretrainConfig, data: str, refresh: bool = False, rest
     inputs = {"id": artifact.id, "name": artifact.name, "fingerprint": artifact.fingerprint, "path": artifact.path,
               "manifest": {k: artifact.manifest.get(k) for k in DATA_MANIFEST_KEYS}}
 
-    # --restart: drop the interrupted run's checkpoints and train from step 0.
-    if restart:
-        discard_run(config.name, home)
+    # One live run per name; a killed run's stale cache lock must not block the run that resumes it.
+    with exclusive_run(config.name, home):
+        clear_dead_stage_lock(home.lock_dir, stage_cache_key(STAGE, STAGE_VERSION, {"config": config, "data": inputs}))
 
-    # Pretrain: resumes from the run's last checkpoint; a finished run is served from the cache.
-    pretrain = cached_stage(pretrain_model, stage=STAGE, version=STAGE_VERSION, home=home,
-                            refresh=refresh or restart)
-    return pretrain(config, inputs)
+        # --restart: drop the interrupted run's checkpoints and train from step 0.
+        if restart:
+            discard_run(config.name, home)
+
+        # Pretrain: resumes from the run's last checkpoint; a finished run is served from the cache.
+        pretrain = cached_stage(pretrain_model, stage=STAGE, version=STAGE_VERSION, home=home,
+                                refresh=refresh or restart)
+        return pretrain(config, inputs)

@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -99,3 +100,33 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu"
 def discard_run(name: str, home: DataHome | None = None) -> None:
     """`--restart`: forget an interrupted run's checkpoints and history."""
     shutil.rmtree(pretrain_run_dir(name, home), ignore_errors=True)
+
+
+@contextmanager
+def exclusive_run(name: str, home: DataHome | None = None) -> Iterator[None]:
+    """Hold the run `name` for this process: a second run of the same name waits here.
+
+    An OS file lock (flock) is released by the kernel when its process dies, even by `kill -9`,
+    so a crashed run never blocks the re-run that resumes it.
+    """
+    import fcntl
+
+    path = pretrain_run_dir(name, home).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def clear_dead_stage_lock(lock_dir: Path, cache_key: str) -> bool:
+    """Remove the Prefect cache lock of `cache_key` left by a killed run (it records no process,
+    so it would block every re-run). Only call while holding `exclusive_run` for the run: any
+    live holder of that key would hold it too."""
+    path = lock_dir / f"{cache_key}.lock"
+    if path.exists():
+        path.unlink(missing_ok=True)
+        return True
+    return False

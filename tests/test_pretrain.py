@@ -282,6 +282,14 @@ def test_pretrain_cli_exports_a_hugging_face_model_and_serves_reruns_from_cache(
     assert {m["name"] for m in metrics if m["split"] == "heldout"} >= {"loss", "mlm_accuracy", "nsp_accuracy"}
     assert sorted({m["step"] for m in metrics if m["split"] == "heldout"}) == [3, 6]
 
+    # A run killed with -9 leaves Prefect's cache lock behind (no owner process recorded):
+    # the next run of the same name must not wait on it forever.
+    from storage.home import DataHome
+
+    cache_key = store.catalog.find("toy-bert", "model")[0].cache_key
+    stale = DataHome.from_env().lock_dir / f"{cache_key}.lock"
+    stale.write_text(json.dumps({"holder": "a-killed-run", "expiration": None}))
+
     assert run_cli(*argv) == 0  # finished: served from the cache, same artifact, nothing retrained
     assert store.resolve("toy-bert", kind="model").id == artifact.id
     assert len(store.catalog.metrics("model/toy-bert")) == len(metrics)
