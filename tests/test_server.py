@@ -226,18 +226,10 @@ def test_serve_registers_the_cron_deployment(server, tmp_path):
         assert parameters["ingest"]["min_chars"] == 10
         assert found["entrypoint"] == "flows.pipeline.pipeline_flow"
 
-        # The server's scheduler turns the cron into upcoming runs, each at 02:00 UTC.
-        def scheduled() -> list:
-            return server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [found["id"]]}},
-                                                     "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
-
-        upcoming = wait_for(scheduled, 60, "scheduled runs of pipeline/nightly")
-        assert all(re.search(r"T02:00:00(\.0+)?(Z|\+00:00)$", r["expected_start_time"]) for r in upcoming)
-        assert upcoming[0]["parameters"]["config"] == parameters
-
-        # Triggered now with parameters: a whole new config (a dict parameter is replaced, not
-        # merged) whose source is missing. The served runner executes it: the flow is imported,
-        # its parameters become a PipelineConfig, and the ingest stage stops on the missing file.
+        # Triggered now with parameters (it runs while the schedule is checked): a whole new
+        # config (a dict parameter is replaced, not merged) whose source is missing. The served
+        # runner executes it: the flow is imported, its parameters become a PipelineConfig, and
+        # the ingest stage stops on the missing file.
         missing = tmp_path / "no-such-dir"
         replaced = {"name": "other", "ingest": {"sources": [str(missing)]}}
         trigger = subprocess.run(
@@ -246,6 +238,16 @@ def test_serve_registers_the_cron_deployment(server, tmp_path):
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert trigger.returncode == 0, trigger.stdout + trigger.stderr
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+
+        # The server's scheduler turns the cron into upcoming runs, each at 02:00 UTC.
+        def scheduled() -> list:
+            runs = server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [found["id"]]}},
+                                                     "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+            return [r for r in runs if r["auto_scheduled"]]
+
+        upcoming = wait_for(scheduled, 60, "scheduled runs of pipeline/nightly")
+        assert all(re.search(r"T02:00:00(\.0+)?(Z|\+00:00)$", r["expected_start_time"]) for r in upcoming)
+        assert upcoming[0]["parameters"]["config"] == parameters
 
         def finished() -> dict | None:
             flow_run = httpx.get(f"{server.api}/flow_runs/{flow_run_id}", timeout=10).json()
@@ -270,9 +272,9 @@ def test_ui_renders_the_run_in_a_browser(server, ingest_run, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800", "--virtual-time-budget=15000"]
     page = f"{server.base}/flow-runs/flow-run/{ingest_run['id']}"
     shot = tmp_path / "flow-run.png"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=90)
+    dom = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--dump-dom", page],
+                         capture_output=True, text=True, timeout=90).stdout
     assert shot.exists() and shot.stat().st_size > 10_000
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=90).stdout
     assert "Can't connect to Server API" not in dom
     assert ingest_run["name"] in dom and "Completed" in dom
     assert "corpus ui-check" in dom  # the task's log line
