@@ -13,7 +13,6 @@ filled in by the pipeline, so they may not be set in the sections:
     finetune:                                → finetune        <name>-<task name>
       - {name: sentiment, task_type: classification, train: ..., dev: ..., test: ...,
          compare_random_init: true}  # also fine-tune the same architecture from random weights
-    task_runner: {kind: process, max_workers: 2}
 
 Every error names the key (`finetune.0.lr`) before any work starts.
 """
@@ -21,7 +20,7 @@ Every error names the key (`finetune.0.lr`) before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,17 +36,6 @@ LINK_KEYS = {
     "pretrain": ("name",),
     "finetune": ("model",),
 }
-
-
-class TaskRunnerConfig(BaseModel):
-    """Where shard-level work runs: local processes (default), threads, or a Dask cluster."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["process", "thread", "dask"] = Field(
-        "process", description="process: local worker processes; dask: prefect-dask's DaskTaskRunner")
-    max_workers: int = Field(0, ge=0, description="0 = one per CPU core")
-    address: str | None = Field(None, description="dask: scheduler address (tcp://host:8786); none = local cluster")
 
 
 class FinetuneTask(BaseModel):
@@ -71,7 +59,6 @@ class PipelineConfig(BaseModel):
     pretraining_data: dict[str, Any] = Field(default_factory=dict)
     pretrain: dict[str, Any] = Field(default_factory=dict)
     finetune: list[FinetuneTask] = Field(default_factory=list)
-    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
 
     @field_validator("name")
     @classmethod

@@ -182,3 +182,43 @@ def test_shipped_configs_are_valid(home):
     for path in sorted(root.glob("*.yaml")):
         config = load_pipeline_config(path)
         assert config.name and config.finetune, path
+
+
+@pytest.mark.slow
+def test_kill_9_during_pretraining_then_same_command_resumes(flow_home, tmp_path):
+    """`bertflow run` killed with SIGKILL mid-pretraining; the same command resumes from the last
+    checkpoint instead of starting over, and earlier stages come from the cache."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from storage.checkpoints import list_checkpoints, pretrain_run_dir
+
+    config = tiny_config(flow_home, tmp_path)
+    argv = [sys.executable, "-m", "bertflow.cli", "run", "--config", str(config),
+            "--set", "pretrain.steps=400", "--set", "pretrain.save_every=10"]
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    run_dir = pretrain_run_dir("tiny-bert", DataHome.from_env(str(flow_home)))
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and first.poll() is None and not list_checkpoints(run_dir):
+        time.sleep(0.2)
+    assert first.poll() is None, "the run ended before it could be killed"
+    assert list_checkpoints(run_dir), "no checkpoint was written in time"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = int(list_checkpoints(run_dir)[-1].name.split("-")[1])
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    from storage.artifacts import ArtifactStore
+
+    model = ArtifactStore(DataHome.from_env(str(flow_home))).resolve("tiny-bert", kind="model")
+    assert model.manifest["stats"]["resumed_from_step"] >= killed_at > 0
+    assert model.manifest["stats"]["steps"] == 400
+    assert "corpus            tiny-corpus" in second.stdout and "reused" in second.stdout
