@@ -42,6 +42,11 @@ def api_url(host: str, port: int) -> str:
     return f"http://{_url_host(host)}:{port}/api"
 
 
+def client_host(host: str) -> str:
+    """Where a browser or client on this machine reaches a server listening on `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -67,10 +72,10 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                if is_healthy(api_url(host, port)):
+                if is_healthy(api_url(client_host(host), port)):
                     raise BertflowError(
                         f"port {port} on {host}: a Prefect server is already running there; use it"
-                        f" (export PREFECT_API_URL={api_url(host, port)}) or pass another --port") from None
+                        f" (export PREFECT_API_URL={api_url(client_host(host), port)}) or pass another --port") from None
                 raise BertflowError(f"port {port} on {host} is already in use by another program;"
                                     " pass a free one with --port") from None
             raise BertflowError(f"--host {host} --port {port}: cannot listen there ({exc.strerror});"
@@ -81,8 +86,8 @@ def server_environment(host: str, port: int) -> dict[str, str]:
     """The child's environment: UI pointed at this server, no telemetry, its own PREFECT_HOME."""
     env = dict(os.environ)
     # Without this the UI page loads but calls the default port 4200 ("Can't connect to Server API").
-    env.setdefault("PREFECT_UI_API_URL", api_url(host, port))
-    env["PREFECT_API_URL"] = api_url(host, port)
+    env.setdefault("PREFECT_UI_API_URL", api_url(client_host(host), port))
+    env["PREFECT_API_URL"] = api_url(client_host(host), port)
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["DO_NOT_TRACK"] = "1"
     from storage.home import DataHome
@@ -174,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     env = server_environment(host, port)
     prefect_home = Path(env.get("PREFECT_HOME", Path.home() / ".prefect"))
     log_path = prefect_home / "server.log"
-    url = api_url(host, port)
+    url = api_url(client_host(host), port)
 
     lock = hold_database_lock(prefect_home)
     child = start_server(host, port, env, log_path)
@@ -191,8 +196,7 @@ def run(args: argparse.Namespace) -> int:
                 raise BertflowError(f"the Prefect server did not answer {url}/health within"
                                     f" {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
             time.sleep(0.5)
-        ui_host = "127.0.0.1" if host in ("0.0.0.0", "::") else _url_host(host)
-        print(f"\nPrefect UI:  http://{ui_host}:{port}\n"
+        print(f"\nPrefect UI:  http://{_url_host(client_host(host))}:{port}\n"
               f"API:         {url}   (database in {prefect_home})\n\n"
               "Runs show up in the UI when the shell that runs bertflow has:\n\n"
               f"    export PREFECT_API_URL={url}\n\n"
