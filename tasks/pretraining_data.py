@@ -155,13 +155,13 @@ def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], 
                          f" {stats['instances']:,} instances in {stats['seconds']:.1f} s")
         summary = summarise(unit_stats, config)
         if summary["instances"] == 0:
-            raise BertflowError(f"corpus '{corpus['name']}' produced no instances (documents of one sentence"
-                                f" only: {summary['single_sentence_documents']:,}); the {config.objective}"
-                                " objective needs documents of two or more sentences")
+            raise BertflowError(f"corpus '{corpus['name']}' produced no instances: its sentences are too short"
+                                f" to pair (one token each) for the {config.objective} objective; check the"
+                                " corpus with `bertflow show`")
         if summary["single_sentence_documents"] and log is not None:
             log.warning(f"{summary['single_sentence_documents']:,} of {summary['documents']:,} documents have"
-                        " one sentence only: their segment B is always random (nsp) or they are"
-                        " skipped (sop)")
+                        " one sentence only: their pairs split that sentence at a random token"
+                        " (or take a random B under nsp)")
         seconds = time.perf_counter() - started
         summary.update({
             "shards": sum(1 for s in unit_stats if "shard" in s), "workers": workers,
