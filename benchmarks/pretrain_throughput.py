@@ -5,7 +5,8 @@ Both steps train the same config on the same batch (synthetic token ids, full-le
   plain: `BertForPreTraining` with eager attention, the dense MLM head (logits at every
          position, labels -100 where not masked), default (foreach) AdamW.
   ours:  the step `tasks/pretrain.py` runs: SDPA attention, MLM head on the gathered masked
-         positions only, fused AdamW as `train` builds it, no attention mask for a batch without padding, bf16 autocast on CUDA.
+         positions only, fused AdamW as `train` builds it, no attention mask for a batch
+         without padding, bf16 autocast on CUDA.
 The two are timed in alternating rounds (the machine is shared; alternation spreads the noise
 over both) and the median step time of each is reported.
 

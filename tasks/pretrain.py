@@ -408,13 +408,16 @@ def train(spec: RunSpec) -> TrainResult:
 
     # --- the loop
     stream = micro_batches(consumed)
+    pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []  # (step, loss, lr, grad norm)
     raw_model.train()
     started = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
     while step < total_steps:
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            batch = to_device(next(stream))
+            cpu_batch = next(stream)
+            window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+            batch = to_device(cpu_batch)
             sync = micro == cfg.grad_accum - 1
             with (model.no_sync() if distributed and not sync and not cfg.compile else nullcontext()):
                 try:
@@ -430,7 +433,6 @@ def train(spec: RunSpec) -> TrainResult:
                             f" --grad-accum {cfg.grad_accum * 2}") from None
                     raise
             loss_sum += out["loss"].detach()
-            window_tokens += batch["input_ids"].numel() if batch["attention_mask"] is None else int(batch["attention_mask"].sum())
         consumed += micro_per_step
         if cfg.max_grad_norm > 0:
             scaler.unscale_(optimizer)
@@ -449,10 +451,18 @@ def train(spec: RunSpec) -> TrainResult:
             torch.distributed.all_reduce(loss)  # gloo has no AVG
             loss = loss / world
             step_tokens = torch.tensor(window_tokens, device=device)
-        record = {"kind": "train", "step": step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm)}
-        history.append(record)
+        # Losses stay on the device until the next log, eval or checkpoint: reading a CUDA
+        # tensor is a sync point, and one per step would stall the queue of kernels.
+        pending.append((step, loss.detach(), lr, grad_norm.detach()))
+        evaluating = master and (step % cfg.eval_every == 0 or step == total_steps) and len(eval_idx) > 0
+        saving = step % cfg.save_every == 0 or step == total_steps
+        if step % cfg.log_every == 0 or step == total_steps or evaluating or saving:
+            history.extend({"kind": "train", "step": s, "loss": float(l), "lr": r, "grad_norm": float(g)}
+                           for s, l, r, g in pending)
+            pending.clear()
 
         if step % cfg.log_every == 0 or step == total_steps:
+            record = history[-1]
             if distributed:  # every rank's tokens count towards throughput
                 torch.distributed.all_reduce(step_tokens)
                 window_tokens = int(step_tokens)
@@ -473,7 +483,7 @@ def train(spec: RunSpec) -> TrainResult:
         if bar is not None:
             bar.update(1)
 
-        if master and (step % cfg.eval_every == 0 or step == total_steps) and len(eval_idx):
+        if evaluating:
             metrics = evaluate()
             evals.append({"kind": "eval", "step": step, **metrics})
             history.append(evals[-1])
@@ -489,7 +499,7 @@ def train(spec: RunSpec) -> TrainResult:
                            for e in evals],
                     description=f"held-out evaluation of {cfg.name} ({len(eval_idx)} instances)")
 
-        if step % cfg.save_every == 0 or step == total_steps:
+        if saving:
             # Every rank's RNG state is saved: each draws its own dropout masks.
             rng_states = [rng_state()]
             if distributed:
@@ -646,7 +656,7 @@ def run_pretrain(config: PretrainConfig, data: dict[str, Any], *, cache_key: str
                       "max_seq_len": data["manifest"]["max_seq_len"], "tokenizer": data["manifest"]["tokenizer"],
                       "pretraining_data": {k: data[k] for k in ("id", "name", "fingerprint")},
                       "loss_curve": str(Path(spec.run_dir) / "loss_curve.png")},
-            parents=[data["id"], data["manifest"]["tokenizer"]["id"]] if data["manifest"]["tokenizer"].get("id") else [data["id"]],
+            parents=[data["id"]] + ([tokenizer_id] if (tokenizer_id := data["manifest"]["tokenizer"].get("id")) else []),
             params=config.model_dump(mode="json"), stats=stats, cache_key=cache_key, stage_version=STAGE_VERSION)
     return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
             "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": stats}
