@@ -6,7 +6,8 @@ Both steps train the same config on the same batch (synthetic token ids, full-le
          position, labels -100 where not masked), default (foreach) AdamW.
   ours:  the step `tasks/pretrain.py` runs: SDPA attention, MLM head on the gathered masked
          positions only, fused AdamW as `train` builds it, no attention mask for a batch
-         without padding, bf16 autocast on CUDA.
+         without padding, bf16 autocast where the hardware has it (GPUs, CPUs with AMX), and
+         the same step in fp32 for comparison.
 The two are timed in alternating rounds (the machine is shared; alternation spreads the noise
 over both) and the median step time of each is reported.
 
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.bert_model import PRESETS, MaskedGatherPretrainingModel, bert_config, new_hf_model  # noqa: E402
-from tasks.pretrain import param_groups, without_full_attention_mask  # noqa: E402
+from tasks.pretrain import param_groups, resolve_precision, without_full_attention_mask  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), from NVIDIA's data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
@@ -170,13 +171,14 @@ def main() -> None:
           f" median of {args.rounds} alternating rounds × {args.steps_per_round} steps")
 
     on_cuda = device == "cuda"
-    amp = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
+    precision = resolve_precision("auto", device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     steps = {"plain transformers (eager, dense MLM head, fp32)": make_plain_step(config, batch, device),
-             f"ours ({'bf16' if amp else 'fp32'}, as `bertflow pretrain` runs it)":
+             f"ours (--precision auto = {precision}, as `bertflow pretrain` runs it)":
                  make_our_step(config, batch, device, amp_dtype=amp, compile_model=False, fused=True)[0]}
-    if not on_cuda:
-        steps["ours + bf16 autocast on CPU (--precision bf16)"] = make_our_step(
-            config, batch, device, amp_dtype=torch.bfloat16, compile_model=False, fused=True)[0]
+    if precision != "fp32":
+        steps["ours in fp32 (--precision fp32)"] = make_our_step(
+            config, batch, device, amp_dtype=None, compile_model=False, fused=True)[0]
     if args.compile:
         steps["ours + torch.compile"] = make_our_step(config, batch, device, amp_dtype=amp, compile_model=True,
                                                       fused=True)[0]

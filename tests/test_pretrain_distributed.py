@@ -33,7 +33,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(home: Path,
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "bertflow.cli", "pretrain", "--data", data["name"], "--name", "ddp", "--model", str(config),
                "--steps", "6", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--warmup", "2",
-               "--eval-instances", "16", "--save-every", "3", "--log-every", "1", "--device", "cpu",
+               "--eval-instances", "16", "--save-every", "3", "--log-every", "1", "--device", "cpu", "--precision", "fp32",
                "--bucket-batches", "4", "--eval-every", "4"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400,
                           cwd=Path(__file__).resolve().parents[1])

@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+                   help="auto: bf16 on GPUs and CPUs that support it (AMX), fp16 on older GPUs, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
