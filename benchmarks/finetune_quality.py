@@ -13,7 +13,7 @@
    whose name contains 'zh'/'chinese' in $BERTFLOW_HOME) versus the same architecture from random
    initialisation; skipped with a note when no such model exists.
 
-Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults sized for about an hour on 2 CPU cores shared with a load average of ~10).
+Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults: ~25 min on 2 otherwise idle CPU cores).
 """
 
 from __future__ import annotations
@@ -173,10 +173,10 @@ def squad(args: argparse.Namespace, work: Path) -> None:
     questions = sum(len(p["qas"]) for a in held_out for p in a["paragraphs"])
     config = FinetuneConfig(name="bench-squad", model=model_path, task_type="qa", train=str(train_file),
                             dev=str(eval_file), epochs=args.squad_epochs, lr=args.qa_lr, batch_size=16,
-                            max_seq_len=args.squad_seq_len, doc_stride=128, seed=args.seed, device="cpu")
+                            max_seq_len=args.squad_seq_len, doc_stride=args.squad_seq_len // 4, seed=args.seed, device="cpu")
     say(f"\n== SQuAD v1.1 (dev file split by article: {len(train_articles)} for training, {len(held_out)} held out with {questions:,}"
         f" questions): MiniLM-L6, first {args.squad_train:,} training questions, {args.squad_epochs} epoch(s),"
-        f" batch 16, lr {args.qa_lr:g}, max_seq_len {args.squad_seq_len}, doc_stride 128 ==")
+        f" batch 16, lr {args.qa_lr:g}, max_seq_len {args.squad_seq_len}, doc_stride {args.squad_seq_len // 4} ==")
     manifest, seconds = ours(config, model_path, train_file, eval_file)
     s = manifest["stats"]["dev"]
     say(f"  held-out EM {s['exact_match']:.2f}  F1 {s['f1']:.2f}   wall {seconds:,.1f} s")
@@ -241,13 +241,13 @@ def chnsenticorp(args: argparse.Namespace, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=["sst2", "conll", "squad", "chnsenticorp"])
-    parser.add_argument("--sst2-train", type=int, default=2_000, help="first N SST-2 training sentences")
-    parser.add_argument("--conll-train", type=int, default=500, help="first N CoNLL training sentences")
-    parser.add_argument("--conll-epochs", type=int, default=1)
-    parser.add_argument("--squad-train", type=int, default=240, help="first N SQuAD training questions")
+    parser.add_argument("--sst2-train", type=int, default=6_000, help="first N SST-2 training sentences")
+    parser.add_argument("--conll-train", type=int, default=2_000, help="first N CoNLL training sentences")
+    parser.add_argument("--conll-epochs", type=int, default=2)
+    parser.add_argument("--squad-train", type=int, default=1_000, help="first N SQuAD training questions")
     parser.add_argument("--squad-epochs", type=int, default=1)
-    parser.add_argument("--squad-heldout", type=int, default=2, help="last N articles held out for evaluation")
-    parser.add_argument("--squad-seq-len", type=int, default=192)
+    parser.add_argument("--squad-heldout", type=int, default=3, help="last N articles held out for evaluation")
+    parser.add_argument("--squad-seq-len", type=int, default=256)
     parser.add_argument("--chn-train", type=int, default=3_000, help="first N ChnSentiCorp training reviews")
     parser.add_argument("--chn-epochs", type=int, default=1)
     parser.add_argument("--zh-model", default=None, help="Chinese model artifact name or directory")

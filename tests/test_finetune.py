@@ -331,6 +331,7 @@ def test_classification_end_to_end_with_predict(flow_home, tiny_bert, tmp_path, 
     assert [line.split("\t")[0] for line in lines] == ["1", "0"]
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_setting_and_tests_the_best(flow_home, tiny_bert, tmp_path, capsys):
     from storage.artifacts import ArtifactStore
 
