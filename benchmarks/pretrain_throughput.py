@@ -157,7 +157,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile our step")
     parser.add_argument("--mfu-preset", default="base", choices=list(PRESETS))
     parser.add_argument("--mfu-batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is steadier when other jobs share the cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
