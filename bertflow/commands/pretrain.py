@@ -89,7 +89,14 @@ def run(args: argparse.Namespace) -> int:
 
         from tasks.pretrain import follow_rank0, release_followers
 
-        dist.init_process_group(backend="nccl" if _cuda_wanted(args.device) else "gloo")
+        if _cuda_wanted(args.device):
+            import torch
+
+            # Before any collective: NCCL sends rank 0's run spec over each rank's own GPU.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="nccl")
+        else:
+            dist.init_process_group(backend="gloo")
         try:
             if dist.get_rank() != 0:
                 follow_rank0()  # rank 0 runs the flow and sends what to train
