@@ -338,3 +338,16 @@ def test_fill_mask_needs_a_mask_token(home: Path, tmp_path: Path):
     BertForMaskedLM(bert_config("tiny", vocab_size=len(VOCAB))).save_pretrained(directory)
     write_tokenizer(directory)
     assert "holds no [MASK] token" in cli_error("fill-mask", str(directory), "no mask here")
+
+
+def test_out_of_memory_on_the_first_step_advises_a_smaller_batch_with_accumulation(home: Path, monkeypatch):
+    from bertflow.errors import BertflowError
+    from tasks.bert_model import MaskedGatherPretrainingModel
+
+    def out_of_memory(self, **batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MaskedGatherPretrainingModel, "forward", out_of_memory)
+    data = register_pretraining_data()
+    with pytest.raises(BertflowError, match="out of memory on the first step .* --batch-size 4 --grad-accum 2"):
+        train_once(data, name="oom", batch_size=8)
