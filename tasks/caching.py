@@ -9,14 +9,17 @@ Records (key → returned manifest) live in the data home, next to the artifacts
 A record whose artifact was deleted, or never reached the catalog, is dropped before Prefect
 looks at it, so the stage recomputes instead of returning a manifest that points at nothing.
 Two runs of the same stage with the same key serialise on a file lock: the second waits for
-the first, then reads its record (state `Cached`).
+the first, then reads its record (state `Cached`). A lock left by a killed process is dropped.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from prefect import Task
 from prefect.cache_policies import CachePolicy
@@ -36,6 +39,27 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+class KillSafeLockManager(FileSystemLockManager):
+    """Prefect's file locks record a holder (`host:pid:thread...`) and, here, no expiry: a run
+    killed with SIGKILL would block every later run of its stage forever. A lock whose holder
+    process on this host no longer exists is dropped."""
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        info = self._get_lock_info(key, use_cache=use_cache)
+        if info is not None and holder_is_dead(str(info.get("holder", ""))):
+            Path(info["path"]).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return super().is_locked(key, use_cache=use_cache)
+
+
+def holder_is_dead(holder: str) -> bool:
+    parts = holder.split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False  # another machine's lock (shared disk): its owner must release it
+    return not psutil.pid_exists(int(parts[1]))
 
 
 def stage_cache_key(stage: str, version: str, inputs: dict[str, Any]) -> str:
@@ -71,7 +95,7 @@ def cached_stage(task: Task, *, stage: str, version: str, home: DataHome, refres
     records.mkdir(parents=True, exist_ok=True)
     policy = StageCachePolicy(stage=stage, version=version, home_url=home.url).configure(
         key_storage=records,
-        lock_manager=FileSystemLockManager(lock_files_directory=home.lock_dir),
+        lock_manager=KillSafeLockManager(lock_files_directory=home.lock_dir),
         isolation_level="SERIALIZABLE",
     )
     return task.with_options(
