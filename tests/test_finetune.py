@@ -456,7 +456,7 @@ def test_minilm_sst2_slice_and_embed(flow_home, tmp_path, capsys):
     train = head_lines(shared_path("tasks/sst2/train.tsv"), tmp_path / "train.tsv", 241)
     dev = head_lines(shared_path("tasks/sst2/dev.tsv"), tmp_path / "dev.tsv", 121)
     assert run_cli("finetune", "--model", str(model), "--task-type", "classification", "--train", str(train),
-                   "--dev", str(dev), "--name", "sst2", "--epochs", "1", "--lr", "1e-4", "--batch-size", "16",
+                   "--dev", str(dev), "--name", "sst2", "--epochs", "1", "--lr", "2e-4", "--batch-size", "8",
                    "--max-seq-len", "48") == 0
     accuracy = ArtifactStore().resolve("sst2", kind="finetune").manifest["stats"]["dev"]["accuracy"]
     assert accuracy > 0.6  # chance is ~0.5
