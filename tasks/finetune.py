@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bertflow.errors import BertflowError
 from tasks.caching import current_cache_key
-from tasks.finetune_data import (QAExample, TextExample, TokenExample, check_squad_answers, collate,
+from tasks.finetune_data import (QAExample, check_squad_answers, collate,
                                  decode_qa, decode_token_predictions, detect_tag_scheme,
                                  encode_text_examples, encode_token_examples, infer_labels, parse_sweep,
                                  prepare_qa_features, tags_to_entities, unseen_labels)
