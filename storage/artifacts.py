@@ -135,8 +135,8 @@ class ArtifactStore:
         return Artifact(id=entry.id, kind=entry.kind, name=entry.name,
                         fingerprint=entry.fingerprint, path=entry.path, manifest=manifest)
 
-    def resolve(self, name: str, kind: str | None = None) -> Artifact:
-        """The newest artifact with this name (and kind), or a clear error."""
+    def find_one(self, name: str, kind: str | None = None) -> CatalogEntry:
+        """The catalog entry of the newest artifact with this name (and kind), or a clear error."""
         entries = self.catalog.find(name, kind)
         what = kind or "artifact"
         if not entries:
@@ -147,7 +147,11 @@ class ArtifactStore:
         if len(entries) > 1:
             kinds = ", ".join(sorted(e.kind for e in entries))
             raise BertflowError(f"'{name}' names several artifacts ({kinds}); pass --kind")
-        return self.load(entries[0])
+        return entries[0]
+
+    def resolve(self, name: str, kind: str | None = None) -> Artifact:
+        """The newest artifact with this name (and kind), loaded, or a clear error."""
+        return self.load(self.find_one(name, kind))
 
     def find_valid_by_cache_key(self, cache_key: str) -> CatalogEntry | None:
         for entry in self.catalog.find_by_cache_key(cache_key):

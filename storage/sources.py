@@ -123,12 +123,10 @@ def _walk(directory: str) -> list[str]:
     """Files under a directory with a known suffix, in sorted order, hidden files skipped."""
     found = []
     for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        sub = [os.path.join(root, d) for d in dirs]
-        for d in list(sub):
-            if _is_saved_dataset(Path(d)):
-                found.append(d)
-                dirs.remove(os.path.basename(d))
+        visible = sorted(d for d in dirs if not d.startswith("."))
+        saved = [d for d in visible if _is_saved_dataset(Path(root, d))]
+        found.extend(os.path.join(root, d) for d in saved)
+        dirs[:] = [d for d in visible if d not in saved]  # a saved dataset is read whole, not walked
         for name in sorted(files):
             if name.startswith("."):
                 continue

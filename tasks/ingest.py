@@ -161,16 +161,16 @@ def batched_raw(documents: Iterable[tuple[str, str]], batch_chars: int = 1 << 21
 def _ordered_parallel(batches: Iterable[list[tuple[str, str]]], config: IngestConfig,
                       workers: int) -> Iterator[BatchResult]:
     """clean_batch over batches on `workers` processes, results in input order, bounded queue."""
-    config = config.cleaning_options()
+    options = config.cleaning_options()
     if workers <= 1:
         for batch in batches:
-            yield clean_batch(batch, config)
+            yield clean_batch(batch, options)
         return
     # spawn, not fork: the parent runs Prefect's threads, which fork would copy mid-flight.
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         pending: list[Future] = []
         for batch in batches:
-            pending.append(pool.submit(clean_batch, batch, config))
+            pending.append(pool.submit(clean_batch, batch, options))
             if len(pending) >= 2 * workers:  # bounded: at most 2 batches per worker in flight
                 yield pending.pop(0).result()
         for future in pending:

@@ -130,13 +130,12 @@ def comparison_figure(rows: list[dict[str, Any]]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def preference(row: dict) -> tuple[bool, int]:  # test over dev, then the earlier headline metric
+        return row["split"] == "test", -HEADLINE.index(row["metric"])
+
     chosen: dict[str, dict] = {}
     for r in rows:
-        if r["random_init"] is None:
-            continue
-        best = chosen.get(r["task"])
-        rank = (r["split"] == "test", HEADLINE.index(r["metric"]) * -1)
-        if best is None or rank > (best["split"] == "test", HEADLINE.index(best["metric"]) * -1):
+        if r["random_init"] is not None and (r["task"] not in chosen or preference(r) > preference(chosen[r["task"]])):
             chosen[r["task"]] = r
     if not chosen:
         return None

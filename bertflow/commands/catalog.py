@@ -43,18 +43,10 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from bertflow.errors import BertflowError
     from storage.artifacts import ArtifactStore
 
     store = ArtifactStore()
-    entries = store.catalog.find(args.name, args.kind)
-    if not entries:
-        raise BertflowError(f"no artifact named '{args.name}' in the catalog at {store.home.url};"
-                            " run `bertflow ls` to see what exists")
-    if len(entries) > 1:
-        raise BertflowError(f"'{args.name}' names several artifacts ({', '.join(e.kind for e in entries)});"
-                            " pass --kind")
-    entry = entries[0]
+    entry = store.find_one(args.name, args.kind)
     data = entry.to_json()
     data["status"] = "ok" if store.exists(entry.path) else "missing"
     data["metrics"] = store.catalog.metrics(f"{entry.kind}/{entry.name}")
