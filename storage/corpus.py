@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 CORPUS_SCHEMA = pa.schema([
@@ -30,6 +32,8 @@ class CorpusShardWriter:
     def _reset(self) -> None:
         self._columns: dict[str, list] = {name: [] for name in CORPUS_SCHEMA.names}
         self._buffered = 0
+        self._tables: list[pa.Table] = []
+        self._table_bytes = 0
 
     def add(self, doc_id: int, source: str, language: str, sentences: list[str], n_chars: int) -> None:
         cols = self._columns
@@ -42,14 +46,41 @@ class CorpusShardWriter:
         if self._buffered >= self.shard_bytes:
             self.flush()
 
-    def flush(self) -> None:
-        if not self._columns["doc_id"]:
+    def add_table(self, documents: pa.Table) -> None:
+        """Append documents (columns of CORPUS_SCHEMA, any string/dictionary types); shards are
+        cut at the row where `shard_bytes` of text have accumulated."""
+        sentences = documents.column("sentences")
+        per_row = np.bincount(pc.list_parent_indices(sentences).to_numpy(),
+                              weights=pc.binary_length(pc.list_flatten(sentences)).to_numpy(),
+                              minlength=documents.num_rows).astype(np.int64)
+        cumulative = np.cumsum(per_row)
+        start = 0
+        while start < documents.num_rows:
+            before = int(cumulative[start] - per_row[start])  # text bytes of the rows before `start`
+            room = self.shard_bytes - self._table_bytes
+            end = min(int(np.searchsorted(cumulative, before + room, side="left")) + 1, documents.num_rows)
+            self._tables.append(documents.slice(start, end - start))
+            self._table_bytes += int(cumulative[end - 1]) - before
+            if self._table_bytes >= self.shard_bytes:
+                self._write_tables()
+            start = end
+
+    def _write_tables(self) -> None:
+        if not self._tables:
             return
-        table = pa.table(self._columns, schema=CORPUS_SCHEMA)
+        table = pa.concat_tables([t.cast(CORPUS_SCHEMA) for t in self._tables]).combine_chunks()
         name = f"shard-{len(self.shards):05d}.parquet"
         pq.write_table(table, self.directory / name, compression="zstd")
         self.shards.append(name)
-        self._reset()
+        self._tables, self._table_bytes = [], 0
+
+    def flush(self) -> None:
+        """Write what is buffered (documents added one by one, or tables) as a shard."""
+        if self._columns["doc_id"]:
+            self._tables.append(pa.table(self._columns, schema=CORPUS_SCHEMA))
+            self._columns = {name: [] for name in CORPUS_SCHEMA.names}
+            self._buffered = 0
+        self._write_tables()
 
 
 def corpus_shards(corpus_dir: str | Path) -> list[Path]:

@@ -1,8 +1,16 @@
 """Raw corpus sources: resolve paths/globs to files, and stream raw documents out of them.
 
-Every reader yields `RawDocument`s one at a time and holds at most one line, row or record
-batch in memory, so files of any size stream. Compression (.gz .bz2 .xz .zst) is read
-transparently. Errors name the file (and line or byte offset) and what to do.
+Two ways to read, with the same documents and the same errors:
+- `iter_raw_batches` (what ingest uses): blocks of a few MB, cut at line or paragraph
+  boundaries, each parsed into an Arrow string array of documents by Arrow's own UTF-8
+  validation, JSON reader and split kernels. Parsing is a callable that runs in a worker
+  thread (the kernels release the GIL). Anything the fast path does not accept (bad bytes, a
+  malformed or untyped JSON line, other encodings) is re-read by the line-by-line reader
+  below, which produces the precise error or the documents.
+- `read_documents`: `RawDocument`s one at a time, holding at most one line, row or record
+  batch in memory.
+Files of any size stream. Compression (.gz .bz2 .xz .zst) is read transparently. Errors name
+the file (and line or byte offset) and what to do.
 """
 
 from __future__ import annotations
@@ -17,9 +25,14 @@ import json
 import lzma
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import IO, Iterator, Literal
+from typing import IO, Callable, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
 
 from bertflow.errors import BertflowError
 
@@ -387,10 +400,11 @@ READERS = {
 }
 
 
-def read_documents(source: SourceFile, options: ReadOptions | None = None) -> Iterator[RawDocument]:
-    options = options or ReadOptions(**source.options)
+@contextmanager
+def _read_errors(source: SourceFile) -> Iterator[None]:
+    """I/O and decompression failures as one-line errors naming the file."""
     try:
-        yield from READERS[source.format](source, options)
+        yield
     except (OSError, EOFError, lzma.LZMAError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise BertflowError(f"{source.path}: no such file; check the path") from None
@@ -400,3 +414,202 @@ def read_documents(source: SourceFile, options: ReadOptions | None = None) -> It
         if type(exc).__name__ == "ZstdError":
             raise BertflowError(f"{source.path}: cannot decompress ({exc})") from None
         raise
+
+
+def read_documents(source: SourceFile, options: ReadOptions | None = None) -> Iterator[RawDocument]:
+    options = options or ReadOptions(**source.options)
+    with _read_errors(source):
+        yield from READERS[source.format](source, options)
+
+
+# --- batches of documents as Arrow arrays (the ingest path) ---------------------------------
+
+BATCH_BYTES = 4 << 20
+# Whitespace other than a line break: a line of only these is blank (as `str.strip` sees it).
+_INLINE_SPACE = r"[\t\x0b\x0c\r \x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
+# Blank lines between documents, and blank lines (or a last newline) at the ends of a block.
+_BLANK_LINE_SEPARATOR = rf"\n(?:{_INLINE_SPACE}*\n)+|\n{_INLINE_SPACE}*$|^(?:{_INLINE_SPACE}*\n)+"
+_BLANK_LINE_BYTES = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """Part of one source, read but not parsed: `parse()` returns its documents as an Arrow
+    large_string array and is meant to run in a worker thread."""
+
+    source: str
+    parse: Callable[[], pa.Array]
+
+
+def _ascii_compatible(encoding: str) -> bool:
+    """Can a block of this encoding be cut at a newline byte without splitting a character?"""
+    try:
+        return "\n".encode(encoding) == b"\n" and "a".encode(encoding) == b"a"
+    except LookupError:
+        raise BertflowError(f"--encoding '{encoding}' is not a known encoding") from None
+
+
+def _cut_after_last_line(block: bytes) -> int:
+    return block.rfind(b"\n") + 1
+
+
+def _cut_after_last_blank_line(block: bytes) -> int:
+    cut = block.rfind(b"\n\n")
+    if cut >= 0:
+        return cut + 2
+    last = None
+    for last in _BLANK_LINE_BYTES.finditer(block):
+        pass
+    return last.end() if last is not None else 0
+
+
+def _byte_blocks(source: SourceFile, cut: Callable[[bytes], int] | None, batch_bytes: int
+                 ) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, lines before it, block) of the decompressed file, each block ending where
+    `cut` says a record ends; `cut=None` gives the whole file as one block."""
+    offset = lines = 0
+    pending = b""
+    with _open_binary(source.path, source.compression) as handle:
+        while True:
+            chunk = handle.read(batch_bytes)
+            pending += chunk
+            if not chunk:
+                if pending:
+                    yield offset, lines, pending
+                return
+            end = cut(pending) if cut is not None else 0
+            if end > 0:
+                block, pending = pending[:end], pending[end:]
+                yield offset, lines, block
+                offset += len(block)
+                lines += block.count(b"\n")
+
+
+def _one_string(data: bytes, validate: bool) -> pa.Array:
+    """UTF-8 bytes as a one-element large_string array, without copying them."""
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64).tobytes())
+    array = pa.LargeStringArray.from_buffers(1, offsets, pa.py_buffer(data))
+    if validate:
+        array.validate(full=True)  # checks the UTF-8
+    return array
+
+
+def _decode_block(block: bytes, source: SourceFile, options: ReadOptions, offset: int) -> pa.Array:
+    """One block as a one-element string array; UTF-8 is validated by Arrow in place, other
+    encodings and bad bytes go through Python's decoder."""
+    if options.encoding.lower().replace("-", "").replace("_", "") == "utf8" and options.encoding_errors == "strict":
+        try:
+            return _one_string(block, validate=True)
+        except pa.ArrowInvalid:
+            pass  # Python's decoder finds the offset of the bad bytes for the error
+    try:
+        text = block.decode(options.encoding, errors=options.encoding_errors)
+    except UnicodeDecodeError as exc:
+        raise BertflowError(
+            f"{source.path}: bytes at offset {offset + exc.start} are not valid {options.encoding}"
+            f" ({exc.reason}); pass --encoding (e.g. latin-1) or --encoding-errors replace") from None
+    return _one_string(text.encode("utf-8"), validate=False)
+
+
+def _non_blank(pieces: pa.Array) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.filter(pieces, pc.not_equal(pc.utf8_trim_whitespace(pieces), ""))
+
+
+def _parse_txt_block(block: bytes, source: SourceFile, options: ReadOptions, offset: int) -> pa.Array:
+    import pyarrow.compute as pc
+
+    text = _decode_block(block, source, options, offset)
+    if options.txt_mode == "file":
+        return _non_blank(pc.replace_substring_regex(text, "\n$", ""))  # the lines, joined
+    pattern = "\n" if options.txt_mode == "line" else None
+    pieces = (pc.split_pattern(text, pattern) if pattern else pc.split_pattern_regex(text, _BLANK_LINE_SEPARATOR))
+    return _non_blank(pc.list_flatten(pieces))
+
+
+def _parse_jsonl_block(block: bytes, source: SourceFile, options: ReadOptions, offset: int,
+                       first_line: int) -> pa.Array:
+    """Arrow's JSON reader when every line is an object whose text field is a string; the
+    line-by-line reader otherwise, for its precise errors (or its null → "" rule)."""
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+
+    try:
+        if options.encoding.lower().replace("-", "").replace("_", "") != "utf8":
+            raise pa.ArrowInvalid("Arrow reads UTF-8 JSON only")
+        table = pj.read_json(pa.BufferReader(block), read_options=pj.ReadOptions(
+            use_threads=False, block_size=max(len(block), 1 << 16)))
+        column = table.column(options.text_field) if options.text_field in table.column_names else None
+        if column is not None and column.null_count == 0 and pa.types.is_string(column.type) | pa.types.is_large_string(column.type):
+            return pc.cast(column.combine_chunks(), pa.large_string())
+    except pa.ArrowInvalid:
+        pass
+    text = _decode_block(block, source, options, offset)[0].as_py()  # bad bytes: the encoding error
+    lines = text.split("\n")
+    texts = []
+    for line_no, line in enumerate(lines, start=first_line + 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BertflowError(f"{source.path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno});"
+                                " fix or remove the line") from None
+        texts.append(_text_of(record, options.text_field, f"{source.path}:{line_no}"))
+    return pa.array(texts, pa.large_string())
+
+
+def _parquet_batches(source: SourceFile, options: ReadOptions, batch_bytes: int) -> Iterator[RawBatch]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source.path)
+    except Exception as exc:  # pyarrow raises several types for non-parquet input
+        raise BertflowError(f"{source.path}: not a readable Parquet file ({exc})") from None
+    names = parquet.schema_arrow.names
+    if options.text_field not in names:
+        raise BertflowError(f"{source.path}: no column '{options.text_field}' (columns: {', '.join(names)});"
+                            " pass --text-field")
+    for batch in parquet.iter_batches(batch_size=4096, columns=[options.text_field]):
+        column = batch.column(0)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise BertflowError(f"{source.path}: column '{options.text_field}' is {column.type}, not text;"
+                                " pass --text-field")
+        texts = pc.fill_null(column.cast(pa.large_string()), "")
+        yield RawBatch(source.path, partial(lambda t: t, texts))
+
+
+def _python_batches(source: SourceFile, options: ReadOptions, batch_bytes: int) -> Iterator[RawBatch]:
+    """Formats read line by line in Python, grouped into batches (one source label each)."""
+    texts: list[str] = []
+    label, size = None, 0
+    for doc in READERS[source.format](source, options):
+        if texts and (doc.source != label or size >= batch_bytes):
+            yield RawBatch(label, partial(pa.array, texts, pa.large_string()))
+            texts, size = [], 0
+        texts.append(doc.text)
+        label = doc.source
+        size += len(doc.text)
+    if texts:
+        yield RawBatch(label, partial(pa.array, texts, pa.large_string()))
+
+
+def iter_raw_batches(source: SourceFile, options: ReadOptions | None = None,
+                     batch_bytes: int = BATCH_BYTES) -> Iterator[RawBatch]:
+    """The documents of one source in batches of about `batch_bytes`, in file order."""
+    options = options or ReadOptions(**source.options)
+    with _read_errors(source):
+        if source.format in ("txt", "jsonl") and _ascii_compatible(options.encoding):
+            if source.format == "jsonl":
+                for offset, lines, block in _byte_blocks(source, _cut_after_last_line, batch_bytes):
+                    yield RawBatch(source.path, partial(_parse_jsonl_block, block, source, options, offset, lines))
+                return
+            cut = {"line": _cut_after_last_line, "blank-line": _cut_after_last_blank_line, "file": None}
+            for offset, _, block in _byte_blocks(source, cut[options.txt_mode], batch_bytes):
+                yield RawBatch(source.path, partial(_parse_txt_block, block, source, options, offset))
+        elif source.format == "parquet":
+            yield from _parquet_batches(source, options, batch_bytes)
+        else:
+            yield from _python_batches(source, options, batch_bytes)

@@ -7,8 +7,10 @@ The pipeline, per document, in this order (each step's removals are counted):
   4. sentence split (English and Chinese rules); drop if too few sentences (`too_few_sentences`)
   5. exact de-duplication on the normalised text (`exact_duplicate`)
   6. optional near-duplicate removal with MinHash LSH (`near_duplicate`)
-Steps 1-4 run in worker processes on batches of documents; 5-6 and the writing run in the
-parent, in input order, so the output is identical for any number of workers.
+Sources are read in blocks of a few MB; parsing and steps 1-4 run on whole blocks as Arrow
+arrays in worker threads (the kernels release the GIL, so nothing is pickled between
+processes). Steps 5-6 and the writing run in the calling thread, in input order, so the
+output is identical for any number of workers.
 """
 
 from __future__ import annotations
@@ -16,22 +18,24 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from typing import Any, Iterable, Iterator, Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bertflow.errors import BertflowError
 from tasks.caching import current_cache_key
-from tasks.cleaning import MINHASH_SCHEME, BatchResult, CleanDocument, CleaningOptions, clean_batch
+from tasks.cleaning import MINHASH_SCHEME, CleanBatch, CleaningOptions, clean_documents
 from tasks.text import UnicodeForm
 
 STAGE = "ingest"
-STAGE_VERSION = "1"  # bump when the output of the same inputs and parameters changes
+STAGE_VERSION = "2"  # bump when the output of the same inputs and parameters changes
 
 REMOVAL_STEPS = ("empty", "too_short", "too_long", "low_letter_fraction", "too_few_sentences",
                  "exact_duplicate", "near_duplicate")
@@ -79,7 +83,7 @@ class IngestConfig(BaseModel):
     minhash_permutations: int = Field(64, ge=16, le=512)
     shingle_chars: int = Field(5, ge=1, le=32, description="character n-gram size for MinHash")
     shard_mb: float = Field(32.0, gt=0, description="MB of text per output shard")
-    workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
+    workers: int = Field(0, ge=0, description="worker threads; 0 = one per CPU core")
     seed: int = 0
 
     @field_validator("name")
@@ -98,7 +102,7 @@ class IngestConfig(BaseModel):
 
 
     def cleaning_options(self) -> CleaningOptions:
-        """The per-document settings, as a plain dataclass (cheap to send to worker processes)."""
+        """The per-document settings, as a plain dataclass (cheap to hand to worker threads)."""
         return CleaningOptions(**{f: getattr(self, f) for f in CleaningOptions.__dataclass_fields__})
 
     def source_specs(self) -> list[SourceSpec]:
@@ -144,42 +148,35 @@ class IngestStats:
         }
 
 
-def batched_raw(documents: Iterable[tuple[str, str]], batch_chars: int = 1 << 21
-                ) -> Iterator[list[tuple[str, str]]]:
-    batch: list[tuple[str, str]] = []
-    size = 0
-    for text, source in documents:
-        batch.append((text, source))
-        size += len(text)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _ordered_parallel(batches: Iterable[list[tuple[str, str]]], config: IngestConfig,
-                      workers: int) -> Iterator[BatchResult]:
-    """clean_batch over batches on `workers` processes, results in input order, bounded queue."""
+def _cleaned_batches(raw_batches: Iterable[Any], config: IngestConfig, workers: int) -> Iterator[CleanBatch]:
+    """Parse and clean raw batches on `workers` threads; results in input order, at most two
+    batches per worker in flight (memory stays bounded)."""
     options = config.cleaning_options()
+
+    def parse_and_clean(raw: Any) -> CleanBatch:
+        return clean_documents(raw.parse(), raw.source, options)
+
     if workers <= 1:
-        for batch in batches:
-            yield clean_batch(batch, options)
+        yield from map(parse_and_clean, raw_batches)
         return
-    # spawn, not fork: the parent runs Prefect's threads, which fork would copy mid-flight.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
         pending: list[Future] = []
-        for batch in batches:
-            pending.append(pool.submit(clean_batch, batch, options))
-            if len(pending) >= 2 * workers:  # bounded: at most 2 batches per worker in flight
+        try:
+            for raw in raw_batches:
+                pending.append(pool.submit(parse_and_clean, raw))
+                if len(pending) >= 2 * workers:
+                    yield pending.pop(0).result()
+            while pending:
                 yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
-def ingest_stream(raw_documents: Iterable[tuple[str, str]], config: IngestConfig,
-                  stats: IngestStats, *, workers: int = 1) -> Iterator[CleanDocument]:
-    """Clean, filter and de-duplicate a stream of (text, source); yields kept documents in order."""
+def ingest_stream(raw_batches: Iterable[Any], config: IngestConfig, stats: IngestStats, *,
+                  workers: int = 1) -> Iterator[pa.Table]:
+    """Clean, filter and de-duplicate raw batches; yields the kept documents of each batch as a
+    table of CORPUS_SCHEMA columns (doc_id numbered from 0 in input order)."""
     seen: set[bytes] = set()
     lsh = None
     if config.near_dedupe is not None:
@@ -187,50 +184,64 @@ def ingest_stream(raw_documents: Iterable[tuple[str, str]], config: IngestConfig
 
         lsh = MinHashLSH(threshold=config.near_dedupe, num_perm=config.minhash_permutations)
 
-    def counted(docs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-        for text, source in docs:
-            stats.input_documents += 1
-            stats.input_chars += len(text)
-            stats.per_source[source]["input_documents"] += 1
-            yield text, source
+    for batch in _cleaned_batches(raw_batches, config, workers):
+        stats.input_documents += batch.input_documents
+        stats.input_chars += batch.input_chars
+        stats.per_source[batch.source]["input_documents"] += batch.input_documents
+        stats.removed_docs.update(batch.removed_docs)
+        stats.removed_chars.update(batch.removed_chars)
+        docs = batch.documents
+        n_chars = docs.column("n_chars").to_numpy()
+        keep = np.ones(docs.num_rows, dtype=bool)
+        if config.dedupe:
+            for row, digest in enumerate(docs.column("digest").to_pylist()):
+                if digest in seen:
+                    keep[row] = False
+                else:
+                    seen.add(digest)
+            stats.removed_docs["exact_duplicate"] += int((~keep).sum())
+            stats.removed_chars["exact_duplicate"] += int(n_chars[~keep].sum())
+        if lsh is not None:
+            from datasketch import MinHash
 
-    for result in _ordered_parallel(batched_raw(counted(raw_documents)), config, workers):
-        stats.removed_docs.update(result.removed_docs)
-        stats.removed_chars.update(result.removed_chars)
-        for doc in result.documents:
-            if config.dedupe:
-                if doc.digest in seen:
-                    stats.removed_docs["exact_duplicate"] += 1
-                    stats.removed_chars["exact_duplicate"] += doc.n_chars
+            for row, signature in enumerate(docs.column("minhash").to_numpy(zero_copy_only=False)):
+                if not keep[row]:
                     continue
-                seen.add(doc.digest)
-            if lsh is not None:
-                from datasketch import MinHash
-
-                mh = MinHash(num_perm=config.minhash_permutations, hashvalues=doc.minhash,
-                             scheme=MINHASH_SCHEME)
+                mh = MinHash(num_perm=config.minhash_permutations, hashvalues=signature, scheme=MINHASH_SCHEME)
                 if lsh.query(mh):
+                    keep[row] = False
                     stats.removed_docs["near_duplicate"] += 1
-                    stats.removed_chars["near_duplicate"] += doc.n_chars
+                    stats.removed_chars["near_duplicate"] += int(n_chars[row])
                     continue
-                lsh.insert(str(stats.documents), mh)
-            stats.documents += 1
-            stats.sentences += len(doc.sentences)
-            stats.chars += doc.n_chars
-            stats.languages[doc.language] += 1
-            per = stats.per_source[doc.source]
-            per["documents"] += 1
-            per["sentences"] += len(doc.sentences)
-            per["chars"] += doc.n_chars
-            yield doc
+                lsh.insert(f"{stats.documents}-{row}", mh)
+        docs = docs.filter(pa.array(keep))
+        if docs.num_rows == 0:
+            continue
+        sentences = int(pc.sum(pc.list_value_length(docs.column("sentences"))).as_py())
+        chars = int(pc.sum(docs.column("n_chars")).as_py())
+        per = stats.per_source[batch.source]
+        per["documents"] += docs.num_rows
+        per["sentences"] += sentences
+        per["chars"] += chars
+        for language, count in zip(*np.unique(docs.column("language").to_numpy(zero_copy_only=False),
+                                               return_counts=True)):
+            stats.languages[str(language)] += int(count)
+        first_id = stats.documents
+        stats.documents += docs.num_rows
+        stats.sentences += sentences
+        stats.chars += chars
+        yield pa.table({
+            "doc_id": pa.array(np.arange(first_id, stats.documents, dtype=np.int64)),
+            "source": pa.array([batch.source] * docs.num_rows, pa.string()),
+            "language": docs.column("language"),
+            "sentences": docs.column("sentences"),
+            "n_chars": docs.column("n_chars"),
+        })
 
 
-def resolve_workers(requested: int, input_bytes: int) -> int:
-    """An explicit count wins; 0 means one per core, except for inputs too small to repay a
-    process pool's start-up (about a second)."""
-    if requested:
-        return requested
-    return 1 if input_bytes < 4 << 20 else (os.cpu_count() or 1)
+def resolve_workers(requested: int) -> int:
+    """An explicit count wins; 0 means one thread per core."""
+    return requested or (os.cpu_count() or 1)
 
 
 # --- the Prefect task --------------------------------------------------------------------
@@ -241,23 +252,22 @@ def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key
     unless every source was read and at least one document survived the filters."""
     from storage.artifacts import ArtifactStore
     from storage.corpus import CorpusShardWriter
-    from storage.sources import SourceFile, read_documents
+    from storage.sources import SourceFile, iter_raw_batches
 
     started = time.perf_counter()
     files = [SourceFile(**s) for s in sources]
     stats = IngestStats(input_bytes=sum(f.size for f in files))
-    workers = resolve_workers(config.workers, stats.input_bytes)
+    workers = resolve_workers(config.workers)
 
-    def raw() -> Iterator[tuple[str, str]]:
+    def raw() -> Iterator[Any]:
         for source in files:
-            for doc in read_documents(source):
-                yield doc.text, doc.source
+            yield from iter_raw_batches(source)
 
     store = ArtifactStore()
     with store.create("corpus", config.name) as writer:
         shards = CorpusShardWriter(writer.dir, shard_bytes=int(config.shard_mb * 1e6))
-        for doc_id, doc in enumerate(ingest_stream(raw(), config, stats, workers=workers)):
-            shards.add(doc_id, doc.source, doc.language, doc.sentences, doc.n_chars)
+        for documents in ingest_stream(raw(), config, stats, workers=workers):
+            shards.add_table(documents)
         shards.flush()
         if stats.input_documents == 0:
             raise BertflowError(f"the sources hold no documents ({', '.join(f.path for f in files[:3])}"

@@ -11,12 +11,28 @@ import pytest
 import zstandard
 
 from bertflow.errors import BertflowError
-from storage.sources import ReadOptions, read_documents, resolve_sources
+from storage.sources import ReadOptions, iter_raw_batches, read_documents, resolve_sources
+
+
+def _outcome(read):
+    try:
+        return "documents", read()
+    except BertflowError as exc:
+        return "error", str(exc)
 
 
 def texts(path, **options):
+    """The documents of PATH, read both ways (line by line, and in Arrow batches of a few
+    bytes, so that blocks are cut everywhere): the two must agree, documents or error."""
     files = resolve_sources([str(path)], options.get("format", "auto"), ReadOptions(**options))
-    return [doc.text for f in files for doc in read_documents(f)]
+    line_by_line = _outcome(lambda: [doc.text for f in files for doc in read_documents(f)])
+    batched = _outcome(lambda: [text for f in files for batch in iter_raw_batches(f, batch_bytes=16)
+                                for text in batch.parse().to_pylist()])
+    assert batched == line_by_line
+    kind, value = line_by_line
+    if kind == "error":
+        raise BertflowError(value)
+    return value
 
 
 def test_txt_modes(tmp_path):
@@ -25,6 +41,14 @@ def test_txt_modes(tmp_path):
     assert texts(path) == ["first doc line one\nline two", "second doc", "third doc"]
     assert texts(path, txt_mode="line") == ["first doc line one", "line two", "second doc", "third doc"]
     assert texts(path, txt_mode="file") == ["first doc line one\nline two\n\nsecond doc\n\n\nthird doc"]
+
+
+@pytest.mark.parametrize("mode", ["blank-line", "line", "file"])
+def test_txt_edges_read_alike_both_ways(tmp_path, mode):
+    path = tmp_path / "edges.txt"
+    path.write_bytes("\n  \n\tindented first\r\nsecond line\r\n \r\n\u3000\n中文段落。\n\n\n"
+                     "last, no newline\n   ".encode())
+    assert texts(path, txt_mode=mode)  # `texts` asserts that both readers agree
 
 
 def test_jsonl_and_json_array(tmp_path):
