@@ -25,20 +25,9 @@ from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import get_transaction
-from pydantic import BaseModel
 
-from storage.fingerprint import hash_value
+from tasks.cache_keys import stage_cache_key  # noqa: F401 (the key, re-exported)
 from storage.home import DataHome
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class KillSafeLockManager(FileSystemLockManager):
@@ -60,10 +49,6 @@ def holder_is_dead(holder: str) -> bool:
     if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return False  # another machine's lock (shared disk): its owner must release it
     return not psutil.pid_exists(int(parts[1]))
-
-
-def stage_cache_key(stage: str, version: str, inputs: dict[str, Any]) -> str:
-    return f"{stage}-v{version}-{hash_value({'stage': stage, 'version': version, 'inputs': _jsonable(inputs)})}"
 
 
 @dataclass

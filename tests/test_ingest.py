@@ -109,8 +109,10 @@ def test_cache_hit_and_recompute_after_delete(flow_home, tmp_path, monkeypatch, 
     assert run_cli("ingest", str(src), "--name", "c", "--json") == 0
     first = json.loads(capsys.readouterr().out)
     assert run_cli("ingest", str(src), "--name", "c", "--json") == 0
-    second = json.loads(capsys.readouterr().out)
-    assert len(calls) == 1 and second["id"] == first["id"]  # served from cache
+    captured = capsys.readouterr()
+    second = json.loads(captured.out)
+    assert len(calls) == 1 and second == first  # served from cache: the same manifest
+    assert "cached: corpus c is up to date" in captured.err  # answered from the catalog
 
     # a changed parameter is a different key
     assert run_cli("ingest", str(src), "--name", "c", "--min-chars", "5", "--json") == 0
