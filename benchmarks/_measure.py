@@ -13,7 +13,7 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None, interval: f
                  ) -> tuple[float, int, int, subprocess.CompletedProcess]:
     """(wall seconds, peak RSS of the whole tree in bytes, peak RSS of one process, result)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_tree = peak_one = 0
     done = threading.Event()
 
@@ -37,8 +37,8 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None, interval: f
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, _ = proc.communicate()
+    out, err = proc.communicate()
     done.set()
     sampler.join()
     wall = time.perf_counter() - started
-    return wall, peak_tree, peak_one, subprocess.CompletedProcess(argv, proc.returncode, out, "")
+    return wall, peak_tree, peak_one, subprocess.CompletedProcess(argv, proc.returncode, out, err)

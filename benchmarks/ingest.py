@@ -50,27 +50,26 @@ def main() -> int:
         env.pop("PREFECT_HOME", None)
         cfg_path = Path(tmp) / "ingest.json"
         cfg_path.write_text(json.dumps(config(args.corpora, args.workers)))
-        out_path = Path(tmp) / "manifest.json"
-        runner = [sys.executable, str(Path(__file__).resolve().parent / "_run_ingest.py"), str(cfg_path),
-                  str(out_path)]
+        runner = [sys.executable, "-m", "bertflow.cli", "ingest", "--config", str(cfg_path), "--json"]
         wall, tree, one, result = run_measured(runner, env)
         if result.returncode != 0:
-            print(result.stdout)
+            print(result.stdout, result.stderr)
             return 1
-        manifest = json.loads(out_path.read_text())
+        manifest = json.loads(result.stdout)
         stats = manifest["stats"]
         mb = stats["input"]["bytes"] / 1e6
         cached_wall, _, _, cached = run_measured(runner, env)
-        cached_manifest = json.loads(out_path.read_text())
+        cached_manifest = json.loads(cached.stdout)
         print(f"input            {mb:8.1f} MB in {len(manifest['stats']['per_source'])} files")
         print(f"output           {stats['documents']:,} documents, {stats['sentences']:,} sentences,"
               f" {stats['chars']:,} chars, {stats['shards']} shard(s)")
         print(f"ingest stage     {stats['seconds']:8.2f} s  -> {mb / stats['seconds']:6.1f} MB/s"
-              f"  ({stats['workers']} worker processes)")
+              f"  ({stats['workers']} worker threads)")
         print(f"whole command    {wall:8.2f} s  -> {mb / wall:6.1f} MB/s  (incl. Python + Prefect start-up)")
         print(f"peak RSS         {tree / 2**20:8.0f} MiB process tree, {one / 2**20:.0f} MiB largest process")
         print(f"cached re-run    {cached_wall:8.2f} s whole command, same artifact:"
               f" {cached_manifest['id'] == manifest['id']}")
+        print(f"machine load     {os.getloadavg()[0]:.2f} (1-minute average at the end; {os.cpu_count()} cores)")
     return 0
 
 

@@ -179,6 +179,24 @@ def test_bad_name_and_values_fail_before_work(home, capsys):
     assert "invalid value for 'min_letter_fraction'" in capsys.readouterr().err
 
 
+def test_config_file_with_per_source_options(flow_home, tmp_path, capsys):
+    src = write_corpus(tmp_path)
+    config = tmp_path / "ingest.yaml"
+    config.write_text(f"name: from-file\nmin_chars: 5\nsources:\n  - {src / 'docs.jsonl'}\n"
+                      f"  - path: {src / 'more.txt'}\n    txt_mode: line\n")
+    assert run_cli("ingest", "--config", str(config), "--json") == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["input"]["documents"] == 6 + 3  # more.txt read one document per line
+
+    assert run_cli("ingest", "--config", str(config), "--min-chars", "9") == 1
+    assert "--min-chars: with --config, put every setting in the file" in capsys.readouterr().err
+    config.write_text("name: x\nsources: [a.txt]\nmin_chars: -1\n")
+    assert run_cli("ingest", "--config", str(config)) == 1
+    assert f"invalid value for '{config}.min_chars'" in capsys.readouterr().err
+    assert run_cli("ingest", "--name", "no-sources") == 1
+    assert "pass SOURCE... and --name, or --config FILE" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_concurrent_runs_compute_once(flow_home, tmp_path):
     """Two processes ingest the same sources at once: one computes, the other waits and reuses."""

@@ -1,10 +1,11 @@
-"""`bertflow ingest SOURCE... --name NAME [options]`."""
+"""`bertflow ingest SOURCE... --name NAME [options]` or `bertflow ingest --config FILE`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from bertflow.errors import BertflowError
 from bertflow.runtime import run_flow, validated
 
 
@@ -14,8 +15,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Read raw corpora (txt, jsonl/json, csv/tsv, parquet, saved `datasets`, WikiExtractor;"
         " .gz .bz2 .xz .zst transparently), normalise, split documents and sentences (English and"
         " Chinese), de-duplicate, filter, and write a corpus artifact.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="files, directories or globs")
-    p.add_argument("--name", required=True, help="artifact name for the corpus")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="files, directories or globs")
+    p.add_argument("--name", help="artifact name for the corpus")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML/JSON with the settings instead of options (the `ingest:` section of a"
+                        " pipeline config plus `name`; each source may carry its own read options)")
     p.add_argument("--format", default="auto",
                    choices=["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets", "wikiextractor"])
     p.add_argument("--txt-mode", default="blank-line", choices=["file", "blank-line", "line"],
@@ -35,18 +39,55 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--near-dedupe", type=float, default=None, metavar="JACCARD",
                    help="also drop near-duplicates above this MinHash Jaccard similarity (e.g. 0.8)")
     p.add_argument("--shard-mb", type=float, default=32.0, help="MB of text per output shard")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
+    p.add_argument("--workers", type=int, default=0, help="worker threads (0: one per core)")
     p.add_argument("--refresh", action="store_true", help="recompute even if cached")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, option_defaults={a.dest: a.default for a in p._actions
+                                             if a.option_strings and a.dest not in _NOT_SETTINGS})
+
+
+_NOT_SETTINGS = {"help", "name", "config", "refresh", "json"}
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    from tasks.ingest_config import IngestConfig
 
-    from tasks.ingest_config import IngestConfig, find_cached_corpus, format_summary
+    if args.config:
+        given = [f"--{dest.replace('_', '-')}" for dest, default in args.option_defaults.items()
+                 if getattr(args, dest) != default]
+        if given:
+            raise BertflowError(f"{', '.join(given)}: with --config, put every setting in the file")
+        config = _config_from_file(args, IngestConfig)
+    elif not args.sources or not args.name:
+        raise BertflowError("pass SOURCE... and --name, or --config FILE")
+    else:
+        config = _config_from_options(args, IngestConfig)
+    return _ingest(config, args)
 
-    config = validated(IngestConfig, dict(
+
+def _config_from_file(args: argparse.Namespace, model: type) -> object:
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise BertflowError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise BertflowError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise BertflowError(f"{path}: expected a mapping of ingest settings")
+    if args.sources:
+        values["sources"] = args.sources
+    if args.name:
+        values["name"] = args.name
+    return validated(model, values, where=str(path))
+
+
+def _config_from_options(args: argparse.Namespace, model: type) -> object:
+    return validated(model, dict(
         sources=args.sources, name=args.name, format=args.format, txt_mode=args.txt_mode,
         text_field=args.text_field, encoding=args.encoding, encoding_errors=args.encoding_errors,
         unicode_form=args.unicode_form, language=args.language, min_chars=args.min_chars,
@@ -54,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
         min_sentences=args.min_sentences, dedupe=not args.no_dedupe, near_dedupe=args.near_dedupe,
         shard_mb=args.shard_mb, workers=args.workers,
     ))
+
+
+def _ingest(config: object, args: argparse.Namespace) -> int:
+    import sys
+
+    from tasks.ingest_config import find_cached_corpus, format_summary
+
     # Same key and artifact still on disk: the flow would only report `Cached`, and starting
     # Prefect costs far more than the answer. --refresh always runs the flow.
     manifest = None if args.refresh else find_cached_corpus(config)
