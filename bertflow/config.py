@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bertflow.errors import BertflowError
+from tasks.parallel import ParallelConfig
 
 STAGES = ("ingest", "tokenizer", "pretraining_data", "pretrain", "finetune")
 # The keys of each stage model that the pipeline sets itself.
@@ -59,6 +60,8 @@ class PipelineConfig(BaseModel):
     pretraining_data: dict[str, Any] = Field(default_factory=dict)
     pretrain: dict[str, Any] = Field(default_factory=dict)
     finetune: list[FinetuneTask] = Field(default_factory=list)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig,
+                                     description="where shard-level work runs (not part of any cache key)")
 
     @field_validator("name")
     @classmethod

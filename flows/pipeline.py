@@ -19,7 +19,9 @@ from flows.pretrain import pretrain_flow
 from flows.pretraining_data import pretraining_data_flow
 from flows.tokenizer import tokenizer_flow
 from storage.home import DataHome
-from tasks.baseline import STAGE as RANDOM_INIT, STAGE_VERSION as RANDOM_INIT_VERSION, initialise_random_model
+from tasks.baseline import STAGE as RANDOM_INIT
+from tasks.baseline import STAGE_VERSION as RANDOM_INIT_VERSION
+from tasks.baseline import initialise_random_model
 from tasks.caching import cached_stage
 from tasks.report import publish_run_summary
 
@@ -34,6 +36,11 @@ def stages_to_refresh(refresh: list[str] | None) -> set[str]:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(config: PipelineConfig, refresh: list[str] | None = None) -> dict[str, Any]:
+    with config.parallel.applied():  # shard-level work on this machine or a Dask cluster
+        return _run_stages(config, refresh)
+
+
+def _run_stages(config: PipelineConfig, refresh: list[str] | None) -> dict[str, Any]:
     stages = config.stage_configs()
     forced = stages_to_refresh(refresh)
 

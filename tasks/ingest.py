@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -30,9 +30,18 @@ from prefect.artifacts import create_markdown_artifact
 
 from bertflow.errors import BertflowError
 from tasks.caching import current_cache_key
-from tasks.cleaning import MINHASH_SCHEME, CleanBatch, clean_documents
-from tasks.ingest_config import (REMOVAL_STEPS, STAGE, STAGE_VERSION, IngestConfig, SourceSpec,  # noqa: F401
-                                 format_summary, resolve_source_specs, summary_markdown)
+from tasks.cleaning import MINHASH_SCHEME, CleanBatch, CleaningOptions, clean_documents
+from tasks.ingest_config import (  # noqa: F401
+    REMOVAL_STEPS,
+    STAGE,
+    STAGE_VERSION,
+    IngestConfig,
+    SourceSpec,
+    format_summary,
+    resolve_source_specs,
+    summary_markdown,
+)
+from tasks.parallel import map_in_order
 
 # --- the stream (runs in the task's process) ------------------------------------------------
 
@@ -65,29 +74,16 @@ class IngestStats:
         }
 
 
+def parse_and_clean(raw: Any, options: CleaningOptions) -> CleanBatch:
+    """One raw batch → its cleaned documents (runs on a worker thread, process or Dask worker)."""
+    return clean_documents(raw.parse(), raw.source, options)
+
+
 def _cleaned_batches(raw_batches: Iterable[Any], config: IngestConfig, workers: int) -> Iterator[CleanBatch]:
-    """Parse and clean raw batches on `workers` threads; results in input order, at most two
-    batches per worker in flight (memory stays bounded)."""
-    options = config.cleaning_options()
-
-    def parse_and_clean(raw: Any) -> CleanBatch:
-        return clean_documents(raw.parse(), raw.source, options)
-
-    if workers <= 1:
-        yield from map(parse_and_clean, raw_batches)
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-        pending: list[Future] = []
-        try:
-            for raw in raw_batches:
-                pending.append(pool.submit(parse_and_clean, raw))
-                if len(pending) >= 2 * workers:
-                    yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
-        finally:
-            for future in pending:
-                future.cancel()
+    """Parse and clean raw batches on `workers` threads (or the configured runner, see
+    tasks/parallel.py); results in input order, at most two batches per worker in flight."""
+    return map_in_order(partial(parse_and_clean, options=config.cleaning_options()), raw_batches,
+                        workers=workers, local="threads")
 
 
 def ingest_stream(raw_batches: Iterable[Any], config: IngestConfig, stats: IngestStats, *,

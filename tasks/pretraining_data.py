@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -59,15 +57,11 @@ class PretrainingDataConfig(BaseModel):
 
 def run_units(jobs: list[Any], workers: int) -> Iterator[dict[str, Any]]:
     """build_pretraining_shard over the jobs, results in job order."""
+    from tasks.parallel import map_in_order
     from tasks.pretraining_worker import build_pretraining_shard
 
-    if workers <= 1:
-        for job in jobs:
-            yield build_pretraining_shard(job)
-        return
-    # spawn, not fork: the parent runs Prefect's threads, which fork would copy mid-flight.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        yield from pool.map(build_pretraining_shard, jobs)
+    # Worker processes here, or the Dask cluster the settings name (tasks/parallel.py).
+    yield from map_in_order(build_pretraining_shard, jobs, workers=workers, local="processes")
 
 
 def summarise(unit_stats: list[dict[str, Any]], config: PretrainingDataConfig) -> dict[str, Any]:
