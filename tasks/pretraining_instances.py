@@ -16,9 +16,10 @@ import either: worker processes and DataLoader workers import this module.
 from __future__ import annotations
 
 import random
+from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import chain
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -62,13 +63,13 @@ def random_replacement_ids(vocab_size: int, special: SpecialIds) -> np.ndarray:
 
 # --- pairs of segments ----------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class TrainingInstance:
+class TrainingInstance(NamedTuple):
     """One sequence before masking: `[CLS] A [SEP] B [SEP]` (or `[CLS] A [SEP]` for objective
     none), A and B as [start, end) ranges into the shard's flat token array.
 
     label: NSP 1 = B is a random span, 0 = the true continuation; SOP 1 = A and B swapped;
-    -1 for objective none.
+    -1 for objective none. (A named tuple: immutable, and a list of them becomes a numpy array
+    in one call.)
     """
 
     a_start: int
@@ -118,7 +119,7 @@ def truncate_seq_pair(len_a: int, len_b: int, max_num_tokens: int, rng: random.R
 
 def _coin_flips(n: int, rng: random.Random) -> int:
     """Heads among n fair coins."""
-    return bin(rng.getrandbits(n)).count("1") if n > 0 else 0
+    return rng.getrandbits(n).bit_count() if n > 0 else 0
 
 
 def create_instances_from_document(doc: int, documents: DocumentIndex, *, max_seq_len: int,
@@ -145,41 +146,40 @@ def create_instances_from_document(doc: int, documents: DocumentIndex, *, max_se
         target_seq_length = 2 + int(draw() * (max_num_tokens - 1))  # randint(2, max_num_tokens)
 
     instances: list[TrainingInstance] = []
-    chunk_start = first  # current chunk = sentences chunk_start .. i
-    i = first
-    while i < stop:
-        if i == stop - 1 or offsets[i + 1] - offsets[chunk_start] >= target_seq_length:
-            chunk_sentences = i + 1 - chunk_start
-            a_start_tok, chunk_end_tok = offsets[chunk_start], offsets[i + 1]
-            if chunk_sentences == 1 and chunk_end_tok - a_start_tok < 2:
-                chunk_start = i + 1  # a one-token sentence alone cannot form a pair
-                i += 1
-                continue
-            # A is the first a_end sentences of the chunk, B the rest (or a random span).
-            a_end = 1
+    chunk_start = first
+    while chunk_start < stop:
+        # The chunk takes sentences chunk_start .. i: it grows until it reaches the target
+        # length or the document ends (the first sentence end at or past the target, by bisection).
+        i = bisect_left(offsets, offsets[chunk_start] + target_seq_length, chunk_start + 1, stop) - 1
+        chunk_sentences = i + 1 - chunk_start
+        a_start_tok, chunk_end_tok = offsets[chunk_start], offsets[i + 1]
+        if chunk_sentences == 1 and chunk_end_tok - a_start_tok < 2:
+            chunk_start = i + 1  # a one-token sentence alone cannot form a pair
+            continue
+        # A is the first a_end sentences of the chunk, B the rest (or a random span).
+        a_end = 1
+        if chunk_sentences >= 2:
+            a_end = 1 + int(draw() * (chunk_sentences - 1))  # randint(1, chunk_sentences - 1)
+        a_end_tok = offsets[chunk_start + a_end]
+        label = 1 if draw() < 0.5 else 0
+        if chunk_sentences == 1 and (objective == "sop" or label == 0):
+            a_end_tok = a_start_tok + 1 + int(draw() * (chunk_end_tok - a_start_tok - 1))
+        if objective == "sop" or label == 0:
+            b_start_tok, b_end_tok = a_end_tok, chunk_end_tok
+        else:
+            target_b_length = target_seq_length - (a_end_tok - a_start_tok)
+            b_start_tok, b_end_tok = random_span(doc, documents, target_b_length, rng)
             if chunk_sentences >= 2:
-                a_end = 1 + int(draw() * (chunk_sentences - 1))  # randint(1, chunk_sentences - 1)
-            a_end_tok = offsets[chunk_start + a_end]
-            label = 1 if draw() < 0.5 else 0
-            if chunk_sentences == 1 and (objective == "sop" or label == 0):
-                a_end_tok = a_start_tok + 1 + int(draw() * (chunk_end_tok - a_start_tok - 1))
-            if objective == "sop" or label == 0:
-                b_start_tok, b_end_tok = a_end_tok, chunk_end_tok
-            else:
-                target_b_length = target_seq_length - (a_end_tok - a_start_tok)
-                b_start_tok, b_end_tok = random_span(doc, documents, target_b_length, rng)
-                if chunk_sentences >= 2:
-                    # The sentences after A were not used: put them back for the next chunk.
-                    i = chunk_start + a_end - 1
-            a_front, a_back, b_front, b_back = truncate_seq_pair(
-                a_end_tok - a_start_tok, b_end_tok - b_start_tok, max_num_tokens, rng)
-            a_start_tok, a_end_tok = a_start_tok + a_front, a_end_tok - a_back
-            b_start_tok, b_end_tok = b_start_tok + b_front, b_end_tok - b_back
-            if objective == "sop" and label == 1:
-                a_start_tok, a_end_tok, b_start_tok, b_end_tok = b_start_tok, b_end_tok, a_start_tok, a_end_tok
-            instances.append(TrainingInstance(a_start_tok, a_end_tok, b_start_tok, b_end_tok, label))
-            chunk_start = i + 1
-        i += 1
+                # The sentences after A were not used: put them back for the next chunk.
+                i = chunk_start + a_end - 1
+        a_front, a_back, b_front, b_back = truncate_seq_pair(
+            a_end_tok - a_start_tok, b_end_tok - b_start_tok, max_num_tokens, rng)
+        a_start_tok, a_end_tok = a_start_tok + a_front, a_end_tok - a_back
+        b_start_tok, b_end_tok = b_start_tok + b_front, b_end_tok - b_back
+        if objective == "sop" and label == 1:
+            a_start_tok, a_end_tok, b_start_tok, b_end_tok = b_start_tok, b_end_tok, a_start_tok, a_end_tok
+        instances.append(TrainingInstance(a_start_tok, a_end_tok, b_start_tok, b_end_tok, label))
+        chunk_start = i + 1
     return instances
 
 
@@ -197,10 +197,8 @@ def random_span(doc: int, documents: DocumentIndex, target_length: int, rng: ran
     first, stop = documents.doc_sentences[other], documents.doc_sentences[other + 1]
     offsets = documents.sentence_offsets
     start = first + int(rng.random() * (stop - first))
-    end = start + 1
-    limit = offsets[start] + target_length
-    while end < stop and offsets[end] < limit:
-        end += 1
+    # Sentences start, start+1, ... until the span reaches target_length or the document ends.
+    end = bisect_left(offsets, offsets[start] + target_length, start + 1, stop)
     return offsets[start], offsets[end]
 
 
@@ -243,26 +241,32 @@ def assemble_instances(instances: list[TrainingInstance], tokens: np.ndarray, *,
                        special: SpecialIds, has_b: bool,
                        continuation: np.ndarray | None = None) -> AssembledInstances:
     """`[CLS] A [SEP] B [SEP]` for every instance at once, as padded (n, max_seq_len) arrays."""
-    spans = np.array([(x.a_start, x.a_end, x.b_start, x.b_end, x.label) for x in instances],
-                     dtype=np.int64).reshape(-1, 5)
-    a0, a1, b0, b1, labels = (spans[:, k:k + 1] for k in range(5))
-    len_a, len_b = a1 - a0, b1 - b0
-    lengths = len_a + len_b + (3 if has_b else 2)
+    spans = np.array(instances, dtype=np.int64).reshape(-1, 5)
+    a0, a1, b0, b1, labels = spans.T
+    len_a = a1 - a0
+    lengths = len_a + (b1 - b0) + (3 if has_b else 2)
     assert lengths.size == 0 or lengths.max() <= max_seq_len
-    col = np.arange(max_seq_len, dtype=np.int64)[None, :]  # (1, max_seq_len)
-    in_a = (col >= 1) & (col <= len_a)
-    in_b = (col >= len_a + 2) & (col <= len_a + 1 + len_b)
-    source = np.where(in_a, a0 + col - 1, np.where(in_b, b0 + col - len_a - 2, 0))
-    ids = np.where(in_a | in_b, tokens[source], special.sep).astype(np.int32)
-    ids[:, 0] = special.cls
-    ids[col >= lengths] = special.pad
     first_b = len_a + 2 if has_b else lengths
-    token_types = ((col >= first_b) & (col < lengths)).astype(np.int8)
-    flags = None
-    if continuation is not None:
-        flags = np.where(in_a | in_b, continuation[source], False)
-    return AssembledInstances(ids, token_types, lengths[:, 0], first_b[:, 0],
-                              labels[:, 0].astype(np.int8), flags)
+    col = np.arange(max_seq_len, dtype=np.int64)  # (max_seq_len,)
+    rows = np.arange(len(spans))
+    # Column c holds A's token a0 + c - 1 before B's first column and B's token b0 + c - first_b
+    # from there on; [CLS], the [SEP]s and the padding then overwrite what was gathered there.
+    before_b = col[None, :] < first_b[:, None]  # (n, max_seq_len)
+    source = np.where(before_b, (a0 - 1)[:, None], (b0 - first_b)[:, None]) + col
+    padding = col[None, :] >= lengths[:, None]
+
+    def gathered(values: np.ndarray, cls: int, sep: int, pad: int) -> np.ndarray:
+        out = values.take(source, mode="clip")
+        out[:, 0] = cls
+        out[rows, len_a + 1] = sep  # after A (the last column for objective none)
+        out[rows, lengths - 1] = sep
+        out[padding] = pad
+        return out
+
+    ids = gathered(tokens.astype(np.int32, copy=False), special.cls, special.sep, special.pad)
+    token_types = (~before_b & ~padding).astype(np.int8)
+    flags = gathered(continuation, False, False, False) if continuation is not None else None
+    return AssembledInstances(ids, token_types, lengths, first_b, labels.astype(np.int8), flags)
 
 
 def number_to_predict(candidates: np.ndarray | int, masked_lm_prob: float, max_predictions: int,

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -80,64 +80,210 @@ def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndar
 
 
 class ChunkCache:
-    """Token ids of whitespace-separated chunks, each distinct chunk tokenised once per unit.
+    """Token ids of whitespace-separated chunks, each distinct chunk tokenised once per worker.
 
     BERT's normaliser maps characters one by one (removing controls, turning whitespace into
     spaces, lower-casing, stripping accents, spacing out CJK characters) and its pre-tokeniser
     then splits on whitespace and punctuation, so a sentence's ids are the concatenation of its
-    whitespace-separated chunks' ids. Text repeats (Zipf), so most chunks are dictionary hits;
-    the distinct ones go to the fast tokenizer as one pre-split input per 50,000 (it costs
-    ~15 µs per input), and the token ids are gathered in numpy. Control characters that Python's
-    `str.split` separates on but BERT deletes are deleted first, so both agree on every input
-    (tests/test_pretraining_data_instances.py checks this against the tokenizer itself)."""
+    whitespace-separated chunks' ids. Text repeats (Zipf), so most chunks have been seen before;
+    a chunk not seen before is put together from its words (`WordCache`). Finding the chunks
+    and recognising them is done in numpy over the text's code points, not per chunk in Python:
+    a chunk is known by a 62-bit hash of its characters (two polynomial hashes modulo primes
+    below 2^31; two distinct chunks among a worker's ~10^5-10^6 collide with probability
+    ~10^-7), and only the distinct chunks of a batch reach Python. Control characters that
+    Python's `str.split` separates on but BERT deletes are deleted first, so chunks are exactly
+    `str.split()`'s and the ids the tokenizer's own (tests/test_pretraining_data_instances.py
+    checks this against the tokenizer itself)."""
 
-    MAX_ENTRIES = 150_000  # distinct chunks kept (~20 MB); bounds memory on text with few repeats
-    CHUNKS_PER_CALL = 50_000
+    MAX_ENTRIES = 200_000  # distinct chunks kept (~20 MB); bounds memory on text with few repeats
 
     def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
+        self.words = WordCache(tokenizer)
         self._reset()
 
     def _reset(self) -> None:
-        self.index: dict[str, int] = {}
+        self.index: dict[int, int] = {}  # chunk hash -> chunk number
         self.starts = np.zeros(0, dtype=np.int64)   # chunk -> first token in store
         self.lengths = np.zeros(0, dtype=np.int64)  # chunk -> number of tokens
         self.store = np.zeros(0, dtype=np.int32)    # token ids of every known chunk
 
     def encode(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
-        chunked = [_BERT_DELETED.sub("", s).split() if _BERT_DELETED.search(s) else s.split()
-                   for s in sentences]
-        chunks_per_sentence = np.fromiter(map(len, chunked), dtype=np.int64, count=len(chunked))
-        flat = list(chain.from_iterable(chunked))
-        del chunked
-        if len(self.index) > self.MAX_ENTRIES:
-            self._reset()
-        index = self.index
-        missing = [c for c in dict.fromkeys(flat) if c not in index]
-        for start in range(0, len(missing), self.CHUNKS_PER_CALL):
-            self._add(missing[start:start + self.CHUNKS_PER_CALL])
-        which = np.fromiter(map(index.__getitem__, flat), dtype=np.int64, count=len(flat))
+        text = "\n".join(sentences)  # "\n" is whitespace: no chunk crosses a sentence boundary
+        if _BERT_DELETED.search(text):
+            sentences = [_BERT_DELETED.sub("", s) for s in sentences]
+            text = "\n".join(sentences)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point per character
+        starts, ends = chunk_bounds(codes)
+        spans = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)) + 1  # + "\n"
+        sentence_starts = np.cumsum(spans) - spans
+        chunks_per_sentence = np.bincount(np.searchsorted(sentence_starts, starts, side="right") - 1,
+                                          minlength=len(sentences))
+        keys = chunk_hashes(codes, starts, ends)
+        del codes
+        distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        distinct_keys = distinct.tolist()
+        slots = np.fromiter(map(self.index.get, distinct_keys, repeat(-1)), dtype=np.int64, count=len(distinct_keys))
+        new = np.flatnonzero(slots < 0)
+        if len(new):
+            at = first[new]
+            chunk_starts, chunk_ends = starts[at].tolist(), ends[at].tolist()
+            slots[new] = self._add(distinct[new].tolist(), [text[i:j] for i, j in zip(chunk_starts, chunk_ends)])
+        which = slots[inverse.reshape(-1)]
         lengths = self.lengths[which]
-        ends = np.cumsum(lengths)
+        ends_in_output = np.cumsum(lengths)
         # token t of chunk occurrence j sits at store[starts[j] + t]
-        positions = np.repeat(self.starts[which] - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+        positions = (np.repeat(self.starts[which] - (ends_in_output - lengths), lengths)
+                     + np.arange(ends_in_output[-1] if len(ends_in_output) else 0))
         tokens = self.store[positions]
-        cumulative = np.concatenate([[0], ends])
+        cumulative = np.concatenate([[0], ends_in_output])
         sentence_bounds = np.concatenate([[0], np.cumsum(chunks_per_sentence)])
+        if len(self.index) > self.MAX_ENTRIES:
+            self._keep_only(distinct_keys, slots)
         return tokens, cumulative[sentence_bounds[1:]] - cumulative[sentence_bounds[:-1]]
 
-    def _add(self, chunks: list[str]) -> None:
-        """Tokenise chunks in one call, as a pre-split sequence (each chunk still goes through
-        the normaliser and pre-tokeniser); each token's word id names its chunk."""
-        encoding = self.tokenizer.encode(chunks, is_pretokenized=True, add_special_tokens=False)
-        owner = np.array(encoding.word_ids, dtype=np.int64)
-        bounds = np.searchsorted(owner, np.arange(len(chunks) + 1))
+    def _keep_only(self, keys: list[int], slots: np.ndarray) -> None:
+        """Forget every chunk but these (the last batch's: frequent chunks are among them)."""
+        lengths = self.lengths[slots]
+        starts = np.cumsum(lengths) - lengths
+        self.store = self.store[np.repeat(self.starts[slots] - starts, lengths) + np.arange(int(lengths.sum()))]
+        self.starts, self.lengths = starts, lengths
+        self.index = dict(zip(keys, range(len(keys))))
+
+    def _add(self, keys: list[int], chunks: list[str]) -> np.ndarray:
+        """Learn new chunks; returns their chunk numbers."""
+        ids, lengths = self.words.encode_chunks(chunks)
         base = len(self.index)
-        self.index.update(zip(chunks, range(base, base + len(chunks))))
-        self.starts = np.concatenate([self.starts, len(self.store) + bounds[:-1]])
-        self.lengths = np.concatenate([self.lengths, np.diff(bounds)])
-        self.store = np.concatenate([self.store, np.asarray(encoding.ids, dtype=np.int32)])
+        self.index.update(zip(keys, range(base, base + len(keys))))
+        self.starts = np.concatenate([self.starts, len(self.store) + np.cumsum(lengths) - lengths])
+        self.lengths = np.concatenate([self.lengths, lengths])
+        self.store = np.concatenate([self.store, ids])
+        return np.arange(base, base + len(keys))
+
+
+# Python's str.split() separates on these (str.isspace() is true for no code point above U+3000).
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3001)] + [False])
+
+
+def chunk_bounds(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of every maximal run of non-whitespace code points: `str.split()`'s chunks."""
+    solid = ~_IS_SPACE[np.minimum(codes, len(_IS_SPACE) - 1)]
+    change = np.diff(np.concatenate([[False], solid, [False]]).view(np.int8))
+    return np.flatnonzero(change == 1), np.flatnonzero(change == -1)
+
+
+_HASH_PRIMES = (2147483647, 2147483629)
+_HASH_BASES = (1000003, 9176543)
+_powers: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _power_table(base: int, prime: int, n: int) -> np.ndarray:
+    """base**i mod prime for i < n (at least): as long as the longest chunk seen, kept per process."""
+    table = _powers.get((base, prime), np.ones(1, dtype=np.uint64))
+    while len(table) < n:
+        step = pow(base, len(table), prime)
+        table = np.concatenate([table, table * np.uint64(step) % np.uint64(prime)])
+    _powers[(base, prime)] = table
+    return table
+
+
+def chunk_hashes(codes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """A 62-bit hash of each chunk's characters, the same wherever the chunk occurs: for two
+    primes p < 2^31, the sum over the chunk's characters of (code + 1) * B^(offset in chunk)
+    mod p. (Products stay below 2^52 and sums of < 2^33 terms below 2^64.)"""
+    lengths = ends - starts
+    if len(lengths) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    first = np.cumsum(lengths) - lengths  # each chunk's first character among the chunk characters
+    offset = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
+    values = codes[offset + np.repeat(starts, lengths)].astype(np.uint64) + np.uint64(1)  # + 1: NUL counts
+    key = np.zeros(len(lengths), dtype=np.uint64)
+    for base, prime in zip(_HASH_BASES, _HASH_PRIMES):
+        p = np.uint64(prime)
+        terms = values * _power_table(base, prime, int(lengths.max()))[offset] % p
+        key = key * p + np.add.reduceat(terms, first) % p
+    return key
+
+
+class WordCache:
+    """Token ids of a chunk's words, each distinct word tokenised once per worker.
+
+    With BERT's pre-tokeniser every punctuation character is a word of its own, so cutting a
+    chunk at ASCII punctuation changes no ids ("(1999)," and "1999" share the word "1999").
+    Pure ASCII letters and digits are untouched by BERT's normaliser except for lower-casing, so
+    such a word goes to the tokenizer's WordPiece model alone (a vocabulary hit needs not even
+    that); any other word goes through the whole fast tokenizer, many per call. Chunks are never
+    cut at a character of an added token such as `[MASK]`, so an added token stays within one
+    word (the tokenizer matches those in the raw text). Other normalisers or pre-tokenisers:
+    whole chunks go to the tokenizer."""
+
+    MAX_ENTRIES = 150_000  # distinct words kept (~25 MB)
+    WORDS_PER_CALL = 50_000  # words per tokenizer call (it costs ~15 µs per word)
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.known: dict[str, tuple[int, ...]] = {"": ()}
+        added = [token.content for token in tokenizer.get_added_tokens_decoder().values()]
+        special_chars = {c for token in added for c in token if not c.isalnum()}
+        bert = (type(tokenizer.normalizer).__name__ == "BertNormalizer"
+                and type(tokenizer.pre_tokenizer).__name__ == "BertPreTokenizer"
+                and all(special_chars.intersection(token) for token in added))
+        punctuation = "".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in special_chars)
+        # str.translate spaces out the punctuation characters (C speed; re.sub would expand a
+        # replacement template per match in Python).
+        self.punctuation = {ord(c): f" {c} " for c in punctuation} if bert else None
+        self.is_punctuation = np.array([chr(c) in punctuation for c in range(129)])  # 128: any other
+        # Pure ASCII letters and digits: the model alone (the normaliser only lower-cases them).
+        self.model = tokenizer.model if bert and type(tokenizer.model).__name__ == "WordPiece" else None
+        self.vocab = tokenizer.get_vocab(with_added_tokens=False)
+        self.lowercase = bert and bool(tokenizer.normalizer.lowercase)
+
+    def encode_chunks(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(flat token ids, tokens per chunk) of the chunks (whitespace-free strings)."""
+        joined = "\n".join(chunks)
+        if self.punctuation is None:
+            words, words_per_chunk = chunks, np.ones(len(chunks), dtype=np.int64)
+        else:
+            # Words in one translate and one split; how many per chunk, from the code points: a
+            # word starts at a punctuation character or right after one, or at a chunk's start.
+            words = joined.translate(self.punctuation).split()
+            codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+            cut = self.is_punctuation[np.minimum(codes, 128)]
+            separator = codes == ord("\n")
+            after_break = np.concatenate([[True], cut[:-1] | separator[:-1]])
+            word_starts = ~separator & (cut | after_break)
+            words_per_chunk = np.bincount(np.cumsum(separator)[word_starts], minlength=len(chunks))
+        self._learn(list(set(words).difference(self.known)))
+        pieces = list(map(self.known.__getitem__, words))
+        if len(self.known) > self.MAX_ENTRIES:  # forget all words but these chunks'
+            self.known = {"": (), **dict(zip(words, pieces))}
+        ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32)
+        ids_per_word = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        word_bounds = np.concatenate([[0], np.cumsum(words_per_chunk)])
+        cumulative = np.concatenate([[0], np.cumsum(ids_per_word)])
+        return ids, cumulative[word_bounds[1:]] - cumulative[word_bounds[:-1]]
+
+    def _learn(self, words: list[str]) -> None:
+        known, rest = self.known, words
+        if self.model is not None:
+            rest = []
+            vocabulary, tokenize, lowercase = self.vocab.get, self.model.tokenize, self.lowercase
+            for word in words:
+                if word.isascii() and word.isalnum():
+                    normalised = word.lower() if lowercase else word
+                    whole = vocabulary(normalised)
+                    known[word] = (whole,) if whole is not None else tuple(t.id for t in tokenize(normalised))
+                else:
+                    rest.append(word)
+        for start in range(0, len(rest), self.WORDS_PER_CALL):
+            batch = rest[start:start + self.WORDS_PER_CALL]
+            # One pre-split input (each word still goes through the normaliser and
+            # pre-tokeniser); each token's word id names its word.
+            encoding = self.tokenizer.encode(batch, is_pretokenized=True, add_special_tokens=False)
+            owner = np.array(encoding.word_ids, dtype=np.int64)
+            bounds = np.searchsorted(owner, np.arange(len(batch) + 1)).tolist()
+            ids = encoding.ids
+            known.update((word, tuple(ids[bounds[k]:bounds[k + 1]])) for k, word in enumerate(batch))
 
 
 # Characters Python's str.split() separates on but BERT's normaliser deletes (controls).
@@ -194,7 +340,7 @@ def tokenize_documents(documents: list[list[str]], languages: list[str], tokeniz
         "sentences": int(kept.sum()),
         "single_sentence_documents": int((kept_per_doc == 1).sum()),
         "tokens": int(tokens.size),
-        "text_bytes": sum(len(s.encode("utf-8")) for s in sentences),
+        "text_bytes": len("\n".join(sentences).encode("utf-8")) - max(len(sentences) - 1, 0),
     }
     return tokens, continuation, DocumentIndex(sentence_offsets.tolist(), doc_sentences.tolist()), counts
 

@@ -210,19 +210,41 @@ def test_same_seed_same_instances_and_masks():
     assert (a.input_ids == b.input_ids).all() and (a.positions == b.positions).all()
 
 
-def test_chunk_cache_gives_the_tokenizers_own_ids():
-    from tasks.pretraining_worker import ChunkCache
+def chunk_cache_inputs():
     from tasks.tokenizer import adopt_vocabulary
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "cafe", ",", ".", "'", "!",
-             "un", "##aff", "##able", "中", "文", "a", "b", "##b", "x", "##x", "s", "t", "don"]
+             "un", "##aff", "##able", "中", "文", "a", "b", "##b", "x", "##x", "s", "t", "don", "(", ")", "1999"]
     tokenizer = adopt_vocabulary(vocab, lowercase=True)
     sentences = ["Hello, WORLD!", "Café unaffable.", "中文 中文字", "don't", "a\x0bb a\x1cb", "x\u2028y",
                  "tab\there", "zero\u200bwidth", "nbsp\xa0b", "[MASK] hello[SEP]x", "x" * 150 + " a",
-                 "", "   ", "ab abb hello hello hello"] * 3
+                 "", "   ", "ab abb hello hello hello", "(1999), 1999 (hello)! a.[MASK], [ma]sk",
+                 "\x00 a\x00b Ab AB"] * 3
+    return tokenizer, sentences
+
+
+def assert_tokenizers_own_ids(cache, tokenizer, sentences):
     reference = [e.ids for e in tokenizer.encode_batch_fast(sentences, add_special_tokens=False)]
+    tokens, lengths = cache.encode(sentences)
+    assert lengths.tolist() == [len(r) for r in reference]
+    assert tokens.tolist() == [i for r in reference for i in r]
+
+
+def test_chunk_cache_gives_the_tokenizers_own_ids():
+    from tasks.pretraining_worker import ChunkCache
+
+    tokenizer, sentences = chunk_cache_inputs()
     cache = ChunkCache(tokenizer)
     for _ in range(2):  # cold, then warm
-        tokens, lengths = cache.encode(sentences)
-        assert lengths.tolist() == [len(r) for r in reference]
-        assert tokens.tolist() == [i for r in reference for i in r]
+        assert_tokenizers_own_ids(cache, tokenizer, sentences)
+
+
+def test_chunk_cache_stays_exact_when_it_forgets():
+    from tasks.pretraining_worker import ChunkCache
+
+    tokenizer, sentences = chunk_cache_inputs()
+    cache = ChunkCache(tokenizer)
+    cache.MAX_ENTRIES = cache.words.MAX_ENTRIES = 4
+    for batch in (sentences[:7], sentences[7:16], sentences[::-1], sentences):
+        assert_tokenizers_own_ids(cache, tokenizer, batch)
+        assert len(cache.index) <= len(set(" ".join(batch).split())) + 1
