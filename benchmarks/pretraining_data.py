@@ -3,7 +3,7 @@
 Measures, for the corpus and for the corpus concatenated `--scale` times (memory must stay
 flat): MB of raw text per second end to end (read + tokenise + pairs + masks + write), instances
 per second, and peak RSS of the whole process tree (this process plus its workers, sampled
-every 20 ms) and of the largest single worker. Also times the tokenizer stage: adopting a
+every 50 ms) and of the largest single worker. Also times the tokenizer stage: adopting a
 vocab.txt, and training a 30,522-entry WordPiece vocabulary.
 
 The stage functions are called directly (no Prefect), so the figures are the stage's own.
@@ -34,19 +34,19 @@ from bertflow.runtime import configure_environment  # noqa: E402
 
 configure_environment()
 
-import psutil  # noqa: E402
-
-from storage.artifacts import ArtifactStore  # noqa: E402
+# Nothing heavy at module level: the stage's worker processes (spawn) re-import this module.
 
 
 class TreeRssSampler:
     """Peak of the summed RSS of this process and all its descendants."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.05):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        import psutil
+
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
@@ -72,7 +72,7 @@ def corpus_ref(artifact) -> dict:
             "path": artifact.path, "stats": artifact.manifest["stats"]}
 
 
-def scaled_corpus(store: ArtifactStore, base, scale: int):
+def scaled_corpus(store, base, scale: int):
     """The corpus's shards repeated `scale` times, as a new corpus artifact."""
     name = f"{base.name}-x{scale}"
     if store.catalog.find(name, "corpus"):
@@ -103,6 +103,7 @@ def time_tokenizer(corpus, name: str, **settings) -> dict:
 
 
 def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
+    from storage.artifacts import ArtifactStore
     from tasks.pretraining_data import PretrainingDataConfig, run_pretraining_data
 
     artifact = ArtifactStore().resolve(tokenizer["name"], kind="tokenizer")
@@ -110,29 +111,32 @@ def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
            "vocab_size": artifact.manifest["vocab_size"], "special_ids": artifact.manifest["special_ids"]}
     config = PretrainingDataConfig(corpus=corpus.name, tokenizer=tok["name"], name=name, max_seq_len=128,
                                    dupe_factor=5, workers=workers)
-    cpu_before = cpu_seconds()
+    own_before, workers_before = cpu_seconds()
     with TreeRssSampler() as sampler:
         started = time.perf_counter()
         manifest = run_pretraining_data(config, corpus_ref(corpus), tok)
         seconds = time.perf_counter() - started
-    cpu = cpu_seconds() - cpu_before
+    own_after, workers_after = cpu_seconds()
+    own, workers = own_after - own_before, workers_after - workers_before
+    cpu = own + workers
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     s = manifest["stats"]
     print(f"pretraining-data {name}: {s['text_mb']:.1f} MB text, {s['instances']:,} instances,"
           f" {s['shards']} shards, {s['workers']} workers\n"
           f"  wall {seconds:.1f} s: {s['text_mb'] / seconds:.2f} MB/s, {s['instances'] / seconds:,.0f} instances/s"
           f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
-          f"  CPU {cpu:.1f} s (this process + workers): {s['text_mb'] / cpu:.2f} MB per CPU-second,"
+          f"  CPU {cpu:.1f} s (this process {own:.1f} s + workers {workers:.1f} s, user + sys):"
+          f" {s['text_mb'] / cpu:.2f} MB per CPU-second,"
           f" i.e. {2 * s['text_mb'] / cpu:.2f} MB/s on 2 otherwise idle cores\n"
           f"  peak RSS: process tree {sampler.peak / 2**20:,.0f} MiB, largest worker {worker_peak / 2**10:,.0f} MiB,"
           f" this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB", flush=True)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU of this process and its finished children (the pool's workers)."""
+def cpu_seconds() -> tuple[float, float]:
+    """User + system CPU of this process, and of its finished children (the pool's workers)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def main() -> int:
@@ -146,6 +150,8 @@ def main() -> int:
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    from storage.artifacts import ArtifactStore
 
     store = ArtifactStore()
     if args.step == "pretraining-data":

@@ -241,7 +241,7 @@ def assemble_instances(instances: list[TrainingInstance], tokens: np.ndarray, *,
                        special: SpecialIds, has_b: bool,
                        continuation: np.ndarray | None = None) -> AssembledInstances:
     """`[CLS] A [SEP] B [SEP]` for every instance at once, as padded (n, max_seq_len) arrays."""
-    spans = np.array(instances, dtype=np.int64).reshape(-1, 5)
+    spans = np.fromiter(chain.from_iterable(instances), dtype=np.int64, count=5 * len(instances)).reshape(-1, 5)
     a0, a1, b0, b1, labels = spans.T
     len_a = a1 - a0
     lengths = len_a + (b1 - b0) + (3 if has_b else 2)
