@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -248,3 +249,24 @@ def test_chunk_cache_stays_exact_when_it_forgets():
     for batch in (sentences[:7], sentences[7:16], sentences[::-1], sentences):
         assert_tokenizers_own_ids(cache, tokenizer, batch)
         assert len(cache.index) <= len(set(" ".join(batch).split())) + 1
+
+
+@pytest.mark.parametrize("corpus, vocab", [
+    ("corpora/enwiki_sample/enwiki_20190720_sample.jsonl", "vocab/uncased_L-12_H-768_A-12/vocab.txt"),
+    ("corpora/zh/CLUECorpusSmall_sampled.txt", "vocab/chinese_L-12_H-768_A-12/vocab.txt"),
+])
+def test_chunk_cache_gives_the_tokenizers_own_ids_on_real_text(corpus, vocab):
+    from storage.tokenizer_store import read_vocab_file
+    from tasks.pretraining_worker import ChunkCache
+    from tasks.tokenizer import adopt_vocabulary
+    from tests.conftest import shared_path
+
+    text = shared_path(corpus).read_text(encoding="utf-8")[:1_500_000]
+    if corpus.endswith(".jsonl"):  # the articles' own text, with all its Unicode
+        text = "\n".join(json.loads(line)["text"] for line in text.splitlines()[:-1])
+    lines = text.splitlines()
+    tokenizer = adopt_vocabulary(read_vocab_file(shared_path(vocab)), lowercase=True)
+    cache = ChunkCache(tokenizer)
+    cache.MAX_ENTRIES = cache.words.MAX_ENTRIES = 5_000  # forgetting on the way
+    for start in range(0, len(lines), 2_000):
+        assert_tokenizers_own_ids(cache, tokenizer, lines[start:start + 2_000])
