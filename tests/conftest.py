@@ -15,6 +15,19 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 configure_environment()
 
 
+def _share_the_cores_between_test_workers() -> None:
+    """pytest-xdist runs N workers; torch (and the CLI subprocesses tests start) would each take
+    every core for its thread pool, and oversubscribed OpenMP threads spin instead of working.
+    Give each worker its share of the cores (set before torch is imported anywhere)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, threads)
+
+
+_share_the_cores_between_test_workers()
+
+
 def shared_path(relative: str) -> Path:
     """A file under ../shared/data; the test is skipped when it is absent (a user's clone)."""
     path = SHARED_DATA / relative
