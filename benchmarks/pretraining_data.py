@@ -38,24 +38,31 @@ configure_environment()
 
 
 class TreeRssSampler:
-    """Peak of the summed RSS of this process and all its descendants."""
+    """Peak of the summed RSS of this process and all its descendants. The list of descendants
+    is refreshed every second only (finding them scans every process on the machine); the
+    sampler's own CPU time is kept, so it can be left out of the stage's."""
 
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, interval: float = 0.05, rescan: float = 1.0):
+        self.interval, self.rescan, self.peak, self.cpu = interval, rescan, 0, 0.0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         import psutil
 
         me = psutil.Process()
+        family, scanned = [me], 0.0
         while not self._stop.is_set():
+            if time.monotonic() - scanned >= self.rescan:
+                family, scanned = [me, *me.children(recursive=True)], time.monotonic()
             total = 0
-            for proc in [me, *me.children(recursive=True)]:
+            for proc in family:
                 try:
                     total += proc.memory_info().rss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.cpu = time.thread_time()
             time.sleep(self.interval)
 
     def __enter__(self) -> "TreeRssSampler":
@@ -117,7 +124,7 @@ def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
         manifest = run_pretraining_data(config, corpus_ref(corpus), tok)
         seconds = time.perf_counter() - started
     own_after, workers_after = cpu_seconds()
-    own, workers = own_after - own_before, workers_after - workers_before
+    own, workers = own_after - own_before - sampler.cpu, workers_after - workers_before
     cpu = own + workers
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     s = manifest["stats"]
@@ -125,7 +132,8 @@ def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
           f" {s['shards']} shards, {s['workers']} workers\n"
           f"  wall {seconds:.1f} s: {s['text_mb'] / seconds:.2f} MB/s, {s['instances'] / seconds:,.0f} instances/s"
           f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
-          f"  CPU {cpu:.1f} s (this process {own:.1f} s + workers {workers:.1f} s, user + sys):"
+          f"  CPU {cpu:.1f} s (this process {own:.1f} s + workers {workers:.1f} s, user + sys; the RSS"
+          f" sampler's {sampler.cpu:.1f} s left out):"
           f" {s['text_mb'] / cpu:.2f} MB per CPU-second,"
           f" i.e. {2 * s['text_mb'] / cpu:.2f} MB/s on 2 otherwise idle cores\n"
           f"  peak RSS: process tree {sampler.peak / 2**20:,.0f} MiB, largest worker {worker_peak / 2**10:,.0f} MiB,"

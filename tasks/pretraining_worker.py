@@ -95,7 +95,7 @@ class ChunkCache:
     `str.split()`'s and the ids the tokenizer's own (tests/test_pretraining_data_instances.py
     checks this against the tokenizer itself)."""
 
-    MAX_ENTRIES = 200_000  # distinct chunks kept (~20 MB); bounds memory on text with few repeats
+    MAX_ENTRIES = 150_000  # distinct chunks kept (~15 MB); bounds memory on text with few repeats
 
     def __init__(self, tokenizer: Any):
         self.words = WordCache(tokenizer)
@@ -217,7 +217,7 @@ class WordCache:
     word (the tokenizer matches those in the raw text). Other normalisers or pre-tokenisers:
     whole chunks go to the tokenizer."""
 
-    MAX_ENTRIES = 150_000  # distinct words kept (~25 MB)
+    MAX_ENTRIES = 80_000  # distinct words kept (~15 MB): only new chunks look words up
     WORDS_PER_CALL = 50_000  # words per tokenizer call (it costs ~15 µs per word)
 
     def __init__(self, tokenizer: Any):
