@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.text import _utf8, char_class_counts_batch, normalize_texts, split_sentences_batch
+from tasks.text import char_class_counts_batch, normalize_texts, split_sentences_batch, utf8_view
 
 MINHASH_SCHEME = "affine64"  # datasketch >= 2.0 needs the scheme named to rebuild a signature
 DIGEST_BYTES = 12
@@ -66,7 +66,7 @@ def minhash_signature(text: str, *, num_perm: int, shingle: int, seed: int) -> n
 
 def digests(texts: pa.Array) -> pa.Array:
     """BLAKE2b of each text's UTF-8 bytes, hashed straight from Arrow's buffer."""
-    offsets, data = _utf8(texts)
+    offsets, data = utf8_view(texts)
     view = memoryview(data)
     return pa.array([hashlib.blake2b(view[a:b], digest_size=DIGEST_BYTES).digest()
                      for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())], pa.binary(DIGEST_BYTES))

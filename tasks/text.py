@@ -90,7 +90,7 @@ def normalize_texts(texts: pa.Array, unicode_form: UnicodeForm = "NFC") -> pa.Ar
         return texts
     texts = pc.replace_substring_regex(texts, _ODD_NEWLINES, "\n")
     if unicode_form != "none":
-        offsets, data = _utf8(texts)
+        offsets, data = utf8_view(texts)
         lead, code = _non_ascii_code_points(data)
         unnormalised = _texts_containing(lead[_may_change_table(unicode_form)[np.minimum(code, 0x10000)]], offsets)
         texts = _where(texts, unnormalised, lambda t: pc.utf8_normalize(t, unicode_form))
@@ -115,7 +115,7 @@ def _char_classes() -> np.ndarray:
 _CHAR_CLASSES = _char_classes()
 
 
-def _utf8(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def utf8_view(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(byte offsets of the texts from 0, their UTF-8 bytes), viewed without copying."""
     texts = texts.cast(pa.large_string()) if texts.type != pa.large_string() else texts
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset:texts.offset + len(texts) + 1]
@@ -157,7 +157,7 @@ def char_class_counts_batch(texts: pa.Array) -> tuple[np.ndarray, np.ndarray, np
     """Per text: (non-space characters, letters of any script, CJK ideographs).
 
     ASCII bytes are classified arithmetically; only non-ASCII characters are decoded."""
-    offsets, data = _utf8(texts)
+    offsets, data = utf8_view(texts)
     characters = pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
     spaces = _count_per_text((data == 0x20) | (data == 0x0A), offsets)
     letters = ((data | 0x20) - 0x61) < 26  # ASCII letters; other letters are set below
@@ -221,7 +221,7 @@ _LATIN_BOUNDARY = rf"([.!?]+[{_CLOSERS}]*)\s+([{_OPENERS}]?[A-Z0-9\x{{4e00}}-\x{
 def split_sentences_batch(texts: pa.Array) -> pa.ListArray:
     """Normalised texts → list<string> of sentences each (stripped, no empty ones)."""
     # Each rule runs only on the documents that hold its punctuation (no rule adds any).
-    offsets, data = _utf8(texts)
+    offsets, data = utf8_view(texts)
     has_period = _texts_containing(np.flatnonzero(data == 0x2E), offsets)
     has_latin_terminal = _texts_containing(np.flatnonzero((data == 0x2E) | (data == 0x21) | (data == 0x3F)), offsets)
     non_ascii = ~pc.string_is_ascii(texts).to_numpy(zero_copy_only=False)
