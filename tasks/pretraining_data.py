@@ -26,7 +26,7 @@ from bertflow.errors import BertflowError
 from tasks.caching import current_cache_key
 
 STAGE = "pretraining-data"
-STAGE_VERSION = "1"  # bump when the output of the same inputs and parameters changes
+STAGE_VERSION = "2"  # bump when the output of the same inputs and parameters changes (2: Parquet layout)
 
 MIN_SEQ_LEN = 8
 
