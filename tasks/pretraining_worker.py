@@ -27,7 +27,7 @@ from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLAC
                                          create_masked_lm_predictions, mask_tokens_batch,
                                          random_replacement_ids)
 
-ENCODE_BATCH_SENTENCES = 8192  # sentences tokenised per call (bounds the chunk lists held)
+ENCODE_BATCH_SENTENCES = 8192  # sentences tokenised per call (bounds the code point arrays held)
 
 
 @dataclass(frozen=True)
