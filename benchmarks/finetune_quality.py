@@ -16,7 +16,8 @@
    whose name contains 'zh'/'chinese' in $BERTFLOW_HOME) versus the same architecture from random
    initialisation; skipped with a note when no such model exists.
 
-Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults: ~25 min on 2 otherwise idle CPU cores).
+Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults: ~25 min on 2 otherwise idle CPU cores
+with one SST-2 round; `--rounds 2`, the default, adds one more pass of both SST-2 halves).
 """
 
 from __future__ import annotations
