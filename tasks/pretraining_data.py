@@ -153,7 +153,8 @@ def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], 
             raise BertflowError(f"corpus '{corpus['name']}' produced no instances: its sentences are too short"
                                 f" to pair (one token each) for the {config.objective} objective; check the"
                                 " corpus with `bertflow show`")
-        if summary["single_sentence_documents"] and log is not None:
+        # Without pairs (objective none) segments run across sentences: nothing to warn about.
+        if summary["single_sentence_documents"] and config.objective != "none" and log is not None:
             log.warning(f"{summary['single_sentence_documents']:,} of {summary['documents']:,} documents have"
                         " one sentence only: their pairs split that sentence at a random token"
                         " (or take a random B under nsp)")
