@@ -180,9 +180,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a pipeline config; every stage model is checked too."""
-    path = Path(path)
+def load_yaml_mapping(path: Path, expected: str) -> dict[str, Any]:
+    """A YAML (or JSON) file that must hold a mapping; one-line errors naming the file."""
     if not path.exists():
         raise BertflowError(f"{path}: no such config file")
     try:
@@ -192,7 +191,14 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
         where = f":{mark.line + 1}" if mark else ""
         raise BertflowError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
-        raise BertflowError(f"{path}: expected a mapping of sections (name, ingest, tokenizer, ...)")
+        raise BertflowError(f"{path}: expected {expected}")
+    return data
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline config; every stage model is checked too."""
+    path = Path(path)
+    data = load_yaml_mapping(path, "a mapping of sections (name, ingest, tokenizer, ...)")
     data = apply_overrides(data, overrides or [])
     _resolve_relative_paths(data, path.parent)
     try:

@@ -20,7 +20,6 @@ import codecs
 import csv
 import glob
 import gzip
-import io
 import json
 import lzma
 import os
@@ -29,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import IO, Callable, Iterator, Literal
+from typing import IO, Any, Callable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -307,16 +306,19 @@ def _text_of(record: object, field: str, where: str) -> str:
     return value
 
 
+def _json_line_text(line: str, line_no: int, source: SourceFile, options: ReadOptions) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BertflowError(f"{source.path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno});"
+                            " fix or remove the line") from None
+    return _text_of(record, options.text_field, f"{source.path}:{line_no}")
+
+
 def _read_jsonl(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
     for line_no, line in iter_lines(source, options):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BertflowError(f"{source.path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno});"
-                                " fix or remove the line") from None
-        yield RawDocument(_text_of(record, options.text_field, f"{source.path}:{line_no}"), source.path)
+        if line.strip():
+            yield RawDocument(_json_line_text(line, line_no, source, options), source.path)
 
 
 def _read_json(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
@@ -360,7 +362,8 @@ def _read_csv(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]
         raise BertflowError(f"{source.path}:{reader.line_num}: malformed {source.format.upper()} ({exc})") from None
 
 
-def _read_parquet(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+def _open_parquet(source: SourceFile, options: ReadOptions) -> Any:
+    """The Parquet file, checked to be readable and to hold the text column."""
     import pyarrow.parquet as pq
 
     try:
@@ -371,6 +374,11 @@ def _read_parquet(source: SourceFile, options: ReadOptions) -> Iterator[RawDocum
     if options.text_field not in names:
         raise BertflowError(f"{source.path}: no column '{options.text_field}' (columns: {', '.join(names)});"
                             " pass --text-field")
+    return parquet
+
+
+def _read_parquet(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    parquet = _open_parquet(source, options)
     for batch in parquet.iter_batches(batch_size=1024, columns=[options.text_field]):
         for value in batch.column(0).to_pylist():
             yield RawDocument(value or "", source.path)
@@ -547,38 +555,26 @@ def _parse_jsonl_block(block: bytes, source: SourceFile, options: ReadOptions, o
         pass
     text = _decode_block(block, source, options, offset)[0].as_py()  # bad bytes: the encoding error
     lines = text.split("\n")
-    texts = []
-    for line_no, line in enumerate(lines, start=first_line + 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BertflowError(f"{source.path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno});"
-                                " fix or remove the line") from None
-        texts.append(_text_of(record, options.text_field, f"{source.path}:{line_no}"))
+    texts = [_json_line_text(line, line_no, source, options)
+             for line_no, line in enumerate(lines, start=first_line + 1) if line.strip()]
     return pa.array(texts, pa.large_string())
 
 
-def _parquet_batches(source: SourceFile, options: ReadOptions, batch_bytes: int) -> Iterator[RawBatch]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def _already_parsed(texts: pa.Array) -> pa.Array:
+    return texts
 
-    try:
-        parquet = pq.ParquetFile(source.path)
-    except Exception as exc:  # pyarrow raises several types for non-parquet input
-        raise BertflowError(f"{source.path}: not a readable Parquet file ({exc})") from None
-    names = parquet.schema_arrow.names
-    if options.text_field not in names:
-        raise BertflowError(f"{source.path}: no column '{options.text_field}' (columns: {', '.join(names)});"
-                            " pass --text-field")
+
+def _parquet_batches(source: SourceFile, options: ReadOptions) -> Iterator[RawBatch]:
+    import pyarrow.compute as pc
+
+    parquet = _open_parquet(source, options)
     for batch in parquet.iter_batches(batch_size=4096, columns=[options.text_field]):
         column = batch.column(0)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             raise BertflowError(f"{source.path}: column '{options.text_field}' is {column.type}, not text;"
                                 " pass --text-field")
         texts = pc.fill_null(column.cast(pa.large_string()), "")
-        yield RawBatch(source.path, partial(lambda t: t, texts))
+        yield RawBatch(source.path, partial(_already_parsed, texts))  # picklable, for Dask
 
 
 def _python_batches(source: SourceFile, options: ReadOptions, batch_bytes: int) -> Iterator[RawBatch]:
@@ -610,6 +606,6 @@ def iter_raw_batches(source: SourceFile, options: ReadOptions | None = None,
             for offset, _, block in _byte_blocks(source, cut[options.txt_mode], batch_bytes):
                 yield RawBatch(source.path, partial(_parse_txt_block, block, source, options, offset))
         elif source.format == "parquet":
-            yield from _parquet_batches(source, options, batch_bytes)
+            yield from _parquet_batches(source, options)
         else:
             yield from _python_batches(source, options, batch_bytes)

@@ -68,17 +68,10 @@ def run(args: argparse.Namespace) -> int:
 def _config_from_file(args: argparse.Namespace, model: type) -> object:
     from pathlib import Path
 
-    import yaml
+    from bertflow.config import load_yaml_mapping
 
     path = Path(args.config)
-    if not path.is_file():
-        raise BertflowError(f"{path}: no such config file")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise BertflowError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise BertflowError(f"{path}: expected a mapping of ingest settings")
+    values = load_yaml_mapping(path, "a mapping of ingest settings")
     if args.sources:
         values["sources"] = args.sources
     if args.name:
