@@ -193,10 +193,11 @@ def plan_corpus_units(corpus_dir: str | Path, unit_chars: int) -> list[CorpusUni
 
 
 def read_corpus_slice(shard: str | Path, row_start: int, row_count: int, batch_rows: int = 64
-                      ) -> tuple[list[list[str]], list[str]]:
-    """(sentences per document, language per document) for rows of a corpus shard, streamed in
-    small batches so only the unit's rows are ever held (a shard can be one large row group)."""
-    documents: list[list[str]] = []
+                      ) -> tuple[pa.Array, list[str]]:
+    """(sentences per document as an Arrow list<string> array, language per document) for rows
+    of a corpus shard, streamed in small batches so only the unit's rows are ever held (a shard
+    can be one large row group). The text stays in Arrow: the tokenising reads it there."""
+    parts: list[pa.Array] = []
     languages: list[str] = []
     row = 0
     stop = row_start + row_count
@@ -204,9 +205,11 @@ def read_corpus_slice(shard: str | Path, row_start: int, row_count: int, batch_r
     for batch in parquet.iter_batches(batch_size=batch_rows, columns=["sentences", "language"]):
         if row + batch.num_rows > row_start:
             part = batch.slice(max(0, row_start - row), stop - max(row, row_start))
-            documents.extend(part.column(0).to_pylist())
+            parts.append(part.column(0))
             languages.extend(str(x) for x in part.column(1).to_pylist())
         row += batch.num_rows
         if row >= stop:
             break
+    sentences_type = parquet.schema_arrow.field("sentences").type
+    documents = pa.concat_arrays(parts) if parts else pa.array([], type=sentences_type)
     return documents, languages

@@ -10,7 +10,6 @@ the artifact is identical for any number of workers.
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from bertflow.errors import BertflowError
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
@@ -27,7 +28,8 @@ from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLAC
                                          create_masked_lm_predictions, mask_tokens_batch,
                                          random_replacement_ids)
 
-ENCODE_BATCH_SENTENCES = 8192  # sentences tokenised per call (bounds the code point arrays held)
+ENCODE_BATCH_SENTENCES = 65_536  # sentences per WordCache call: a 2 MB unit is one call
+JIEBA_BATCH_SENTENCES = 8192  # sentences per call of the whole tokenizer (its encodings are Python objects)
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,13 @@ class ShardJob:
 
 
 @lru_cache(maxsize=2)
-def _tokenizer_and_flags(tokenizer_dir: str) -> tuple[Any, np.ndarray, "ChunkCache"]:
-    """Per worker process: the tokenizer, its `##` flags, and a chunk cache that stays warm
+def _tokenizer_and_flags(tokenizer_dir: str) -> tuple[Any, np.ndarray, "WordCache"]:
+    """Per worker process: the tokenizer, its `##` flags, and a word cache that stays warm
     from one unit to the next (it changes speed only, never ids)."""
     from storage.tokenizer_store import continuation_flags, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    return tokenizer, np.array(continuation_flags(tokenizer), dtype=bool), ChunkCache(tokenizer)
+    return tokenizer, np.array(continuation_flags(tokenizer), dtype=bool), WordCache(tokenizer)
 
 
 def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndarray:
@@ -79,192 +81,105 @@ def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndar
     return flags
 
 
-class ChunkCache:
-    """Token ids of whitespace-separated chunks, each distinct chunk tokenised once per worker.
+class WordCache:
+    """Token ids of words, each distinct word tokenised once per worker.
 
     BERT's normaliser maps characters one by one (removing controls, turning whitespace into
     spaces, lower-casing, stripping accents, spacing out CJK characters) and its pre-tokeniser
-    then splits on whitespace and punctuation, so a sentence's ids are the concatenation of its
-    whitespace-separated chunks' ids. Text repeats (Zipf), so most chunks have been seen before;
-    a chunk not seen before is put together from its words (`WordCache`). Finding the chunks
-    and recognising them is done in numpy over the text's code points, not per chunk in Python:
-    a chunk is known by a 62-bit hash of its characters (two polynomial hashes modulo primes
-    below 2^31; two distinct chunks among a worker's ~10^5-10^6 collide with probability
-    ~10^-7), and only the distinct chunks of a batch reach Python. Control characters that
-    Python's `str.split` separates on but BERT deletes are deleted first, so chunks are exactly
-    `str.split()`'s and the ids the tokenizer's own (tests/test_pretraining_data_instances.py
-    checks this against the tokenizer itself)."""
+    then splits on whitespace and cuts every punctuation character out as a word of its own, so
+    a sentence's ids are the concatenation of its words' ids, a word being one ASCII punctuation
+    character or a run of other non-whitespace characters ("(1999)," is "(", "1999", ")", ",").
+    Text repeats (Zipf): Arrow's C++ kernels cut a whole batch of sentences into words and find
+    the distinct ones (`dictionary_encode`); only those reach Python, one dict lookup each, and
+    the ids are gathered in numpy from one flat store. A word not seen before is tokenised once:
+    pure ASCII letters and digits by the WordPiece model alone (the normaliser only lower-cases
+    them; a vocabulary hit needs not even that), anything else by the whole fast tokenizer, many
+    words per call.
 
-    MAX_ENTRIES = 150_000  # distinct chunks kept (~15 MB); bounds memory on text with few repeats
+    Exactness (tests/test_pretraining_data_instances.py checks the ids against the tokenizer
+    itself): Arrow's Unicode whitespace is exactly Python's `str.isspace()` (a test checks every
+    code point); the controls among those, which BERT deletes rather than splits at, are deleted
+    first; characters of added tokens such as `[MASK]` are never cut at (the tokenizer matches
+    those in the raw text). With another normaliser or pre-tokeniser, words are whole
+    whitespace-separated chunks, and all of them go to the tokenizer."""
 
-    def __init__(self, tokenizer: Any):
-        self.words = WordCache(tokenizer)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.index: dict[int, int] = {}  # chunk hash -> chunk number
-        self.starts = np.zeros(0, dtype=np.int64)   # chunk -> first token in store
-        self.lengths = np.zeros(0, dtype=np.int64)  # chunk -> number of tokens
-        self.store = np.zeros(0, dtype=np.int32)    # token ids of every known chunk
-
-    def encode(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
-        text = "\n".join(sentences)  # "\n" is whitespace: no chunk crosses a sentence boundary
-        if _BERT_DELETED.search(text):
-            sentences = [_BERT_DELETED.sub("", s) for s in sentences]
-            text = "\n".join(sentences)
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point per character
-        starts, ends = chunk_bounds(codes)
-        spans = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)) + 1  # + "\n"
-        sentence_starts = np.cumsum(spans) - spans
-        chunks_per_sentence = np.bincount(np.searchsorted(sentence_starts, starts, side="right") - 1,
-                                          minlength=len(sentences))
-        keys = chunk_hashes(codes, starts, ends)
-        del codes
-        distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        distinct_keys = distinct.tolist()
-        slots = np.fromiter(map(self.index.get, distinct_keys, repeat(-1)), dtype=np.int64, count=len(distinct_keys))
-        new = np.flatnonzero(slots < 0)
-        if len(new):
-            at = first[new]
-            chunk_starts, chunk_ends = starts[at].tolist(), ends[at].tolist()
-            slots[new] = self._add(distinct[new].tolist(), [text[i:j] for i, j in zip(chunk_starts, chunk_ends)])
-        which = slots[inverse.reshape(-1)]
-        lengths = self.lengths[which]
-        ends_in_output = np.cumsum(lengths)
-        # token t of chunk occurrence j sits at store[starts[j] + t]
-        positions = (np.repeat(self.starts[which] - (ends_in_output - lengths), lengths)
-                     + np.arange(ends_in_output[-1] if len(ends_in_output) else 0))
-        tokens = self.store[positions]
-        cumulative = np.concatenate([[0], ends_in_output])
-        sentence_bounds = np.concatenate([[0], np.cumsum(chunks_per_sentence)])
-        if len(self.index) > self.MAX_ENTRIES:
-            self._keep_only(distinct_keys, slots)
-        return tokens, cumulative[sentence_bounds[1:]] - cumulative[sentence_bounds[:-1]]
-
-    def _keep_only(self, keys: list[int], slots: np.ndarray) -> None:
-        """Forget every chunk but these (the last batch's: frequent chunks are among them)."""
-        lengths = self.lengths[slots]
-        starts = np.cumsum(lengths) - lengths
-        self.store = self.store[np.repeat(self.starts[slots] - starts, lengths) + np.arange(int(lengths.sum()))]
-        self.starts, self.lengths = starts, lengths
-        self.index = dict(zip(keys, range(len(keys))))
-
-    def _add(self, keys: list[int], chunks: list[str]) -> np.ndarray:
-        """Learn new chunks; returns their chunk numbers."""
-        ids, lengths = self.words.encode_chunks(chunks)
-        base = len(self.index)
-        self.index.update(zip(keys, range(base, base + len(keys))))
-        self.starts = np.concatenate([self.starts, len(self.store) + np.cumsum(lengths) - lengths])
-        self.lengths = np.concatenate([self.lengths, lengths])
-        self.store = np.concatenate([self.store, ids])
-        return np.arange(base, base + len(keys))
-
-
-# Python's str.split() separates on these (str.isspace() is true for no code point above U+3000).
-_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3001)] + [False])
-
-
-def chunk_bounds(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[start, end) of every maximal run of non-whitespace code points: `str.split()`'s chunks."""
-    solid = ~_IS_SPACE[np.minimum(codes, len(_IS_SPACE) - 1)]
-    change = np.diff(np.concatenate([[False], solid, [False]]).view(np.int8))
-    return np.flatnonzero(change == 1), np.flatnonzero(change == -1)
-
-
-_HASH_PRIMES = (2147483647, 2147483629)
-_HASH_BASES = (1000003, 9176543)
-_powers: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _power_table(base: int, prime: int, n: int) -> np.ndarray:
-    """base**i mod prime for i < n (at least): as long as the longest chunk seen, kept per process."""
-    table = _powers.get((base, prime), np.ones(1, dtype=np.uint64))
-    while len(table) < n:
-        step = pow(base, len(table), prime)
-        table = np.concatenate([table, table * np.uint64(step) % np.uint64(prime)])
-    _powers[(base, prime)] = table
-    return table
-
-
-def chunk_hashes(codes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """A 62-bit hash of each chunk's characters, the same wherever the chunk occurs: for two
-    primes p < 2^31, the sum over the chunk's characters of (code + 1) * B^(offset in chunk)
-    mod p. (Products stay below 2^52 and sums of < 2^33 terms below 2^64.)"""
-    lengths = ends - starts
-    if len(lengths) == 0:
-        return np.zeros(0, dtype=np.uint64)
-    first = np.cumsum(lengths) - lengths  # each chunk's first character among the chunk characters
-    offset = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
-    values = codes[offset + np.repeat(starts, lengths)].astype(np.uint64) + np.uint64(1)  # + 1: NUL counts
-    key = np.zeros(len(lengths), dtype=np.uint64)
-    for base, prime in zip(_HASH_BASES, _HASH_PRIMES):
-        p = np.uint64(prime)
-        terms = values * _power_table(base, prime, int(lengths.max()))[offset] % p
-        key = key * p + np.add.reduceat(terms, first) % p
-    return key
-
-
-class WordCache:
-    """Token ids of a chunk's words, each distinct word tokenised once per worker.
-
-    With BERT's pre-tokeniser every punctuation character is a word of its own, so cutting a
-    chunk at ASCII punctuation changes no ids ("(1999)," and "1999" share the word "1999").
-    Pure ASCII letters and digits are untouched by BERT's normaliser except for lower-casing, so
-    such a word goes to the tokenizer's WordPiece model alone (a vocabulary hit needs not even
-    that); any other word goes through the whole fast tokenizer, many per call. Chunks are never
-    cut at a character of an added token such as `[MASK]`, so an added token stays within one
-    word (the tokenizer matches those in the raw text). Other normalisers or pre-tokenisers:
-    whole chunks go to the tokenizer."""
-
-    MAX_ENTRIES = 80_000  # distinct words kept (~15 MB): only new chunks look words up
-    WORDS_PER_CALL = 50_000  # words per tokenizer call (it costs ~15 µs per word)
+    MAX_ENTRIES = 150_000  # distinct words kept (~25 MB); bounds memory on text with few repeats
+    WORDS_PER_CALL = 50_000  # new words per tokenizer call (the whole tokenizer costs ~15 µs per word)
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self.known: dict[str, tuple[int, ...]] = {"": ()}
         added = [token.content for token in tokenizer.get_added_tokens_decoder().values()]
         special_chars = {c for token in added for c in token if not c.isalnum()}
         bert = (type(tokenizer.normalizer).__name__ == "BertNormalizer"
                 and type(tokenizer.pre_tokenizer).__name__ == "BertPreTokenizer"
                 and all(special_chars.intersection(token) for token in added))
         punctuation = "".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in special_chars)
-        # A word: one punctuation character, or a run of anything else up to a chunk's end ("\n").
-        self.words_in = re.compile(f"[{re.escape(punctuation)}]|[^{re.escape(punctuation)}\n]+").findall \
-            if bert and punctuation else None
-        self.is_punctuation = np.array([chr(c) in punctuation for c in range(129)])  # 128: any other
+        # Spaces around every punctuation character (an RE2 pattern): then words are
+        # whitespace-separated.
+        escaped = "".join("\\" + c for c in punctuation)
+        self.punctuation = f"([{escaped}])" if bert and punctuation else None
         # Pure ASCII letters and digits: the model alone (the normaliser only lower-cases them).
         self.model = tokenizer.model if bert and type(tokenizer.model).__name__ == "WordPiece" else None
         self.vocab = tokenizer.get_vocab(with_added_tokens=False)
         self.lowercase = bert and bool(tokenizer.normalizer.lowercase)
+        self.index: dict[str, int] = {}  # word -> word number
+        self.words: list[str] = []       # word number -> word
+        self.starts = np.zeros(0, dtype=np.int64)   # word number -> its first token in store
+        self.lengths = np.zeros(0, dtype=np.int64)  # word number -> its number of tokens
+        self.store = np.zeros(0, dtype=np.int32)    # token ids of every known word
 
-    def encode_chunks(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(flat token ids, tokens per chunk) of the chunks (whitespace-free strings)."""
-        joined = "\n".join(chunks)
-        if self.words_in is None:
-            words, words_per_chunk = chunks, np.ones(len(chunks), dtype=np.int64)
-        else:
-            # The words of all chunks in one regex pass; how many per chunk, from the code points:
-            # a word starts at a punctuation character or right after one, or at a chunk's start.
-            words = self.words_in(joined)
-            codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
-            cut = self.is_punctuation[np.minimum(codes, 128)]
-            separator = codes == ord("\n")
-            after_break = np.concatenate([[True], cut[:-1] | separator[:-1]])
-            word_starts = ~separator & (cut | after_break)
-            words_per_chunk = np.bincount(np.cumsum(separator)[word_starts], minlength=len(chunks))
-        self._learn(list(set(words).difference(self.known)))
-        pieces = list(map(self.known.__getitem__, words))
-        if len(self.known) > self.MAX_ENTRIES:  # forget all words but these chunks'
-            self.known = {"": (), **dict(zip(words, pieces))}
-        ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32)
-        ids_per_word = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-        word_bounds = np.concatenate([[0], np.cumsum(words_per_chunk)])
-        cumulative = np.concatenate([[0], np.cumsum(ids_per_word)])
-        return ids, cumulative[word_bounds[1:]] - cumulative[word_bounds[:-1]]
+    def encode(self, sentences: pa.Array | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
+        text = pa.array(sentences, type=pa.large_string()) if isinstance(sentences, list) else sentences
+        if pc.any(pc.match_substring_regex(text, _BERT_DELETED)).as_py():
+            text = pc.replace_substring_regex(text, _BERT_DELETED, "")
+        if self.punctuation is not None:
+            text = pc.replace_substring_regex(text, self.punctuation, r" \1 ")
+        words_of_sentence = pc.utf8_split_whitespace(text)
+        words_per_sentence = pc.list_value_length(words_of_sentence).to_numpy(zero_copy_only=False)
+        occurrences = pc.dictionary_encode(pc.list_flatten(words_of_sentence))
+        distinct = occurrences.dictionary.to_pylist()
+        numbers = np.fromiter(map(self.index.get, distinct, repeat(-1)), dtype=np.int64, count=len(distinct))
+        unseen = np.flatnonzero(numbers < 0)
+        if len(unseen):
+            numbers[unseen] = self._add([distinct[i] for i in unseen.tolist()])
+        which = numbers[occurrences.indices.to_numpy(zero_copy_only=False)]  # word number of each occurrence
+        lengths = self.lengths[which]
+        ends_in_output = np.cumsum(lengths)
+        # token t of word occurrence j sits at store[starts[j] + t]
+        positions = (np.repeat(self.starts[which] - (ends_in_output - lengths), lengths)
+                     + np.arange(ends_in_output[-1] if len(ends_in_output) else 0))
+        tokens = self.store[positions]
+        cumulative = np.concatenate([[0], ends_in_output])
+        sentence_bounds = np.concatenate([[0], np.cumsum(words_per_sentence)])
+        if len(self.index) > self.MAX_ENTRIES:
+            self._keep_only(np.sort(numbers))
+        return tokens, cumulative[sentence_bounds[1:]] - cumulative[sentence_bounds[:-1]]
 
-    def _learn(self, words: list[str]) -> None:
-        known, rest = self.known, words
+    def _keep_only(self, numbers: np.ndarray) -> None:
+        """Forget every word but these (the last batch's: frequent words are among them)."""
+        lengths = self.lengths[numbers]
+        starts = np.cumsum(lengths) - lengths
+        self.store = self.store[np.repeat(self.starts[numbers] - starts, lengths) + np.arange(int(lengths.sum()))]
+        self.starts, self.lengths = starts, lengths
+        self.words = [self.words[n] for n in numbers.tolist()]
+        self.index = dict(zip(self.words, range(len(self.words))))
+
+    def _add(self, words: list[str]) -> np.ndarray:
+        """Tokenise new words and number them after the known ones; returns their numbers."""
+        ids, lengths = self._tokenize(words)
+        base = len(self.words)
+        self.index.update(zip(words, range(base, base + len(words))))
+        self.words.extend(words)
+        self.starts = np.concatenate([self.starts, len(self.store) + np.cumsum(lengths) - lengths])
+        self.lengths = np.concatenate([self.lengths, lengths])
+        self.store = np.concatenate([self.store, ids])
+        return np.arange(base, base + len(words))
+
+    def _tokenize(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(flat token ids, tokens per word) of the words."""
+        pieces: dict[str, tuple[int, ...]] = {}
+        rest = words
         if self.model is not None:
             rest = []
             vocabulary, tokenize, lowercase = self.vocab.get, self.model.tokenize, self.lowercase
@@ -272,7 +187,7 @@ class WordCache:
                 if word.isascii() and word.isalnum():
                     normalised = word.lower() if lowercase else word
                     whole = vocabulary(normalised)
-                    known[word] = (whole,) if whole is not None else tuple(t.id for t in tokenize(normalised))
+                    pieces[word] = (whole,) if whole is not None else tuple([t.id for t in tokenize(normalised)])
                 else:
                     rest.append(word)
         for start in range(0, len(rest), self.WORDS_PER_CALL):
@@ -283,47 +198,43 @@ class WordCache:
             owner = np.array(encoding.word_ids, dtype=np.int64)
             bounds = np.searchsorted(owner, np.arange(len(batch) + 1)).tolist()
             ids = encoding.ids
-            known.update((word, tuple(ids[bounds[k]:bounds[k + 1]])) for k, word in enumerate(batch))
+            pieces.update((word, tuple(ids[bounds[k]:bounds[k + 1]])) for k, word in enumerate(batch))
+        ordered = list(map(pieces.__getitem__, words))
+        lengths = np.fromiter(map(len, ordered), dtype=np.int64, count=len(ordered))
+        return np.fromiter(chain.from_iterable(ordered), dtype=np.int32, count=int(lengths.sum())), lengths
 
 
 # Characters Python's str.split() separates on but BERT's normaliser deletes (controls).
-_BERT_DELETED = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
+_BERT_DELETED = "[\x0b\x0c\x1c-\x1f\x85]"
 
 
-def tokenize_documents(documents: list[list[str]], languages: list[str], tokenizer: Any,
-                       is_continuation: np.ndarray, *, need_words: bool, cache: "ChunkCache | None" = None
+def tokenize_documents(documents: pa.Array, languages: list[str], tokenizer: Any,
+                       is_continuation: np.ndarray, *, need_words: bool, cache: WordCache | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None, DocumentIndex, dict[str, int]]:
     """Flat token ids of every non-empty sentence, the document index over them, and (for
     whole-word or span masking) per-token word-continuation flags: `##` pieces, plus jieba
-    words for Chinese documents."""
-    sentences = list(chain.from_iterable(documents))
+    words for Chinese documents. `documents` is an Arrow list<string> array (sentences per
+    document)."""
+    sentences = pc.list_flatten(documents)
+    sentences_per_doc = pc.list_value_length(documents).to_numpy(zero_copy_only=False)
+    doc_of_sentence = np.repeat(np.arange(len(documents)), sentences_per_doc)
     token_parts: list[np.ndarray] = []
     length_parts: list[np.ndarray] = []
     flags: list[np.ndarray] = []
-    doc_of_sentence = np.repeat(np.arange(len(documents)), [len(d) for d in documents])
-    cache = cache or ChunkCache(tokenizer)
+    cache = cache or WordCache(tokenizer)
     for start in range(0, len(sentences), ENCODE_BATCH_SENTENCES):
-        chunk = sentences[start:start + ENCODE_BATCH_SENTENCES]
-        chinese_words = need_words and any(
-            languages[d] == "zh" for d in doc_of_sentence[start:start + len(chunk)].tolist())
-        if chinese_words:  # jieba needs each token's character offsets
-            encodings = tokenizer.encode_batch(chunk, add_special_tokens=False)
-            ids = [encoding.ids for encoding in encodings]
-            for k, encoding in enumerate(encodings):
-                flag = is_continuation[np.asarray(ids[k], dtype=np.int64)]
-                if languages[doc_of_sentence[start + k]] == "zh" and ids[k]:
-                    flag = flag | jieba_continuation(chunk[k], encoding.offsets)
-                flags.append(flag)
-            # Into numpy per batch: a Python int per token for a whole unit costs ~40 bytes each.
-            lengths_chunk = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            tokens_chunk = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths_chunk.sum()))
-            del ids, encodings
+        batch = sentences.slice(start, ENCODE_BATCH_SENTENCES)
+        doc_of_batch = doc_of_sentence[start:start + len(batch)].tolist()
+        if need_words and any(languages[d] == "zh" for d in set(doc_of_batch)):
+            tokens_batch, lengths_batch, flags_batch = encode_with_jieba_words(
+                batch.to_pylist(), [languages[d] == "zh" for d in doc_of_batch], tokenizer, is_continuation)
+            flags.append(flags_batch)
         else:
-            tokens_chunk, lengths_chunk = cache.encode(chunk)
+            tokens_batch, lengths_batch = cache.encode(batch)
             if need_words:
-                flags.append(is_continuation[tokens_chunk])
-        length_parts.append(lengths_chunk)
-        token_parts.append(tokens_chunk)
+                flags.append(is_continuation[tokens_batch])
+        length_parts.append(lengths_batch)
+        token_parts.append(tokens_batch)
     lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
     tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, dtype=np.int32)
     del token_parts
@@ -340,9 +251,34 @@ def tokenize_documents(documents: list[list[str]], languages: list[str], tokeniz
         "sentences": int(kept.sum()),
         "single_sentence_documents": int((kept_per_doc == 1).sum()),
         "tokens": int(tokens.size),
-        "text_bytes": len("\n".join(sentences).encode("utf-8")) - max(len(sentences) - 1, 0),
+        "text_bytes": int(pc.sum(pc.binary_length(sentences)).as_py() or 0),
     }
     return tokens, continuation, DocumentIndex(sentence_offsets.tolist(), doc_sentences.tolist()), counts
+
+
+def encode_with_jieba_words(sentences: list[str], is_chinese: list[bool], tokenizer: Any,
+                            is_continuation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat token ids, tokens per sentence, continuation flags) by the whole tokenizer, which
+    gives the character offsets jieba's words are matched against; a few thousand sentences
+    per call (its encodings are Python objects)."""
+    token_parts, length_parts, flags = [], [], []
+    for start in range(0, len(sentences), JIEBA_BATCH_SENTENCES):
+        batch = sentences[start:start + JIEBA_BATCH_SENTENCES]
+        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+        ids = [encoding.ids for encoding in encodings]
+        for k, encoding in enumerate(encodings):
+            flag = is_continuation[np.asarray(ids[k], dtype=np.int64)]
+            if is_chinese[start + k] and ids[k]:
+                flag = flag | jieba_continuation(batch[k], encoding.offsets)
+            flags.append(flag)
+        # Into numpy per batch: a Python int per token for a whole unit costs ~40 bytes each.
+        length_parts.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+        token_parts.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(length_parts[-1].sum())))
+        del ids, encodings
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(token_parts) if token_parts else empty.astype(np.int32),
+            np.concatenate(length_parts) if length_parts else empty,
+            np.concatenate(flags) if flags else empty.astype(bool))
 
 
 def _rngs(job: ShardJob, dupe_round: int) -> tuple[random.Random, np.random.Generator]:

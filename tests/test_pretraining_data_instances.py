@@ -211,7 +211,7 @@ def test_same_seed_same_instances_and_masks():
     assert (a.input_ids == b.input_ids).all() and (a.positions == b.positions).all()
 
 
-def chunk_cache_inputs():
+def word_cache_inputs():
     from tasks.tokenizer import adopt_vocabulary
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "cafe", ",", ".", "'", "!",
@@ -220,7 +220,7 @@ def chunk_cache_inputs():
     sentences = ["Hello, WORLD!", "Café unaffable.", "中文 中文字", "don't", "a\x0bb a\x1cb", "x\u2028y",
                  "tab\there", "zero\u200bwidth", "nbsp\xa0b", "[MASK] hello[SEP]x", "x" * 150 + " a",
                  "", "   ", "ab abb hello hello hello", "(1999), 1999 (hello)! a.[MASK], [ma]sk",
-                 "\x00 a\x00b Ab AB"] * 3
+                 "\x00 a\x00b Ab AB", "line\nbreak\r\nend", "\u3000wide\u3000space\x85x"] * 3
     return tokenizer, sentences
 
 
@@ -231,33 +231,55 @@ def assert_tokenizers_own_ids(cache, tokenizer, sentences):
     assert tokens.tolist() == [i for r in reference for i in r]
 
 
-def test_chunk_cache_gives_the_tokenizers_own_ids():
-    from tasks.pretraining_worker import ChunkCache
+def test_word_cache_gives_the_tokenizers_own_ids():
+    from tasks.pretraining_worker import WordCache
 
-    tokenizer, sentences = chunk_cache_inputs()
-    cache = ChunkCache(tokenizer)
+    tokenizer, sentences = word_cache_inputs()
+    cache = WordCache(tokenizer)
     for _ in range(2):  # cold, then warm
         assert_tokenizers_own_ids(cache, tokenizer, sentences)
 
 
-def test_chunk_cache_stays_exact_when_it_forgets():
-    from tasks.pretraining_worker import ChunkCache
+def test_word_cache_stays_exact_when_it_forgets():
+    from tasks.pretraining_worker import WordCache
 
-    tokenizer, sentences = chunk_cache_inputs()
-    cache = ChunkCache(tokenizer)
-    cache.MAX_ENTRIES = cache.words.MAX_ENTRIES = 4
+    tokenizer, sentences = word_cache_inputs()
+    cache = WordCache(tokenizer)
+    cache.MAX_ENTRIES = 4
     for batch in (sentences[:7], sentences[7:16], sentences[::-1], sentences):
         assert_tokenizers_own_ids(cache, tokenizer, batch)
-        assert len(cache.index) <= len(set(" ".join(batch).split())) + 1
+        # over the bound, it keeps only this batch's distinct words (and "", which Arrow's
+        # split yields at the ends of a sentence: it has no tokens)
+        assert set(cache.index) == set(cache.words) == bert_words(" ".join(batch)) | {""}
+
+
+def bert_words(text: str) -> set[str]:
+    """The distinct words BERT's pre-tokeniser would see, as the word cache cuts them: ASCII
+    punctuation (but the brackets of added tokens) alone, runs of anything else but whitespace."""
+    import re
+
+    punctuation = re.escape("".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in "[]"))
+    return set(re.findall(f"[{punctuation}]|[^{punctuation}\\s]+", re.sub("[\x0b\x0c\x1c-\x1f\x85]", "", text)))
+
+
+def test_arrow_splits_at_exactly_pythons_whitespace():
+    """The word cache lets Arrow's utf8_split_whitespace find words where `str.split()` would."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    code_points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    pieces = pc.list_value_length(pc.utf8_split_whitespace(pa.array([f"a{chr(c)}b" for c in code_points])))
+    arrow_space = {c for c, n in zip(code_points, pieces.to_pylist()) if n == 2}
+    assert arrow_space == {c for c in code_points if chr(c).isspace()}
 
 
 @pytest.mark.parametrize("corpus, vocab", [
     ("corpora/enwiki_sample/enwiki_20190720_sample.jsonl", "vocab/uncased_L-12_H-768_A-12/vocab.txt"),
     ("corpora/zh/CLUECorpusSmall_sampled.txt", "vocab/chinese_L-12_H-768_A-12/vocab.txt"),
 ])
-def test_chunk_cache_gives_the_tokenizers_own_ids_on_real_text(corpus, vocab):
+def test_word_cache_gives_the_tokenizers_own_ids_on_real_text(corpus, vocab):
     from storage.tokenizer_store import read_vocab_file
-    from tasks.pretraining_worker import ChunkCache
+    from tasks.pretraining_worker import WordCache
     from tasks.tokenizer import adopt_vocabulary
     from tests.conftest import shared_path
 
@@ -266,7 +288,7 @@ def test_chunk_cache_gives_the_tokenizers_own_ids_on_real_text(corpus, vocab):
         text = "\n".join(json.loads(line)["text"] for line in text.splitlines()[:-1])
     lines = text.splitlines()
     tokenizer = adopt_vocabulary(read_vocab_file(shared_path(vocab)), lowercase=True)
-    cache = ChunkCache(tokenizer)
-    cache.MAX_ENTRIES = cache.words.MAX_ENTRIES = 5_000  # forgetting on the way
+    cache = WordCache(tokenizer)
+    cache.MAX_ENTRIES = 5_000  # forgetting on the way
     for start in range(0, len(lines), 2_000):
         assert_tokenizers_own_ids(cache, tokenizer, lines[start:start + 2_000])
