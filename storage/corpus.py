@@ -21,15 +21,21 @@ SHARD_GLOB = "shard-*.parquet"
 
 
 class CorpusShardWriter:
-    """Buffers documents and writes a shard whenever `shard_bytes` of text have accumulated."""
+    """Streams documents into Parquet shards of about `shard_bytes` of text each.
 
-    def __init__(self, directory: Path, shard_bytes: int):
+    Tables are written as row groups of about `row_group_bytes` while the input is still being
+    read, so compressing overlaps with the cleaning that runs in worker threads and no shard is
+    held in memory whole. Only the small `source` and `language` columns are dictionary-encoded
+    and only the integer columns carry statistics: for sentences both would cost time and save
+    nothing."""
+
+    def __init__(self, directory: Path, shard_bytes: int, row_group_bytes: int = 8_000_000):
         self.directory = Path(directory)
         self.shard_bytes = shard_bytes
+        self.row_group_bytes = min(row_group_bytes, shard_bytes)
         self.shards: list[str] = []
-        self._reset()
-
-    def _reset(self) -> None:
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_bytes_written = 0
         self._columns: dict[str, list] = {name: [] for name in CORPUS_SCHEMA.names}
         self._buffered = 0
         self._tables: list[pa.Table] = []
@@ -43,8 +49,15 @@ class CorpusShardWriter:
         cols["sentences"].append(sentences)
         cols["n_chars"].append(n_chars)
         self._buffered += n_chars * 2  # rough UTF-8 bytes: 1 for Latin text, 3 for CJK
-        if self._buffered >= self.shard_bytes:
-            self.flush()
+        if self._buffered >= self.row_group_bytes:
+            self._add_buffered_rows()
+
+    def _add_buffered_rows(self) -> None:
+        if self._columns["doc_id"]:
+            table = pa.table(self._columns, schema=CORPUS_SCHEMA)
+            self._columns = {name: [] for name in CORPUS_SCHEMA.names}
+            self._buffered = 0
+            self.add_table(table)
 
     def add_table(self, documents: pa.Table) -> None:
         """Append documents (columns of CORPUS_SCHEMA, any string/dictionary types); shards are
@@ -57,30 +70,42 @@ class CorpusShardWriter:
         start = 0
         while start < documents.num_rows:
             before = int(cumulative[start] - per_row[start])  # text bytes of the rows before `start`
-            room = self.shard_bytes - self._table_bytes
+            room = self.shard_bytes - self._shard_bytes_written - self._table_bytes
             end = min(int(np.searchsorted(cumulative, before + room, side="left")) + 1, documents.num_rows)
             self._tables.append(documents.slice(start, end - start))
             self._table_bytes += int(cumulative[end - 1]) - before
-            if self._table_bytes >= self.shard_bytes:
-                self._write_tables()
+            if self._shard_bytes_written + self._table_bytes >= self.shard_bytes:
+                self._write_row_group()
+                self._close_shard()
+            elif self._table_bytes >= self.row_group_bytes:
+                self._write_row_group()
             start = end
 
-    def _write_tables(self) -> None:
+    def _write_row_group(self) -> None:
         if not self._tables:
             return
         table = pa.concat_tables([t.cast(CORPUS_SCHEMA) for t in self._tables]).combine_chunks()
-        name = f"shard-{len(self.shards):05d}.parquet"
-        pq.write_table(table, self.directory / name, compression="zstd")
-        self.shards.append(name)
+        if self._writer is None:
+            name = f"shard-{len(self.shards):05d}.parquet"
+            self._writer = pq.ParquetWriter(self.directory / name, CORPUS_SCHEMA, compression="zstd",
+                                            use_dictionary=["source", "language"],
+                                            write_statistics=["doc_id", "n_chars"])
+            self.shards.append(name)
+        self._writer.write_table(table, row_group_size=table.num_rows)
+        self._shard_bytes_written += self._table_bytes
         self._tables, self._table_bytes = [], 0
 
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._shard_bytes_written = 0
+
     def flush(self) -> None:
-        """Write what is buffered (documents added one by one, or tables) as a shard."""
-        if self._columns["doc_id"]:
-            self._tables.append(pa.table(self._columns, schema=CORPUS_SCHEMA))
-            self._columns = {name: [] for name in CORPUS_SCHEMA.names}
-            self._buffered = 0
-        self._write_tables()
+        """Write everything added so far and close the open shard."""
+        self._add_buffered_rows()
+        self._write_row_group()
+        self._close_shard()
 
 
 def corpus_shards(corpus_dir: str | Path) -> list[Path]:

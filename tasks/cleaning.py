@@ -106,11 +106,13 @@ def clean_documents(texts: pa.Array, source: str, config: CleaningOptions) -> Cl
     keep = np.flatnonzero(passed)[enough]
 
     kept_texts = pc.take(texts, pa.array(keep))
+    # Built from integer codes: a numpy string array would make pyarrow import pandas (0.3 s,
+    # under the import lock, in the middle of the first batch).
     if config.language != "auto":
-        language = pa.array([config.language] * len(keep), pa.string())
+        language = pa.DictionaryArray.from_arrays(np.zeros(len(keep), np.int8), [config.language])
     else:
         is_zh = (letters[keep] > 0) & (cjk[keep] >= 0.2 * letters[keep])
-        language = pa.array(np.where(is_zh, "zh", "en"), pa.string())
+        language = pa.DictionaryArray.from_arrays(is_zh.astype(np.int8), ["en", "zh"])
     columns = {
         "sentences": pc.filter(sentences, pa.array(enough)),
         "n_chars": pa.array(n_chars[keep], pa.int32()),

@@ -42,6 +42,7 @@ from tasks.ingest_config import (  # noqa: F401
     summary_markdown,
 )
 from tasks.parallel import map_in_order
+from tasks.text import may_change_under
 
 # --- the stream (runs in the task's process) ------------------------------------------------
 
@@ -82,6 +83,8 @@ def parse_and_clean(raw: Any, options: CleaningOptions) -> CleanBatch:
 def _cleaned_batches(raw_batches: Iterable[Any], config: IngestConfig, workers: int) -> Iterator[CleanBatch]:
     """Parse and clean raw batches on `workers` threads (or the configured runner, see
     tasks/parallel.py); results in input order, at most two batches per worker in flight."""
+    if config.unicode_form != "none":
+        may_change_under(config.unicode_form)  # built once here, not by every thread at once
     return map_in_order(partial(parse_and_clean, options=config.cleaning_options()), raw_batches,
                         workers=workers, local="threads")
 
@@ -136,9 +139,8 @@ def ingest_stream(raw_batches: Iterable[Any], config: IngestConfig, stats: Inges
         per["documents"] += docs.num_rows
         per["sentences"] += sentences
         per["chars"] += chars
-        for language, count in zip(*np.unique(docs.column("language").to_numpy(zero_copy_only=False),
-                                               return_counts=True)):
-            stats.languages[str(language)] += int(count)
+        for entry in pc.value_counts(docs.column("language").cast(pa.string())).to_pylist():
+            stats.languages[entry["values"]] += entry["counts"]
         first_id = stats.documents
         stats.documents += docs.num_rows
         stats.sentences += sentences

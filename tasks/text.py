@@ -29,12 +29,14 @@ _ODD_NEWLINES = r"\r\n?|[\x{2028}\x{2029}\x0b\x0c\x{85}]"
 _CONTROLS = r"[\x00-\x08\x0e-\x1f\x7f-\x{84}\x{86}-\x{9f}\x{200b}\x{200e}\x{200f}\x{202a}-\x{202e}\x{feff}\x{fffe}]+"
 _ODD_SPACE = r"\t\x{a0}\x{1680}\x{2000}-\x{200a}\x{202f}\x{205f}\x{3000}"
 _SPACES = rf"[ {_ODD_SPACE}]{{2,}}|[{_ODD_SPACE}]"
-_LINE_EDGE_SPACES = r" *\n *"  # spaces at the two ends of the text go with the final strip
+# Spaces at line edges (those at the two ends of the text go with the final strip). Written so
+# that a bare newline does not match: every match costs a rewrite, and most lines have none.
+_LINE_EDGE_SPACES = r" +\n *|\n +"
 _BLANK_LINES = r"\n\n\n+"
 
 
 @lru_cache(maxsize=None)
-def _may_change_table(form: str) -> np.ndarray:
+def may_change_under(form: str) -> np.ndarray:
     """Per BMP code point: True if it can make a string change under `form` (it changes on its
     own, is a combining mark, or composes with a preceding character). A document with none of
     them is already normalised, so most documents skip the costly kernel. The last entry
@@ -92,7 +94,7 @@ def normalize_texts(texts: pa.Array, unicode_form: UnicodeForm = "NFC") -> pa.Ar
     if unicode_form != "none":
         offsets, data = utf8_view(texts)
         lead, code = _non_ascii_code_points(data)
-        unnormalised = _texts_containing(lead[_may_change_table(unicode_form)[np.minimum(code, 0x10000)]], offsets)
+        unnormalised = _texts_containing(lead[may_change_under(unicode_form)[np.minimum(code, 0x10000)]], offsets)
         texts = _where(texts, unnormalised, lambda t: pc.utf8_normalize(t, unicode_form))
     return pc.utf8_trim_whitespace(_whitespace_and_controls(texts))
 
