@@ -27,7 +27,8 @@ from bertflow.errors import BertflowError
 from tasks.caching import current_cache_key
 
 STAGE = "pretraining-data"
-STAGE_VERSION = "2"  # bump when the output of the same inputs and parameters changes (2: Parquet layout)
+STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes
+# (2: Parquet layout; 3: token masking draws its targets by Floyd's sampling, other masks)
 
 MIN_SEQ_LEN = 8
 

@@ -423,20 +423,21 @@ class MaskedBatch:
 
 def mask_tokens_batch(batch: AssembledInstances, rule: MaskingRule, rng: np.random.Generator
                       ) -> MaskedBatch:
-    """Token masking of every row at once: same rule as `create_masked_lm_predictions`, with a
-    random key per maskable token and the `budget` smallest keys of a row chosen."""
+    """Token masking of every row at once, by the rule of `create_masked_lm_predictions`: each
+    row's targets are a uniform random subset of its maskable positions (`sample_without_replacement`
+    over the maskable positions' ranks), then 80/10/10."""
     n, width = batch.input_ids.shape
-    col = np.arange(width)[None, :]
-    maskable = (col >= 1) & (col < batch.lengths[:, None] - 1) & (col != batch.first_b[:, None] - 1)
-    candidates = maskable.sum(axis=1)
-    counts = number_to_predict(candidates, rule.masked_lm_prob, rule.max_predictions, rng)
     k = min(rule.max_predictions, width)
-    keys = rng.random((n, width), dtype=np.float32)
-    keys[~maskable] = 2.0
-    smallest = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < width else np.argsort(keys, axis=1)
-    smallest = np.take_along_axis(smallest, np.argsort(np.take_along_axis(keys, smallest, 1), axis=1), 1)
-    valid = np.arange(k)[None, :] < counts[:, None]
-    positions = np.sort(np.where(valid, smallest, width), axis=1)  # chosen first, sorted
+    # Maskable: every position but [CLS] (0), the [SEP] closing A (first_b - 1) and the last
+    # [SEP]; for objective none first_b is the length and there is no middle [SEP].
+    has_middle_sep = batch.first_b < batch.lengths
+    candidates = batch.lengths - 2 - has_middle_sep
+    counts = number_to_predict(candidates, rule.masked_lm_prob, rule.max_predictions, rng)
+    ranks = sample_without_replacement(candidates, counts, k, rng)  # (n, k), -1 past a row's count
+    chosen = ranks >= 0
+    positions = 1 + ranks  # rank r is position 1 + r before the middle [SEP], 2 + r after it
+    positions += positions >= batch.first_b[:, None] - 1
+    positions = np.sort(np.where(chosen, positions, width), axis=1)  # chosen first, sorted
     valid = positions < width
     rows = np.broadcast_to(np.arange(n)[:, None], positions.shape)
     safe = np.where(valid, positions, 0)
@@ -448,5 +449,23 @@ def mask_tokens_batch(batch: AssembledInstances, rule: MaskingRule, rng: np.rand
     to_random = valid & (kinds == REPLACED_BY_RANDOM)
     output[rows[to_random], safe[to_random]] = rule.random_ids[
         rng.integers(0, len(rule.random_ids), int(to_random.sum()))]
-    return MaskedBatch(output, np.where(valid, positions, 0), np.where(valid, labels, 0),
-                       kinds, counts, candidates)
+    return MaskedBatch(output, safe, np.where(valid, labels, 0), kinds, counts, candidates)
+
+
+def sample_without_replacement(population: np.ndarray, counts: np.ndarray, width: int,
+                               rng: np.random.Generator) -> np.ndarray:
+    """For every row i, counts[i] distinct integers drawn uniformly from range(population[i]),
+    by Robert Floyd's algorithm run for all rows at once: `width` steps over arrays of n rows,
+    instead of a random key per candidate and a partial sort. (n, width); -1 fills the slots
+    past a row's count (counts <= width)."""
+    n = len(population)
+    chosen = np.full((n, width), -1, dtype=np.int64)
+    uniforms = rng.random((width, n))
+    for step in range(width):
+        # Floyd: for j = population - count .. population - 1, draw t uniform in [0, j]; take t,
+        # or j itself when t is already taken. Every subset of size count is equally likely.
+        j = population - counts + step
+        t = (uniforms[step] * (j + 1)).astype(np.int64)
+        taken = (chosen[:, :step] == t[:, None]).any(axis=1)
+        chosen[:, step] = np.where(step < counts, np.where(taken, j, t), -1)
+    return chosen

@@ -150,6 +150,22 @@ def test_batch_token_masking_statistics():
     assert (np.diff(padded, axis=1) > 0).all()  # sorted, unique
 
 
+def test_sample_without_replacement_is_uniform_over_subsets():
+    from tasks.pretraining_instances import sample_without_replacement
+
+    rng = np.random.default_rng(0)
+    population = np.full(60_000, 5)
+    counts = np.tile([0, 1, 2, 3, 5], 12_000)
+    chosen = sample_without_replacement(population, counts, 5, rng)
+    assert ((chosen >= 0).sum(axis=1) == counts).all()
+    assert (chosen[chosen >= 0] < 5).all()
+    for count in (2, 3):  # every subset of that size about equally often
+        rows = np.sort(chosen[counts == count, :count], axis=1)
+        assert (np.diff(rows, axis=1) > 0).all()  # distinct
+        _, frequency = np.unique(rows, axis=0, return_counts=True)
+        assert len(frequency) == 10 and frequency.min() >= 0.9 * 12_000 / 10 and frequency.max() <= 1.1 * 12_000 / 10
+
+
 def test_batch_masking_respects_the_cap():
     batch, _, _ = assembled()
     masked = mask_tokens_batch(batch, rule(max_predictions=5), np.random.default_rng(0))
