@@ -89,6 +89,15 @@ def _cleaned_batches(raw_batches: Iterable[Any], config: IngestConfig, workers: 
                         workers=workers, local="threads")
 
 
+def _digest_bytes(digests: pa.ChunkedArray) -> list[bytes]:
+    """The fixed-size digests as Python bytes, sliced from the Arrow buffer in one numpy call
+    (`to_pylist` builds a scalar per row: most of the dedupe time)."""
+    array = digests.combine_chunks()
+    width = array.type.byte_width
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return data[array.offset * width:(array.offset + len(array)) * width].view(f"V{width}").tolist()
+
+
 def ingest_stream(raw_batches: Iterable[Any], config: IngestConfig, stats: IngestStats, *,
                   workers: int = 1) -> Iterator[pa.Table]:
     """Clean, filter and de-duplicate raw batches; yields the kept documents of each batch as a
@@ -110,11 +119,8 @@ def ingest_stream(raw_batches: Iterable[Any], config: IngestConfig, stats: Inges
         n_chars = docs.column("n_chars").to_numpy()
         keep = np.ones(docs.num_rows, dtype=bool)
         if config.dedupe:
-            for row, digest in enumerate(docs.column("digest").to_pylist()):
-                if digest in seen:
-                    keep[row] = False
-                else:
-                    seen.add(digest)
+            keep = np.fromiter((d not in seen and not seen.add(d) for d in _digest_bytes(docs.column("digest"))),
+                               dtype=bool, count=docs.num_rows)
             stats.removed_docs["exact_duplicate"] += int((~keep).sum())
             stats.removed_chars["exact_duplicate"] += int(n_chars[~keep].sum())
         if lsh is not None:
