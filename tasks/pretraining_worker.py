@@ -98,9 +98,9 @@ class WordCache:
 
     Exactness (tests/test_pretraining_data_instances.py checks the ids against the tokenizer
     itself): Arrow's Unicode whitespace is exactly Python's `str.isspace()` (a test checks every
-    code point); the controls among those, which BERT deletes rather than splits at, are deleted
-    first; characters of added tokens such as `[MASK]` are never cut at (the tokenizer matches
-    those in the raw text). With another normaliser or pre-tokeniser, words are whole
+    code point); the controls among those, which BERT deletes rather than splits at, are first
+    replaced by NUL, which BERT deletes too; where the text holds an added token such as `[MASK]` (the tokenizer matches those in
+    the raw text), the characters of added tokens are not cut at. With another normaliser or pre-tokeniser, words are whole
     whitespace-separated chunks, and all of them go to the tokenizer."""
 
     MAX_ENTRIES = 150_000  # distinct words kept (~25 MB); bounds memory on text with few repeats
@@ -108,16 +108,24 @@ class WordCache:
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        added = [token.content for token in tokenizer.get_added_tokens_decoder().values()]
+        added_tokens = list(tokenizer.get_added_tokens_decoder().values())
+        added = [token.content for token in added_tokens]
         special_chars = {c for token in added for c in token if not c.isalnum()}
         bert = (type(tokenizer.normalizer).__name__ == "BertNormalizer"
                 and type(tokenizer.pre_tokenizer).__name__ == "BertPreTokenizer"
                 and all(special_chars.intersection(token) for token in added))
-        punctuation = "".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in special_chars)
-        # Spaces around every punctuation character (an RE2 pattern): then words are
-        # whitespace-separated.
-        escaped = "".join("\\" + c for c in punctuation)
-        self.punctuation = f"([{escaped}])" if bert and punctuation else None
+
+        def spaced_out(characters: str) -> str | None:
+            """An RE2 pattern for `replace_substring_regex` that puts spaces around each of these
+            characters: then words are whitespace-separated."""
+            return "([" + "".join("\\" + c for c in characters) + "])" if bert and characters else None
+
+        punctuation = [c for c in map(chr, range(33, 127)) if not c.isalnum()]
+        self.punctuation = spaced_out("".join(punctuation))
+        self.punctuation_but_added = spaced_out("".join(c for c in punctuation if c not in special_chars))
+        # An added token left unnormalised is matched in the raw text only: text without one can
+        # be cut at every punctuation character (the "[" of "Trust[13]" too).
+        self.added_unnormalised = added if not any(token.normalized for token in added_tokens) else None
         # Pure ASCII letters and digits: the model alone (the normaliser only lower-cases them).
         self.model = tokenizer.model if bert and type(tokenizer.model).__name__ == "WordPiece" else None
         self.vocab = tokenizer.get_vocab(with_added_tokens=False)
@@ -131,10 +139,16 @@ class WordCache:
     def encode(self, sentences: pa.Array | list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
         text = pa.array(sentences, type=pa.large_string()) if isinstance(sentences, list) else sentences
+        punctuation = self.punctuation_but_added
+        if self.added_unnormalised is not None and not any(
+                pc.any(pc.match_substring(text, token)).as_py() for token in self.added_unnormalised):
+            punctuation = self.punctuation  # (checked before deleting: the tokenizer matches raw text)
         if pc.any(pc.match_substring_regex(text, _BERT_DELETED)).as_py():
-            text = pc.replace_substring_regex(text, _BERT_DELETED, "")
-        if self.punctuation is not None:
-            text = pc.replace_substring_regex(text, self.punctuation, r" \1 ")
+            # NUL, which BERT deletes too, and which splits nothing: "a\x1cb" stays one word
+            # (then tokenised whole, as it is not pure ASCII letters).
+            text = pc.replace_substring_regex(text, _BERT_DELETED, "\x00")
+        if punctuation is not None:
+            text = pc.replace_substring_regex(text, punctuation, r" \1 ")
         words_of_sentence = pc.utf8_split_whitespace(text)
         words_per_sentence = pc.list_value_length(words_of_sentence).to_numpy(zero_copy_only=False)
         occurrences = pc.dictionary_encode(pc.list_flatten(words_of_sentence))

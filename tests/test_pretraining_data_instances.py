@@ -236,7 +236,8 @@ def word_cache_inputs():
     sentences = ["Hello, WORLD!", "Café unaffable.", "中文 中文字", "don't", "a\x0bb a\x1cb", "x\u2028y",
                  "tab\there", "zero\u200bwidth", "nbsp\xa0b", "[MASK] hello[SEP]x", "x" * 150 + " a",
                  "", "   ", "ab abb hello hello hello", "(1999), 1999 (hello)! a.[MASK], [ma]sk",
-                 "\x00 a\x00b Ab AB", "line\nbreak\r\nend", "\u3000wide\u3000space\x85x"] * 3
+                 "\x00 a\x00b Ab AB", "line\nbreak\r\nend", "\u3000wide\u3000space\x85x",
+                 "[ma\x1csk] trust[13] [MA\x1cSK]"] * 3
     return tokenizer, sentences
 
 
@@ -262,20 +263,23 @@ def test_word_cache_stays_exact_when_it_forgets():
     tokenizer, sentences = word_cache_inputs()
     cache = WordCache(tokenizer)
     cache.MAX_ENTRIES = 4
-    for batch in (sentences[:7], sentences[7:16], sentences[::-1], sentences):
+    for batch in (sentences[:7], sentences[7:16], sentences[::-1], sentences, sentences[-1:]):
         assert_tokenizers_own_ids(cache, tokenizer, batch)
         # over the bound, it keeps only this batch's distinct words (and "", which Arrow's
         # split yields at the ends of a sentence: it has no tokens)
-        assert set(cache.index) == set(cache.words) == bert_words(" ".join(batch)) | {""}
+        assert set(cache.index) == set(cache.words) == bert_words(batch) | {""}
 
 
-def bert_words(text: str) -> set[str]:
+def bert_words(sentences: list[str]) -> set[str]:
     """The distinct words BERT's pre-tokeniser would see, as the word cache cuts them: ASCII
-    punctuation (but the brackets of added tokens) alone, runs of anything else but whitespace."""
+    punctuation alone (but the brackets of added tokens, where the text holds an added token),
+    runs of anything else but whitespace."""
     import re
 
-    punctuation = re.escape("".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in "[]"))
-    return set(re.findall(f"[{punctuation}]|[^{punctuation}\\s]+", re.sub("[\x0b\x0c\x1c-\x1f\x85]", "", text)))
+    text = " ".join(sentences)
+    added = "[]" if re.search(r"\[(PAD|UNK|CLS|SEP|MASK)\]", text) else ""
+    punctuation = re.escape("".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in added))
+    return set(re.findall(f"[{punctuation}]|[^{punctuation}\\s]+", re.sub("[\x0b\x0c\x1c-\x1f\x85]", "\x00", text)))
 
 
 def test_arrow_splits_at_exactly_pythons_whitespace():
