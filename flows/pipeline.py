@@ -74,5 +74,53 @@ def _run_stages(config: PipelineConfig, refresh: list[str] | None) -> dict[str, 
     return publish_run_summary(config.name, [corpus, tokenizer, data, model], finetunes)
 
 
+def find_cached_run(config: PipelineConfig) -> dict[str, Any] | None:
+    """The summary a run of `config` would end with when every stage is served from cache,
+    found without Prefect (no server, no flow run: seconds instead of tens); None as soon as
+    one stage would compute. Walks the stages exactly as `_run_stages` does."""
+    from flows.finetune import finetune_trial_inputs
+    from flows.ingest import ingest_inputs
+    from flows.pretrain import pretrain_inputs
+    from flows.pretraining_data import pretraining_data_inputs
+    from flows.tokenizer import tokenizer_inputs
+    from tasks import finetune, ingest, pretrain, pretraining_data, tokenizer
+    from tasks.caching import cached_result
+    from tasks.report import run_summary
+
+    home = DataHome.from_env()
+    stages = config.stage_configs()
+
+    def cached(module: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        return cached_result(module.STAGE, module.STAGE_VERSION, inputs, home)
+
+    def finetuned(task_config: Any) -> dict[str, Any] | None:
+        if task_config.sweep is not None:
+            return None  # selection over trials: left to the flow
+        [inputs], _ = finetune_trial_inputs(task_config)
+        return cached(finetune, inputs)
+
+    corpus = cached(ingest, ingest_inputs(stages.ingest, home))
+    tokenizer_manifest = corpus and cached(tokenizer, tokenizer_inputs(stages.tokenizer, home))
+    data = tokenizer_manifest and cached(pretraining_data, pretraining_data_inputs(stages.pretraining_data, home))
+    model = data and cached(pretrain, pretrain_inputs(stages.pretrain, stages.pretraining_data.name, home))
+    if not model:
+        return None
+    finetunes = []
+    for task, task_config in stages.finetune:
+        pretrained = finetuned(task_config)
+        if pretrained is None:
+            return None
+        baseline = None
+        if task.compare_random_init:
+            random_model = cached_result(RANDOM_INIT, RANDOM_INIT_VERSION, {
+                "name": config.random_model_name, "model": _ref(model), "seed": stages.pretrain.seed}, home)
+            baseline = random_model and finetuned(task_config.model_copy(update={
+                "model": random_model["name"], "name": config.finetune_name(task, random_init=True)}))
+            if baseline is None:
+                return None
+        finetunes.append({"task": task.name, "pretrained": pretrained, "random_init": baseline})
+    return run_summary(config.name, [corpus, tokenizer_manifest, data, model], finetunes)
+
+
 def _ref(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in ("id", "name", "fingerprint", "path")}

@@ -17,18 +17,22 @@ DATA_MANIFEST_KEYS = ("instances", "vocab_size", "max_seq_len", "objective", "ma
                       "special_ids", "tokenizer", "id_dtype")
 
 
+def pretrain_inputs(config: PretrainConfig, data: str, home: DataHome) -> dict[str, Any]:
+    """The task's inputs: the pretraining data, by fingerprint and path (the cache key hashes them)."""
+    artifact = ArtifactStore(home).resolve(data, kind="pretraining-data")
+    return {"config": config,
+            "data": {"id": artifact.id, "name": artifact.name, "fingerprint": artifact.fingerprint,
+                     "path": artifact.path, "manifest": {k: artifact.manifest.get(k) for k in DATA_MANIFEST_KEYS}}}
+
+
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(config: PretrainConfig, data: str, refresh: bool = False, restart: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
-
-    # Input: the pretraining data, passed by fingerprint and path (the cache key hashes them).
-    artifact = ArtifactStore(home).resolve(data, kind="pretraining-data")
-    inputs = {"id": artifact.id, "name": artifact.name, "fingerprint": artifact.fingerprint, "path": artifact.path,
-              "manifest": {k: artifact.manifest.get(k) for k in DATA_MANIFEST_KEYS}}
+    inputs = pretrain_inputs(config, data, home)
 
     # One live run per name; a killed run's stale cache lock must not block the run that resumes it.
     with exclusive_run(config.name, home):
-        clear_dead_stage_lock(home.lock_dir, stage_cache_key(STAGE, STAGE_VERSION, {"config": config, "data": inputs}))
+        clear_dead_stage_lock(home.lock_dir, stage_cache_key(STAGE, STAGE_VERSION, inputs))
 
         # --restart: drop the interrupted run's checkpoints and train from step 0.
         if restart:
@@ -37,4 +41,4 @@ def pretrain_flow(config: PretrainConfig, data: str, refresh: bool = False, rest
         # Pretrain: resumes from the run's last checkpoint; a finished run is served from the cache.
         pretrain = cached_stage(pretrain_model, stage=STAGE, version=STAGE_VERSION, home=home,
                                 refresh=refresh or restart)
-        return pretrain(config, inputs)
+        return pretrain(**inputs)

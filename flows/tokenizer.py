@@ -21,16 +21,18 @@ def _file_fingerprint(path: str | None) -> str | None:
     return hash_value(read_vocab_file(path))
 
 
+def tokenizer_inputs(config: TokenizerConfig, home: DataHome) -> dict[str, Any]:
+    """The task's inputs: the corpus artifact (by name) and, when adopting, the vocab file's content."""
+    corpus = ArtifactStore(home).resolve(config.corpus, kind="corpus")
+    corpus_ref = {"id": corpus.id, "name": corpus.name, "fingerprint": corpus.fingerprint,
+                  "path": corpus.path, "stats": {"sentences": corpus.manifest["stats"]["sentences"]}}
+    return {"config": config, "corpus": corpus_ref, "vocab_fingerprint": _file_fingerprint(config.vocab)}
+
+
 @flow(name="tokenizer", log_prints=True)
 def tokenizer_flow(config: TokenizerConfig, refresh: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
 
-    # Inputs: the corpus artifact (by name) and, when adopting, the vocab file's content.
-    corpus = ArtifactStore(home).resolve(config.corpus, kind="corpus")
-    corpus_ref = {"id": corpus.id, "name": corpus.name, "fingerprint": corpus.fingerprint,
-                  "path": corpus.path, "stats": {"sentences": corpus.manifest["stats"]["sentences"]}}
-    vocab_fingerprint = _file_fingerprint(config.vocab)
-
     # Train (or adopt) the WordPiece vocabulary and measure it on held-out documents.
     train = cached_stage(train_tokenizer, stage=STAGE, version=STAGE_VERSION, home=home, refresh=refresh)
-    return train(config, corpus_ref, vocab_fingerprint)
+    return train(**tokenizer_inputs(config, home))

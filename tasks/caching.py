@@ -92,6 +92,23 @@ def cached_stage(task: Task, *, stage: str, version: str, home: DataHome, refres
     )
 
 
+def cached_result(stage: str, version: str, inputs: dict[str, Any], home: DataHome) -> dict[str, Any] | None:
+    """What the stage's task would return from its cache for these inputs, read without Prefect:
+    the JSON result record of the same key, if its artifact is still on disk; else None."""
+    import json
+
+    from storage.artifacts import ArtifactStore
+
+    key = stage_cache_key(stage, version, inputs)
+    if ArtifactStore(home).find_valid_by_cache_key(key) is None:
+        return None
+    try:
+        result = json.loads((home.cache_records_dir / "results" / key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no record, or one in a format this code does not know: the flow recomputes
+    return result if isinstance(result, dict) and result.get("path") else None
+
+
 def current_cache_key() -> str | None:
     """The cache key of the running stage task (stored in the catalog with its artifact)."""
     transaction = get_transaction()

@@ -46,13 +46,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@task(name="summarise-run", task_run_name="summarise-run[{run}]")
-def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]]
-                        ) -> dict[str, Any]:
-    """The run's artifacts and metrics table: a Prefect table + markdown artifact, the catalog,
-    and the flow's return value."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
+def run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """The run's artifacts and metrics table (saved for `bertflow report`); returned."""
     from storage.reports import save_run_summary
 
     rows = comparison_rows(finetunes)
@@ -60,6 +56,18 @@ def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetun
                  for m in [*stage_manifests, *[f[k] for f in finetunes for k in ("pretrained", "random_init") if f.get(k)]]]
     summary = {"run": run, "artifacts": artifacts, "metrics": rows,
                "stages": {m["kind"]: m.get("stats", {}) for m in stage_manifests}}
+    save_run_summary(run, summary)
+    return summary
+
+
+@task(name="summarise-run", task_run_name="summarise-run[{run}]")
+def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """The run summary, also as Prefect table + markdown artifacts (shown in the UI)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    summary = run_summary(run, stage_manifests, finetunes)
+    rows, artifacts = summary["metrics"], summary["artifacts"]
     key = "".join(ch if ch.isalnum() else "-" for ch in run.lower())
     if rows:
         create_table_artifact(key=f"{key}-metrics", table=rows,
@@ -68,7 +76,6 @@ def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetun
     lines += [f"| {a['kind']} | {a['name']} | {a['fingerprint']} |" for a in artifacts]
     create_markdown_artifact(key=f"{key}-artifacts", markdown="\n".join(lines),
                              description=f"run {run}: artifacts")
-    save_run_summary(run, summary)
     return summary
 
 

@@ -4,6 +4,7 @@ only what a change affects, resuming after a failure, and config validation."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,13 @@ def run_pipeline(config: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_pipeline_runs_caches_and_recomputes_only_what_changed(flow_home, tmp_path, stage_calls):
+def test_pipeline_runs_caches_and_recomputes_only_what_changed(flow_home, tmp_path, stage_calls, monkeypatch):
+    import bertflow.runtime
+
     config = tiny_config(flow_home, tmp_path)
+    flow_runs = []
+    real_run_flow = bertflow.runtime.run_flow
+    monkeypatch.setattr(bertflow.runtime, "run_flow", lambda *a, **k: flow_runs.append(1) or real_run_flow(*a, **k))
 
     summary = run_pipeline(config)
     assert stage_calls == {"ingest": 1, "tokenizer": 1, "pretraining_data": 1, "pretrain": 1,
@@ -92,12 +98,23 @@ def test_pipeline_runs_caches_and_recomputes_only_what_changed(flow_home, tmp_pa
         assert 0.0 <= row["pretrained"] <= 1.0 and 0.0 <= row["random_init"] <= 1.0
         assert row["gain"] == pytest.approx(row["pretrained"] - row["random_init"], abs=1e-4)
 
-    # the same config again: every stage served from cache
+    # the same config again: every stage served from cache, answered from the catalog (no flow run)
     for stage in stage_calls:
         stage_calls[stage] = 0
     again = run_pipeline(config)
     assert set(stage_calls.values()) == {0}
-    assert again["metrics"] == summary["metrics"]
+    assert again == summary and len(flow_runs) == 1
+
+    # ... unless an artifact is gone: then the flow runs and recomputes it
+    from flows.pipeline import find_cached_run
+
+    baseline_dir = Path(summary["artifacts"][-1]["path"])
+    shutil.rmtree(baseline_dir)
+    assert find_cached_run(load_pipeline_config(config)) is None
+    rerun = run_pipeline(config)
+    assert stage_calls["finetune"] == 1 and len(flow_runs) == 2
+    assert Path(rerun["artifacts"][-1]["path"]).exists() and rerun["metrics"] == summary["metrics"]
+    stage_calls["finetune"] = 0
 
     # a fine-tuning parameter changed: only fine-tuning recomputes (both initialisations)
     run_pipeline(config, "--set", "finetune.0.lr=0.0002")
