@@ -229,7 +229,7 @@ def create_full_segments_from_document(doc: int, documents: DocumentIndex, *, ma
 
 @dataclass(frozen=True)
 class AssembledInstances:
-    input_ids: np.ndarray       # (n, max_seq_len) int32, [PAD] after each row's length
+    input_ids: np.ndarray       # (n, max_seq_len) the tokens' type, [PAD] after each row's length
     token_type_ids: np.ndarray  # (n, max_seq_len) int8
     lengths: np.ndarray         # (n,) int64
     first_b: np.ndarray         # (n,) column of B's first token (= length for objective none)
@@ -263,7 +263,7 @@ def assemble_instances(instances: list[TrainingInstance], tokens: np.ndarray, *,
         out[padding] = pad
         return out
 
-    ids = gathered(tokens.astype(np.int32, copy=False), special.cls, special.sep, special.pad)
+    ids = gathered(tokens, special.cls, special.sep, special.pad)  # in the tokens' own (compact) type
     token_types = (~before_b & ~padding).astype(np.int8)
     flags = gathered(continuation, False, False, False) if continuation is not None else None
     return AssembledInstances(ids, token_types, lengths, first_b, labels.astype(np.int8), flags)

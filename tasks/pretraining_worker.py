@@ -348,6 +348,7 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     need_words = job.masking != "token"
     tokens, continuation, index, counts = tokenize_documents(
         documents, languages, tokenizer, is_continuation, need_words=need_words, cache=cache)
+    tokens = tokens.astype(job.id_dtype)  # the shard's id type from here on: half the bytes to move for uint16
     del documents
     if job.objective == "nsp" and index.num_documents < 2:
         raise BertflowError(f"{job.corpus_shard}: rows {job.row_start}..{job.row_start + job.row_count - 1}"
@@ -389,10 +390,10 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
             candidates += int(row_candidates.sum())
             capped += int((counts_row == job.max_predictions).sum())
         rounds.append(RoundOutput(
-            input_ids=ids.astype(job.id_dtype), token_type_ids=batch.token_type_ids,
+            input_ids=ids.astype(job.id_dtype, copy=False), token_type_ids=batch.token_type_ids,
             continuation=batch.continuation if (job.dynamic and need_words) else None,
             lengths=batch.lengths, labels=batch.labels, positions=positions.astype(np.int16),
-            masked_ids=labels.astype(job.id_dtype), counts=counts_row))
+            masked_ids=labels.astype(job.id_dtype, copy=False), counts=counts_row))
     del tokens, continuation
 
     columns = shuffled_columns(rounds, np.random.default_rng([job.seed, job.index, job.dupe_factor]))
