@@ -2,8 +2,8 @@
 
 Google's `create_pretraining_data.py`, shard-parallel and streaming. The corpus is cut into
 units of consecutive documents (`shard_mb` of text each); a worker process turns one unit into
-one output shard: tokenise its sentences once (each distinct chunk of text once per worker,
-`ChunkCache`), build dupe_factor rounds of pairs (`create_instances_from_document`) over the
+one output shard: tokenise its sentences once (each distinct word once per worker,
+`WordCache`), build dupe_factor rounds of pairs (`create_instances_from_document`) over the
 same tokens, mask them in numpy, shuffle, write. A
 unit's output depends only on (seed, unit index, round), so any number of workers produces the
 same bytes. Random-next segments B come from another document of the same unit (Google draws
