@@ -61,7 +61,7 @@ class IngestConfig(BaseModel):
     minhash_permutations: int = Field(64, ge=16, le=512)
     shingle_chars: int = Field(5, ge=1, le=32, description="character n-gram size for MinHash")
     shard_mb: float = Field(32.0, gt=0, description="MB of text per output shard")
-    workers: int = Field(0, ge=0, description="worker threads; 0 = one per CPU core")
+    workers: int = Field(0, ge=0, description="worker threads; 0 = one per CPU core, plus one")
     seed: int = 0
 
     @field_validator("name")

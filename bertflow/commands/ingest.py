@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--near-dedupe", type=float, default=None, metavar="JACCARD",
                    help="also drop near-duplicates above this MinHash Jaccard similarity (e.g. 0.8)")
     p.add_argument("--shard-mb", type=float, default=32.0, help="MB of text per output shard")
-    p.add_argument("--workers", type=int, default=0, help="worker threads (0: one per core)")
+    p.add_argument("--workers", type=int, default=0, help="worker threads (0: one per core, plus one)")
     p.add_argument("--refresh", action="store_true", help="recompute even if cached")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(run=run, option_defaults={a.dest: a.default for a in p._actions
