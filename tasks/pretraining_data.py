@@ -28,7 +28,7 @@ from tasks.caching import current_cache_key
 
 STAGE = "pretraining-data"
 STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes
-# (2: Parquet layout; 3: token masking draws its targets by Floyd's sampling, other masks)
+# (2: Parquet layout; 3: token masking by Floyd's sampling (other masks), byte-stream-split lists)
 
 MIN_SEQ_LEN = 8
 

@@ -64,6 +64,30 @@ def test_artifact_format_and_realised_statistics(inputs):
     assert 0 < s["padding_fraction"] < 0.5 and s["mean_length"] <= 64
 
 
+@pytest.mark.parametrize("id_dtype", ["uint16", "int32"])
+def test_shard_round_trip_with_byte_stream_split_lists(tmp_path, id_dtype):
+    from storage.pretraining_store import InstanceColumns, read_pretraining_shard, write_pretraining_shard
+
+    rng = np.random.default_rng(0)
+    lengths, counts = rng.integers(3, 64, 500), rng.integers(0, 8, 500)
+    written = InstanceColumns(
+        input_ids=rng.integers(0, 65_536 if id_dtype == "uint16" else 2**31 - 1, lengths.sum()).astype(id_dtype),
+        token_type_ids=rng.integers(0, 2, lengths.sum()).astype(np.int8),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        masked_positions=rng.integers(0, 64, counts.sum()).astype(np.int16),
+        masked_ids=rng.integers(0, 30_000, counts.sum()).astype(id_dtype),
+        mask_offsets=np.concatenate([[0], np.cumsum(counts)]),
+        labels=rng.integers(0, 2, 500).astype(np.int8))
+    path = tmp_path / "shard-00000.parquet"
+    write_pretraining_shard(path, written, id_dtype)
+    encodings = pq.ParquetFile(path).metadata.row_group(0).column(0).encodings
+    assert "BYTE_STREAM_SPLIT" in encodings
+    read = read_pretraining_shard(path)
+    for name in ("input_ids", "token_type_ids", "offsets", "masked_positions", "masked_ids", "mask_offsets", "labels"):
+        assert (getattr(read, name) == getattr(written, name)).all(), name
+    assert read.input_ids.dtype == np.dtype(id_dtype)
+
+
 def test_same_bytes_for_any_number_of_workers(inputs):
     one = build(inputs, workers=1, name="one")
     two = build(inputs, workers=2, name="two")
