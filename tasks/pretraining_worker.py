@@ -10,6 +10,7 @@ the artifact is identical for any number of workers.
 from __future__ import annotations
 
 import random
+import string
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -124,8 +125,10 @@ class WordCache:
         self.punctuation = spaced_out("".join(punctuation))
         self.punctuation_but_added = spaced_out("".join(c for c in punctuation if c not in special_chars))
         # An added token left unnormalised is matched in the raw text only: text without one can
-        # be cut at every punctuation character (the "[" of "Trust[13]" too).
-        self.added_unnormalised = added if not any(token.normalized for token in added_tokens) else None
+        # be cut at every punctuation character (the "[" of "Trust[13]" too). One RE2 pattern
+        # finds any of them in one pass.
+        literal = ["".join("\\" + c if c in string.punctuation else c for c in token) for token in added]
+        self.any_added_token = "|".join(literal) if added and not any(t.normalized for t in added_tokens) else None
         # Pure ASCII letters and digits: the model alone (the normaliser only lower-cases them).
         self.model = tokenizer.model if bert and type(tokenizer.model).__name__ == "WordPiece" else None
         self.vocab = tokenizer.get_vocab(with_added_tokens=False)
@@ -140,8 +143,7 @@ class WordCache:
         """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
         text = pa.array(sentences, type=pa.large_string()) if isinstance(sentences, list) else sentences
         punctuation = self.punctuation_but_added
-        if self.added_unnormalised is not None and not any(
-                pc.any(pc.match_substring(text, token)).as_py() for token in self.added_unnormalised):
+        if self.any_added_token is not None and not pc.any(pc.match_substring_regex(text, self.any_added_token)).as_py():
             punctuation = self.punctuation  # (checked before deleting: the tokenizer matches raw text)
         if pc.any(pc.match_substring_regex(text, _BERT_DELETED)).as_py():
             # NUL, which BERT deletes too, and which splits nothing: "a\x1cb" stays one word
