@@ -459,13 +459,13 @@ def sample_without_replacement(population: np.ndarray, counts: np.ndarray, width
     instead of a random key per candidate and a partial sort. (n, width); -1 fills the slots
     past a row's count (counts <= width)."""
     n = len(population)
-    chosen = np.full((n, width), -1, dtype=np.int64)
+    chosen = np.full((width, n), -1, dtype=np.int64)  # (step, row): the checks below run along rows
     uniforms = rng.random((width, n))
     for step in range(width):
         # Floyd: for j = population - count .. population - 1, draw t uniform in [0, j]; take t,
         # or j itself when t is already taken. Every subset of size count is equally likely.
         j = population - counts + step
         t = (uniforms[step] * (j + 1)).astype(np.int64)
-        taken = (chosen[:, :step] == t[:, None]).any(axis=1)
-        chosen[:, step] = np.where(step < counts, np.where(taken, j, t), -1)
-    return chosen
+        taken = (chosen[:step] == t).any(axis=0)
+        chosen[step] = np.where(step < counts, np.where(taken, j, t), -1)
+    return chosen.T
