@@ -468,4 +468,4 @@ def sample_without_replacement(population: np.ndarray, counts: np.ndarray, width
         t = (uniforms[step] * (j + 1)).astype(np.int64)
         taken = (chosen[:step] == t).any(axis=0)
         chosen[step] = np.where(step < counts, np.where(taken, j, t), -1)
-    return chosen.T
+    return np.ascontiguousarray(chosen.T)
