@@ -19,6 +19,9 @@ def test_demo_config_validates(home: Path):
     stages = config.stage_configs()
     assert stages.pretrain.model == "tiny"
     assert [task.name for task, _ in stages.finetune] == ["sentiment"]
+    # The demo corpus has 4,552 CJK characters seen at least twice; a smaller initial alphabet
+    # turns common review characters into [UNK] (7.9% of word pieces at the default 1,000).
+    assert stages.tokenizer.limit_alphabet >= 4552
 
 
 def test_demo_pretraining_never_reads_the_evaluation_reviews(home: Path):
