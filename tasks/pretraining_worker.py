@@ -142,6 +142,8 @@ class WordCache:
     def encode(self, sentences: pa.Array | list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
         text = pa.array(sentences, type=pa.large_string()) if isinstance(sentences, list) else sentences
+        if text.null_count:
+            text = pc.fill_null(text, "")  # a missing sentence has no tokens
         punctuation = self.punctuation_but_added
         if self.any_added_token is not None and not pc.any(pc.match_substring_regex(text, self.any_added_token)).as_py():
             punctuation = self.punctuation  # (checked before deleting: the tokenizer matches raw text)
