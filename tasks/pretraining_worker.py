@@ -344,7 +344,7 @@ def mask_rows_one_by_one(batch: AssembledInstances, rule: MaskingRule, rng: np.r
 def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     """Read the unit's documents, build dupe_factor rounds of instances, mask them (unless
     dynamic), shuffle, write the shard; returns counts for the manifest."""
-    from storage.pretraining_store import InstanceColumns, read_corpus_slice, write_pretraining_shard
+    from storage.pretraining_store import read_corpus_slice, write_pretraining_shard
 
     started = time.perf_counter()
     tokenizer, is_continuation, cache = _tokenizer_and_flags(job.tokenizer_dir)
