@@ -205,10 +205,18 @@ def read_corpus_slice(shard: str | Path, row_start: int, row_count: int, batch_r
     can be one large row group). The text stays in Arrow: the tokenising reads it there."""
     parts: list[pa.Array] = []
     languages: list[str] = []
-    row = 0
     stop = row_start + row_count
     parquet = pq.ParquetFile(shard)
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["sentences", "language"]):
+    # Row groups that end before the unit are skipped, not decoded (ingest writes groups of ~8 MB).
+    groups, row, first_row = [], 0, None
+    for index in range(parquet.metadata.num_row_groups):
+        group_rows = parquet.metadata.row_group(index).num_rows
+        if row + group_rows > row_start and row < stop:
+            groups.append(index)
+            first_row = row if first_row is None else first_row
+        row += group_rows
+    row = first_row or 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["sentences", "language"], row_groups=groups):
         if row + batch.num_rows > row_start:
             part = batch.slice(max(0, row_start - row), stop - max(row, row_start))
             parts.append(part.column(0))
