@@ -88,6 +88,24 @@ def test_shard_round_trip_with_byte_stream_split_lists(tmp_path, id_dtype):
     assert read.input_ids.dtype == np.dtype(id_dtype)
 
 
+def test_corpus_slices_read_across_row_groups(tmp_path):
+    """A unit reads only the row groups holding its rows: same documents as slicing the whole shard."""
+    from storage.corpus import CorpusShardWriter
+    from storage.pretraining_store import read_corpus_slice
+
+    writer = CorpusShardWriter(tmp_path, shard_bytes=10**9, row_group_bytes=200)
+    for doc_id in range(60):
+        writer.add(doc_id, "s", "en", [f"document {doc_id} sentence {k}." for k in range(3)], 60)
+    writer.flush()
+    [shard] = sorted(tmp_path.glob("shard-*.parquet"))
+    assert pq.ParquetFile(shard).metadata.num_row_groups > 5
+    everything = pq.read_table(shard)
+    for start, count in ((0, 60), (0, 1), (7, 13), (29, 2), (59, 1), (10, 50)):
+        documents, languages = read_corpus_slice(shard, start, count, batch_rows=4)
+        assert documents.to_pylist() == everything["sentences"].to_pylist()[start:start + count]
+        assert languages == ["en"] * count
+
+
 def test_same_bytes_for_any_number_of_workers(inputs):
     one = build(inputs, workers=1, name="one")
     two = build(inputs, workers=2, name="two")
