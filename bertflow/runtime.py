@@ -33,6 +33,32 @@ def configure_environment() -> None:
             os.environ["PREFECT_HOME"] = str(home.state_dir / "prefect")
 
 
+class _PandasProbe:
+    """An import finder that refuses `pandas` (installed only for the moment of the probe)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas":
+            raise ImportError("bertflow: pyarrow's pandas probe skipped")
+
+
+def skip_pyarrow_pandas_probe() -> None:
+    """pyarrow imports pandas (0.3 s) on a process's first conversion, only to check whether an
+    input is a pandas object; ours never are. Make that one probe fail fast. pyarrow imports
+    pandas for real when `to_pandas()` is called, and then knows pandas objects again."""
+    import sys
+
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    probe = _PandasProbe()
+    sys.meta_path.insert(0, probe)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(probe)
+
+
 def validated(model: type[M], values: dict[str, Any], where: str = "") -> M:
     """Build a config model; a bad value becomes one line naming the field."""
     try:

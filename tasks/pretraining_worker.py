@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bertflow.errors import BertflowError
+from bertflow.runtime import skip_pyarrow_pandas_probe
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
                                          AssembledInstances, DocumentIndex, MaskingRule, SpecialIds,
                                          assemble_instances, create_instances_from_document,
@@ -347,6 +348,7 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     from storage.pretraining_store import read_corpus_slice, write_pretraining_shard
 
     started = time.perf_counter()
+    skip_pyarrow_pandas_probe()  # once per worker process: 0.3 s of importing pandas otherwise
     tokenizer, is_continuation, cache = _tokenizer_and_flags(job.tokenizer_dir)
     documents, languages = read_corpus_slice(job.corpus_shard, job.row_start, job.row_count)
     need_words = job.masking != "token"

@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# pyarrow imports pandas (0.3 s) on the first pa.array() of a process. Done here, at import in
-# the main thread: in a worker thread it would hold the import lock mid-batch and stall the rest.
-pa.array([0])
+from bertflow.runtime import skip_pyarrow_pandas_probe
+
+# Before any worker thread converts anything (see bertflow/runtime.py).
+skip_pyarrow_pandas_probe()
 
 UnicodeForm = Literal["NFC", "NFKC", "NFD", "NFKD", "none"]
 
