@@ -39,6 +39,17 @@ _SPACES = rf"[ {_ODD_SPACE}]{{2,}}|[{_ODD_SPACE}]"
 _LINE_EDGE_SPACES = r" +\n *|\n +"
 _BLANK_LINES = r"\n\n\n+"
 
+# The characters the two rare rules rewrite, per byte (ASCII) and per BMP code point, so that
+# one numpy pass finds the few documents that need them (bit 1: odd newline, bit 2: control).
+_ODD_NEWLINE, _CONTROL = 1, 2
+_RARE_BYTES = np.zeros(256, dtype=np.uint8)
+_RARE_BYTES[[0x0B, 0x0C, 0x0D]] = _ODD_NEWLINE
+_RARE_BYTES[[*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F]] = _CONTROL
+_RARE_CODE_POINTS = np.zeros(0x10001, dtype=np.uint8)
+_RARE_CODE_POINTS[[0x85, 0x2028, 0x2029]] = _ODD_NEWLINE
+_RARE_CODE_POINTS[[*range(0x80, 0x85), *range(0x86, 0xA0), 0x200B, 0x200E, 0x200F, *range(0x202A, 0x202F),
+                   0xFEFF, 0xFFFE]] = _CONTROL
+
 
 @lru_cache(maxsize=None)
 def may_change_under(form: str) -> np.ndarray:
@@ -77,8 +88,7 @@ def _where(texts: pa.Array, mask: np.ndarray, rewrite: Callable[[pa.Array], pa.A
     return pc.replace_with_mask(texts, selected, rewrite(pc.filter(texts, selected)))
 
 
-def _whitespace_and_controls(texts: pa.Array) -> pa.Array:
-    texts = pc.replace_substring_regex(texts, _CONTROLS, "")
+def _whitespace(texts: pa.Array) -> pa.Array:
     texts = pc.replace_substring_regex(texts, _SPACES, " ")
     texts = pc.replace_substring_regex(texts, _LINE_EDGE_SPACES, "\n")
     return pc.replace_substring_regex(texts, _BLANK_LINES, "\n\n")
@@ -92,16 +102,31 @@ def normalize_texts(texts: pa.Array, unicode_form: UnicodeForm = "NFC") -> pa.Ar
     sentence and document boundaries for the splitters downstream. The Unicode normal form
     runs only on documents holding a character it could change (found by a numpy scan): the
     kernel costs more than all the other rewrites together, and most text is already normal.
+    The same scan finds the documents with odd newlines or controls; the other documents skip
+    those two rewrites. (Rewriting newlines changes no character's class, and a document the
+    normal form changed gets the control rule regardless.)
     """
     if len(texts) == 0:
         return texts
-    texts = pc.replace_substring_regex(texts, _ODD_NEWLINES, "\n")
+    offsets, data = utf8_view(texts)
+    lead, code = _non_ascii_code_points(data)
+    code = np.minimum(code, 0x10000)
+    rare_bytes = np.flatnonzero(_RARE_BYTES[data])
+    rare_chars = _RARE_CODE_POINTS[code]
+    byte_kinds = _RARE_BYTES[data[rare_bytes]]
+
+    def containing(kind: int) -> np.ndarray:
+        positions = np.concatenate([rare_bytes[(byte_kinds & kind) > 0], lead[(rare_chars & kind) > 0]])
+        return _texts_containing(positions, offsets)
+
+    has_controls = containing(_CONTROL)
+    texts = _where(texts, containing(_ODD_NEWLINE), lambda t: pc.replace_substring_regex(t, _ODD_NEWLINES, "\n"))
     if unicode_form != "none":
-        offsets, data = utf8_view(texts)
-        lead, code = _non_ascii_code_points(data)
-        unnormalised = _texts_containing(lead[may_change_under(unicode_form)[np.minimum(code, 0x10000)]], offsets)
+        unnormalised = _texts_containing(lead[may_change_under(unicode_form)[code]], offsets)
         texts = _where(texts, unnormalised, lambda t: pc.utf8_normalize(t, unicode_form))
-    return pc.utf8_trim_whitespace(_whitespace_and_controls(texts))
+        has_controls |= unnormalised
+    texts = _where(texts, has_controls, lambda t: pc.replace_substring_regex(t, _CONTROLS, ""))
+    return pc.utf8_trim_whitespace(_whitespace(texts))
 
 
 # --- character classes ---------------------------------------------------------------------

@@ -66,3 +66,33 @@ def test_language_and_char_classes():
     assert char_class_counts("ab 中文 12\n") == (6, 4, 2)
     assert letter_fraction("| 1 | 2 | 3 |") == 0.0
     assert letter_fraction("words only") == 1.0
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFKC", "NFD", "none"])
+def test_gated_normalisation_equals_every_rule_on_every_document(form):
+    """normalize_texts skips rules on documents that cannot need them: the result must equal
+    applying every rule to every document, on random mixes of the rare characters."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tasks import text
+
+    def every_rule(texts: pa.Array) -> pa.Array:
+        texts = pc.replace_substring_regex(texts, text._ODD_NEWLINES, "\n")
+        if form != "none":
+            texts = pc.utf8_normalize(texts, form)
+        for pattern, replacement in ((text._CONTROLS, ""), (text._SPACES, " "),
+                                     (text._LINE_EDGE_SPACES, "\n"), (text._BLANK_LINES, "\n\n")):
+            texts = pc.replace_substring_regex(texts, pattern, replacement)
+        return pc.utf8_trim_whitespace(texts)
+
+    pieces = list("ab cd.\n\n") + ["\r", "\r\n", "\x0b", "\x0c", "\x85", "\u2028", "\u2029", "\x00", "\x07",
+                                   "\x1e", "\x1f", "\x7f", "\x80", "\x9f", "\u200b", "\u200e", "\u202a", "\ufeff",
+                                   "\ufffe", "\t", "\xa0", "\u3000", "e\u0301", "\u1100\u1161", "\uf900", "中",
+                                   "。", "\U0001F600", "\u212b", "\ufb01", "\u2460"]
+    rng = random.Random(form)
+    texts = pa.array(["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(3000)],
+                     pa.large_string())
+    assert text.normalize_texts(texts, form).equals(every_rule(texts))
