@@ -80,8 +80,9 @@ class Background:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def interrupt(self, timeout: float = 30) -> int:
-        """Ctrl-C, then wait; kill only if it hangs (the test then fails on the return code)."""
+    def interrupt(self, timeout: float = 90) -> int:
+        """Ctrl-C, then wait; kill only if it hangs (the test then fails on the return code).
+        Prefect's runner once took over 30 s to stop while the whole suite loaded both cores."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
