@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
 
 from storage.home import DataHome
 from tasks.caching import cached_stage
-from tasks.ingest import STAGE, STAGE_VERSION, IngestConfig, ingest_corpus, resolve_source_specs
-
-
-def ingest_inputs(config: IngestConfig, home: DataHome) -> dict[str, Any]:
-    """The task's inputs: paths, sizes, modification times and read options of the sources are
-    the stage's input fingerprint."""
-    return {"config": config, "sources": [asdict(source) for source in resolve_source_specs(config)]}
+from tasks.ingest import STAGE, STAGE_VERSION, IngestConfig, ingest_corpus
+from tasks.ingest_config import ingest_inputs
 
 
 @flow(name="ingest", log_prints=True)

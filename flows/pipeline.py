@@ -79,12 +79,12 @@ def find_cached_run(config: PipelineConfig) -> dict[str, Any] | None:
     found without Prefect (no server, no flow run: seconds instead of tens); None as soon as
     one stage would compute. Walks the stages exactly as `_run_stages` does."""
     from flows.finetune import finetune_trial_inputs
-    from flows.ingest import ingest_inputs
     from flows.pretrain import pretrain_inputs
     from flows.pretraining_data import pretraining_data_inputs
     from flows.tokenizer import tokenizer_inputs
     from tasks import finetune, ingest, pretrain, pretraining_data, tokenizer
-    from tasks.caching import cached_result
+    from tasks.cache_keys import cached_result
+    from tasks.ingest_config import ingest_inputs
     from tasks.report import run_summary
 
     home = DataHome.from_env()

@@ -26,7 +26,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import get_transaction
 
-from tasks.cache_keys import stage_cache_key  # noqa: F401 (the key, re-exported)
+from tasks.cache_keys import cached_result, stage_cache_key  # noqa: F401 (re-exported)
 from storage.home import DataHome
 
 
@@ -90,23 +90,6 @@ def cached_stage(task: Task, *, stage: str, version: str, home: DataHome, refres
         persist_result=True,
         refresh_cache=refresh,
     )
-
-
-def cached_result(stage: str, version: str, inputs: dict[str, Any], home: DataHome) -> dict[str, Any] | None:
-    """What the stage's task would return from its cache for these inputs, read without Prefect:
-    the JSON result record of the same key, if its artifact is still on disk; else None."""
-    import json
-
-    from storage.artifacts import ArtifactStore
-
-    key = stage_cache_key(stage, version, inputs)
-    if ArtifactStore(home).find_valid_by_cache_key(key) is None:
-        return None
-    try:
-        result = json.loads((home.cache_records_dir / "results" / key).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # no record, or one in a format this code does not know: the flow recomputes
-    return result if isinstance(result, dict) and result.get("path") else None
 
 
 def current_cache_key() -> str | None:

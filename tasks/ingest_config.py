@@ -1,6 +1,6 @@
 """What `bertflow ingest` is asked to do, and what it reports: the stage's config model, its
 cache key and summaries. Free of Prefect, so that a cached re-run
-is answered from the catalog in about a second (see `find_cached_corpus`)."""
+is answered from the catalog in about a second (`ingest_inputs` → `cached_result`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.cache_keys import stage_cache_key
 from tasks.cleaning import CleaningOptions
 from tasks.text import UnicodeForm
 
@@ -108,20 +107,12 @@ def resolve_source_specs(config: IngestConfig) -> list[Any]:
     return list(files.values())
 
 
-def find_cached_corpus(config: IngestConfig) -> dict[str, Any] | None:
-    """The manifest the ingest task would return from its cache for this config and these
-    source files (same key, artifact still on disk), or None."""
+def ingest_inputs(config: IngestConfig, home: Any = None) -> dict[str, Any]:
+    """The ingest task's inputs, hence its cache key: the config, and the path, size,
+    modification time and read options of every source file (the stage's input fingerprint)."""
     from dataclasses import asdict
 
-    from storage.artifacts import ArtifactStore
-
-    sources = [asdict(source) for source in resolve_source_specs(config)]
-    key = stage_cache_key(STAGE, STAGE_VERSION, {"config": config, "sources": sources})
-    entry = ArtifactStore().find_valid_by_cache_key(key)
-    if entry is None:
-        return None
-    return {"id": entry.id, "kind": entry.kind, "name": entry.name, "fingerprint": entry.fingerprint,
-            "path": entry.path, "stats": entry.stats}
+    return {"config": config, "sources": [asdict(source) for source in resolve_source_specs(config)]}
 
 
 def summary_markdown(manifest: dict[str, Any]) -> str:

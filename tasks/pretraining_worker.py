@@ -348,7 +348,7 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     from storage.pretraining_store import read_corpus_slice, write_pretraining_shard
 
     started = time.perf_counter()
-    skip_pyarrow_pandas_probe()  # once per worker process: 0.3 s of importing pandas otherwise
+    skip_pyarrow_pandas_probe()  # 0.3 s of importing pandas otherwise; cheap after the first job
     tokenizer, is_continuation, cache = _tokenizer_and_flags(job.tokenizer_dir)
     documents, languages = read_corpus_slice(job.corpus_shard, job.row_start, job.row_count)
     need_words = job.masking != "token"

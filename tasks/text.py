@@ -18,11 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bertflow.runtime import skip_pyarrow_pandas_probe
-
-# Before any worker thread converts anything (see bertflow/runtime.py).
-skip_pyarrow_pandas_probe()
-
 UnicodeForm = Literal["NFC", "NFKC", "NFD", "NFKD", "none"]
 
 # Characters that never occur in normalised text (controls are removed), used as markers.

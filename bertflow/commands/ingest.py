@@ -93,11 +93,14 @@ def _config_from_options(args: argparse.Namespace, model: type) -> object:
 def _ingest(config: object, args: argparse.Namespace) -> int:
     import sys
 
-    from tasks.ingest_config import find_cached_corpus, format_summary
+    from storage.home import DataHome
+    from tasks.cache_keys import cached_result
+    from tasks.ingest_config import STAGE, STAGE_VERSION, format_summary, ingest_inputs
 
     # Same key and artifact still on disk: the flow would only report `Cached`, and starting
     # Prefect costs far more than the answer. --refresh always runs the flow.
-    manifest = None if args.refresh else find_cached_corpus(config)
+    home = DataHome.from_env()
+    manifest = None if args.refresh else cached_result(STAGE, STAGE_VERSION, ingest_inputs(config, home), home)
     if manifest is not None:
         print(f"cached: corpus {config.name} is up to date (served from the catalog; no flow run;"
               " --refresh recomputes)", file=sys.stderr)
