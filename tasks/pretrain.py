@@ -61,6 +61,9 @@ class PretrainConfig(BaseModel):
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     warmup: float = Field(0.01, ge=0, description="warm-up: fraction of total steps when < 1, else steps")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled decay (not on biases, LayerNorms)")
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="hidden and attention dropout probability (default: the model's own, 0.1 for"
+        " presets); the CPU demo pretrains with 0")
     adam_beta1: float = Field(0.9, gt=0, lt=1)
     adam_beta2: float = Field(0.999, gt=0, lt=1)
     adam_eps: float = Field(1e-6, gt=0)
@@ -590,6 +593,8 @@ def prepare_run(config: PretrainConfig, data: dict[str, Any]) -> RunSpec:
             raise BertflowError(f"pretraining-data '{data['name']}': [{role.upper()}] id {special[role]} differs from"
                                 f" the tokenizer's {token_id}; rebuild the pretraining data with this tokenizer")
     hf_config = bert_config(config.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if config.dropout is not None:
+        hf_config.hidden_dropout_prob = hf_config.attention_probs_dropout_prob = config.dropout
     if hf_config.vocab_size != len(tokenizer):
         raise BertflowError(f"--model {config.model}: vocab_size {hf_config.vocab_size} does not match the"
                             f" tokenizer's {len(tokenizer)} entries; set vocab_size to {len(tokenizer)} or use a preset")

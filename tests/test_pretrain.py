@@ -180,6 +180,21 @@ def test_tiny_model_overfits_one_small_batch(home: Path):
     assert losses[-1] < 0.35 * losses[0], (losses[0], losses[-1])
 
 
+def test_dropout_setting_reaches_the_model_and_its_export(home: Path):
+    from tasks.pretrain import PretrainConfig, prepare_run
+
+    data = register_pretraining_data(instances=20)
+    base = dict(name="d", model="tiny", steps=2, batch_size=4)
+    default = prepare_run(PretrainConfig(**base), data).hf_config
+    assert default["hidden_dropout_prob"] == default["attention_probs_dropout_prob"] == 0.1  # BERT's own
+    result = train_once(data, name="d0", steps=2, batch_size=4, dropout=0.0, eval_instances=0)
+    assert result.model.config.hidden_dropout_prob == result.model.config.attention_probs_dropout_prob == 0.0
+    dropouts = [m.p for m in result.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == 0.0 for p in dropouts)
+    with pytest.raises(ValueError):
+        PretrainConfig(**base, dropout=1.0)
+
+
 def test_interrupted_and_resumed_run_follows_the_uninterrupted_trajectory_exactly(home: Path, monkeypatch):
     import tasks.pretrain as pretrain
 

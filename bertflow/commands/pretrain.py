@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="warm-up: a fraction of the steps when < 1, else a number of steps (default 0.01)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="hidden and attention dropout (default: the model's own, 0.1 for presets)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPUs and CPUs that support it (AMX), fp16 on older GPUs, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     config = validated(PretrainConfig, dict(
         name=args.name, model=args.model, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, precision=args.precision, compile=args.compile, device=args.device,
+        max_grad_norm=args.max_grad_norm, dropout=args.dropout, precision=args.precision, compile=args.compile, device=args.device,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
         eval_instances=args.eval_instances, log_every=args.log_every, bucket_batches=args.bucket_batches,
         workers=args.workers, seed=args.seed,
