@@ -63,13 +63,15 @@ class Background:
 
     process: subprocess.Popen
     lines: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @classmethod
     def start(cls, argv: list[str], env: dict[str, str], cwd: Path) -> "Background":
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
         background = cls(process)
-        threading.Thread(target=background._collect, daemon=True).start()
+        background.reader = threading.Thread(target=background._collect, daemon=True)
+        background.reader.start()
         return background
 
     def _collect(self) -> None:
@@ -80,22 +82,17 @@ class Background:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def interrupt(self, timeout: float = 30) -> int:
-        """Ctrl-C, and a second Ctrl-C if the first has not stopped it within `timeout` (as a
-        user would: Prefect's serve runner sometimes ignores the first one after a failed run,
-        only ever seen under the whole suite's load); kill only if it still hangs (the test then
-        fails on the return code)."""
-        for _ in range(2):
-            if self.process.poll() is not None:
-                break
+    def interrupt(self, timeout: float = 60) -> int:
+        """Ctrl-C; kill only if it has not stopped within `timeout` (the caller asserts the code)."""
+        if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                continue
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+                self.process.kill()
+                self.process.wait()
+        if self.reader is not None:
+            self.reader.join(10)  # the last lines, once the pipe has closed
         return self.process.returncode
 
 
@@ -264,10 +261,14 @@ def test_serve_registers_the_cron_deployment(server, tmp_path):
         assert triggered["state"]["type"] == "FAILED"
         assert str(missing) in triggered["state"]["message"], triggered["state"]["message"]
     finally:
-        # Not asserted: in full-suite runs from fresh clones Prefect's serve runner has ignored
-        # Ctrl-C after the failed run (three times in three runs; never when run alone), a known
-        # open problem; interrupt() kills it then.
-        serving.interrupt()
+        code = serving.interrupt()
+    # Ctrl-C: the runner pauses the schedule and stops (0); Prefect's runner has ignored Ctrl-C
+    # after a failed run in full-suite runs, and then `serve` kills it after STOP_GRACE_S (130).
+    assert code in (0, 130), f"bertflow serve exited with {code}:\n{serving.output}"
+    assert "stopping: the runner pauses the schedule" in serving.output
+    if code == 0:
+        stopped = server.get("/deployments/name/pipeline/nightly").json()
+        assert stopped["paused"] or not any(s["active"] for s in stopped["schedules"]), stopped
 
 
 @pytest.mark.slow

@@ -4,15 +4,27 @@ Registers the pipeline flow as a Prefect deployment with a cron schedule and the
 as its default parameters, then stays in the foreground executing its runs (scheduled ones, and
 those triggered with `prefect deployment run 'pipeline/N'`). Prefect refuses to schedule without
 a server, so this needs `PREFECT_API_URL` pointing at one (`bertflow server`).
+
+Prefect's runner is a child process in a session of its own; this process only waits for it and
+forwards Ctrl-C/SIGTERM. The runner then pauses the schedule and stops; if it has not exited
+within STOP_GRACE_S (Prefect's runner ignored Ctrl-C after a failed run in some full test-suite
+runs), its whole process group is killed, so `bertflow serve` always stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from bertflow.errors import BertflowError
+
+STOP_GRACE_S = 30.0  # seconds the runner gets to pause its schedule and stop after Ctrl-C
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -80,9 +92,65 @@ def serve_deployment(flow: Any, *, name: str, schedule: Any, parameters: dict[st
     serve(deployment, print_starting_message=False)
 
 
+def serve_child() -> None:
+    """The runner process: reads {flow name, deployment, cron, timezone, parameters} as JSON from
+    stdin and serves until interrupted."""
+    spec = json.loads(sys.stdin.read())
+    from flows.pipeline import pipeline_flow
+
+    serve_deployment(pipeline_flow, name=spec["name"], schedule=validated_schedule(spec["cron"], spec["timezone"]),
+                     parameters=spec["parameters"])
+
+
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM arrived."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def supervise(spec: dict[str, Any], grace: float = STOP_GRACE_S) -> int:
+    """Run the runner as a child until it exits or a stop signal arrives; then give it `grace`
+    seconds to stop before its process group is killed. Returns the exit code."""
+    from bertflow.commands.server import _die_with_parent
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from bertflow.commands.serve import serve_child; serve_child()"],
+        stdin=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        child.stdin.write(json.dumps(spec))
+        child.stdin.close()
+        code = child.wait()
+        raise BertflowError(f"the Prefect serve runner exited with code {code}; see the messages above")
+    except _Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # stopping already: a second Ctrl-C must not orphan the runner
+        print(f"stopping: the runner pauses the schedule (at most {grace:.0f} s) ...", flush=True)
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            print(f"the runner did not stop within {grace:.0f} s and was killed; its schedule may still be"
+                  " active: pause it in the UI or with `prefect deployment pause`", flush=True)
+            return 130
+        print("stopped serving.", flush=True)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
 def run(args: argparse.Namespace) -> int:
     # Cheapest checks first: the config check imports every stage (torch included).
-    schedule = validated_schedule(args.cron, args.timezone)
+    validated_schedule(args.cron, args.timezone)
     url = require_server()
     from bertflow.config import load_pipeline_config
 
@@ -98,6 +166,5 @@ def run(args: argparse.Namespace) -> int:
           f"  with a refresh:  prefect deployment run '{pipeline_flow.name}/{name}'"
           " --param refresh='[\"ingest\"]'\n"
           "  Ctrl-C stops serving (and pauses the schedule).", flush=True)
-    serve_deployment(pipeline_flow, name=name, schedule=schedule,
-                     parameters={"config": config.model_dump(mode="json")})
-    return 0
+    return supervise({"name": name, "cron": args.cron, "timezone": args.timezone,
+                      "parameters": {"config": config.model_dump(mode="json")}})
