@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tasks.caching import current_cache_key
 
 STAGE = "tokenizer"
-STAGE_VERSION = "1"  # bump when the output of the same inputs and parameters changes
+STAGE_VERSION = "2"  # bump when the output of the same inputs and parameters changes
 
 SPECIAL_TOKEN_ORDER = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 when trained
 TRAINING_BATCH_SENTENCES = 1000
@@ -64,15 +64,77 @@ def add_bert_post_processor(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def train_wordpiece(sentence_batches: Iterable[list[str]], *, vocab_size: int, lowercase: bool,
-                    min_frequency: int, limit_alphabet: int, length: int | None = None) -> Tokenizer:
-    """Train a BERT WordPiece vocabulary on streamed batches of sentences."""
+                    min_frequency: int, limit_alphabet: int, length: int | None = None,
+                    alphabet: list[str] | None = None, continuations: list[str] | None = None) -> Tokenizer:
+    """Train a BERT WordPiece vocabulary on streamed batches of sentences.
+
+    `tokenizers`' trainer is not deterministic (huggingface/tokenizers#1794): characters tied in
+    frequency at the `limit_alphabet` cut, and the ids of the single-character continuation
+    pieces (`##e`, created in hash-map order, used to break ties between merges), vary from run
+    to run. `alphabet` (the characters to keep) and `continuations` (sorted) pin both; see
+    `train_wordpiece_deterministic`.
+    """
     tokenizer = bert_tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"),
                                lowercase=lowercase)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, limit_alphabet=limit_alphabet,
-        special_tokens=SPECIAL_TOKEN_ORDER, continuing_subword_prefix="##", show_progress=False)
+        initial_alphabet=alphabet or [], special_tokens=[*SPECIAL_TOKEN_ORDER, *(continuations or [])],
+        continuing_subword_prefix="##", show_progress=False)
     tokenizer.train_from_iterator(sentence_batches, trainer=trainer, length=length)
     return add_bert_post_processor(tokenizer)
+
+
+def frequent_characters(sentence_batches: Iterable[list[str]], normalizer: Any, limit: int) -> list[str]:
+    """The `limit` most frequent characters of the normalised text, ties broken by the character
+    (the alphabet the trainer would keep, chosen the same way on every run). BERT's normaliser
+    works character by character, so the raw characters are counted and each distinct one is
+    normalised once."""
+    from collections import Counter
+
+    raw: Counter[str] = Counter()
+    for batch in sentence_batches:
+        raw.update("".join(batch))
+    counts: Counter[str] = Counter()
+    for char, count in raw.items():
+        for normalised in normalizer.normalize_str(char):  # "É" -> "e", "中" -> " 中 ", a control -> ""
+            if not normalised.isspace():
+                counts[normalised] += count
+    return sorted(counts, key=lambda c: (-counts[c], c))[:limit]
+
+
+# BERT's normaliser puts spaces around these (CJK ideographs), so they are always whole words.
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def can_continue_a_word(char: str) -> bool:
+    """Whether BERT's pre-tokeniser can leave `char` inside a word (not first): not a CJK
+    ideograph, punctuation (ASCII or Unicode P*) or whitespace, which always stand alone."""
+    import unicodedata
+
+    cp = ord(char)
+    if any(lo <= cp <= hi for lo, hi in _CJK_RANGES) or char.isspace():
+        return False
+    ascii_punctuation = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+    return not (ascii_punctuation or unicodedata.category(char).startswith("P"))
+
+
+def train_wordpiece_deterministic(sentence_batches: Callable[[], Iterable[list[str]]], *, vocab_size: int,
+                                  lowercase: bool, min_frequency: int, limit_alphabet: int,
+                                  length: int | None = None) -> Tokenizer:
+    """The same vocabulary for the same text on every run. A first pass counts characters and
+    picks the alphabet; the training pass then has both the alphabet and the `##x` piece of every
+    alphabet character that can continue a word pinned in sorted order. The result is rebuilt as
+    a plain BERT tokenizer over the trained vocabulary (the pinned pieces are not special tokens).
+    A `##x` piece the text never uses stays in the vocabulary (Google's vocabularies hold them too)."""
+    normalizer = bert_tokenizer(models.WordPiece(unk_token="[UNK]"), lowercase=lowercase).normalizer
+    alphabet = frequent_characters(sentence_batches(), normalizer, limit_alphabet)
+    continuations = sorted("##" + c for c in alphabet if can_continue_a_word(c))
+    trained = train_wordpiece(sentence_batches(), vocab_size=vocab_size, lowercase=lowercase,
+                              min_frequency=min_frequency, limit_alphabet=limit_alphabet, length=length,
+                              alphabet=alphabet, continuations=continuations)
+    tokens = [t for t, _ in sorted(trained.get_vocab().items(), key=lambda item: item[1])]
+    return adopt_vocabulary(tokens, lowercase=lowercase)
 
 
 def adopt_vocabulary(tokens: list[str], *, lowercase: bool) -> Tokenizer:
@@ -130,15 +192,19 @@ def run_tokenizer(config: TokenizerConfig, corpus: dict[str, Any], *, cache_key:
     started = time.perf_counter()
     adopted = read_vocab_file(config.vocab) if config.vocab else None  # fail before heavy work
     heldout: list[str] = []
-    documents = iter_documents(corpus["path"])
-    batches = split_heldout(documents, config.heldout_every, heldout, config.heldout_max_sentences)
+
+    def training_batches() -> Iterator[list[str]]:  # a fresh stream of the corpus per pass
+        heldout.clear()
+        return split_heldout(iter_documents(corpus["path"]), config.heldout_every, heldout,
+                             config.heldout_max_sentences)
+
     if adopted is None:
-        tokenizer = train_wordpiece(batches, vocab_size=config.vocab_size, lowercase=config.lowercase,
-                                    min_frequency=config.min_frequency,
-                                    limit_alphabet=config.limit_alphabet,
-                                    length=corpus.get("stats", {}).get("sentences"))
+        tokenizer = train_wordpiece_deterministic(
+            training_batches, vocab_size=config.vocab_size, lowercase=config.lowercase,
+            min_frequency=config.min_frequency, limit_alphabet=config.limit_alphabet,
+            length=corpus.get("stats", {}).get("sentences"))
     else:
-        for _ in batches:  # only the held-out sentences are needed
+        for _ in training_batches():  # only the held-out sentences are needed
             pass
         tokenizer = adopt_vocabulary(adopted, lowercase=config.lowercase)
     train_seconds = time.perf_counter() - started

@@ -106,3 +106,29 @@ def test_cli_trains_then_reports_cached(flow_home, capsys):
     assert len(ArtifactStore().catalog.find("t", "tokenizer")) == 1
     assert run_cli("tokenizer", "--corpus", "nope", "--name", "t2") == 1
     assert "no corpus named 'nope'" in capsys.readouterr().err
+
+
+def test_training_gives_the_same_vocabulary_on_every_run():
+    """`tokenizers`' trainer alone varies with hash-map order (huggingface/tokenizers#1794): tied
+    characters at the alphabet cut, and ids of `##x` pieces that break ties between merges."""
+    from tasks.tokenizer import train_wordpiece, train_wordpiece_deterministic
+
+    text = ["Wel come to the Tok en izers libr ary.", "Welcome to the tokenizers library, a welcome library.",
+            "天地玄黄 宇宙洪荒 日月盈昃 辰宿列张"] * 3  # the Chinese characters tie at the alphabet cut
+    settings = dict(vocab_size=70, lowercase=True, min_frequency=1, limit_alphabet=30)
+
+    def vocabulary(tokenizer) -> list[str]:
+        return [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+
+    plain = {tuple(vocabulary(train_wordpiece([text], **settings))) for _ in range(20)}
+    assert len(plain) > 1  # the problem this guards against still exists upstream
+    pinned = {tuple(vocabulary(train_wordpiece_deterministic(lambda: [text], **settings))) for _ in range(20)}
+    assert len(pinned) == 1
+    tokenizer = train_wordpiece_deterministic(lambda: [text], **settings)
+    vocab = vocabulary(tokenizer)
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert any(t.startswith("##") and len(t) == 3 for t in vocab)
+    # The pinned pieces are ordinary vocabulary, not special tokens: "##e" in text is split as text.
+    assert [t for t in tokenizer.get_added_tokens_decoder().values()] and \
+        {t.content for t in tokenizer.get_added_tokens_decoder().values()} == set(vocab[:5])
+    assert tokenizer.encode("##e", add_special_tokens=False).tokens != ["##e"]
