@@ -34,14 +34,6 @@ def read_texts(path: str, column: str, limit: int | None = None) -> list[str]:
     return texts[:limit]
 
 
-def model_dir(name: str) -> str:
-    if Path(name).is_dir():
-        return name
-    from storage.artifacts import ArtifactStore
-
-    return ArtifactStore().resolve(name, kind="model").path
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -57,7 +49,9 @@ def main() -> int:
     import torch
     from transformers import BertForMaskedLM, BertTokenizerFast
 
-    path = model_dir(args.model)
+    from storage.finetune_store import resolve_model
+
+    path = resolve_model(args.model)["path"]
     tokenizer = BertTokenizerFast.from_pretrained(path)
     model = BertForMaskedLM.from_pretrained(path).eval()
     encode = lambda text: tokenizer(text, truncation=True, max_length=args.max_seq_len)["input_ids"]  # noqa: E731

@@ -26,7 +26,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import get_transaction
 
-from tasks.cache_keys import cached_result, stage_cache_key  # noqa: F401 (re-exported)
+from tasks.cache_keys import stage_cache_key  # noqa: F401 (the key, re-exported)
 from storage.home import DataHome
 
 

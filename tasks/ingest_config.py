@@ -109,7 +109,8 @@ def resolve_source_specs(config: IngestConfig) -> list[Any]:
 
 def ingest_inputs(config: IngestConfig, home: Any = None) -> dict[str, Any]:
     """The ingest task's inputs, hence its cache key: the config, and the path, size,
-    modification time and read options of every source file (the stage's input fingerprint)."""
+    modification time and read options of every source file (the stage's input fingerprint).
+    `home` is unused: the signature is the other stages' input builders'."""
     from dataclasses import asdict
 
     return {"config": config, "sources": [asdict(source) for source in resolve_source_specs(config)]}

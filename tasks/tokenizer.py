@@ -102,21 +102,10 @@ def frequent_characters(sentence_batches: Iterable[list[str]], normalizer: Any, 
     return sorted(counts, key=lambda c: (-counts[c], c))[:limit]
 
 
-# BERT's normaliser puts spaces around these (CJK ideographs), so they are always whole words.
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
-
-
-def can_continue_a_word(char: str) -> bool:
-    """Whether BERT's pre-tokeniser can leave `char` inside a word (not first): not a CJK
-    ideograph, punctuation (ASCII or Unicode P*) or whitespace, which always stand alone."""
-    import unicodedata
-
-    cp = ord(char)
-    if any(lo <= cp <= hi for lo, hi in _CJK_RANGES) or char.isspace():
-        return False
-    ascii_punctuation = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
-    return not (ascii_punctuation or unicodedata.category(char).startswith("P"))
+def can_continue_a_word(char: str, tokenizer: Tokenizer) -> bool:
+    """Whether `tokenizer`'s normaliser and pre-tokeniser leave `char` inside a word after another
+    letter (CJK ideographs, punctuation and whitespace always stand alone in BERT)."""
+    return len(tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str("a" + char))) == 1
 
 
 def train_wordpiece_deterministic(sentence_batches: Callable[[], Iterable[list[str]]], *, vocab_size: int,
@@ -127,9 +116,9 @@ def train_wordpiece_deterministic(sentence_batches: Callable[[], Iterable[list[s
     alphabet character that can continue a word pinned in sorted order. The result is rebuilt as
     a plain BERT tokenizer over the trained vocabulary (the pinned pieces are not special tokens).
     A `##x` piece the text never uses stays in the vocabulary (Google's vocabularies hold them too)."""
-    normalizer = bert_tokenizer(models.WordPiece(unk_token="[UNK]"), lowercase=lowercase).normalizer
-    alphabet = frequent_characters(sentence_batches(), normalizer, limit_alphabet)
-    continuations = sorted("##" + c for c in alphabet if can_continue_a_word(c))
+    bert = bert_tokenizer(models.WordPiece(unk_token="[UNK]"), lowercase=lowercase)  # its rules only
+    alphabet = frequent_characters(sentence_batches(), bert.normalizer, limit_alphabet)
+    continuations = sorted("##" + c for c in alphabet if can_continue_a_word(c, bert))
     trained = train_wordpiece(sentence_batches(), vocab_size=vocab_size, lowercase=lowercase,
                               min_frequency=min_frequency, limit_alphabet=limit_alphabet, length=length,
                               alphabet=alphabet, continuations=continuations)

@@ -102,18 +102,10 @@ def serve_child() -> None:
                      parameters=spec["parameters"])
 
 
-class _Stop(Exception):
-    """Ctrl-C or SIGTERM arrived."""
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
 def supervise(spec: dict[str, Any], grace: float = STOP_GRACE_S) -> int:
     """Run the runner as a child until it exits or a stop signal arrives; then give it `grace`
     seconds to stop before its process group is killed. Returns the exit code."""
-    from bertflow.commands.server import _die_with_parent
+    from bertflow.commands.server import _die_with_parent, _raise_stop, _Stop, stop_child
 
     child = subprocess.Popen(
         [sys.executable, "-c", "from bertflow.commands.serve import serve_child; serve_child()"],
@@ -129,21 +121,16 @@ def supervise(spec: dict[str, Any], grace: float = STOP_GRACE_S) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # stopping already: a second Ctrl-C must not orphan the runner
         print(f"stopping: the runner pauses the schedule (at most {grace:.0f} s) ...", flush=True)
-        child.send_signal(signal.SIGINT)
-        try:
-            child.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            print(f"the runner did not stop within {grace:.0f} s and was killed; its schedule may still be"
-                  " active: pause it in the UI or with `prefect deployment pause`", flush=True)
-            return 130
-        print("stopped serving.", flush=True)
-        return 0
+        if stop_child(child, grace, signal.SIGINT):
+            print("stopped serving.", flush=True)
+            return 0
+        print(f"the runner did not stop within {grace:.0f} s and was killed; its schedule may still be"
+              " active: pause it in the UI or with `prefect deployment pause`", flush=True)
+        return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if child.poll() is None:
+        if child.poll() is None:  # an error on the way out: nothing of the runner's is left running
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
 

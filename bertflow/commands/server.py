@@ -143,19 +143,22 @@ def start_server(host: str, port: int, env: dict[str, str], log_path: Path) -> s
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
-def stop_server(child: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the server by PID; kill its process group if it is still there after `timeout`."""
+def stop_child(child: subprocess.Popen, timeout: float = STOP_TIMEOUT_S, sig: int = signal.SIGTERM) -> bool:
+    """Send `sig` to a child started in its own session; kill its process group if it is still
+    there after `timeout`. Returns False when it had to be killed."""
     if child.poll() is not None:
-        return
-    child.terminate()
+        return True
+    child.send_signal(sig)
     try:
         child.wait(timeout=timeout)
+        return True
     except subprocess.TimeoutExpired:
         try:
             os.killpg(child.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         child.wait()
+        return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -211,12 +214,12 @@ def run(args: argparse.Namespace) -> int:
     except (_Stop, KeyboardInterrupt):
         _ignore_stop_signals()
         print("stopping the Prefect server ...", flush=True)
-        stop_server(child)
+        stop_child(child)
         print(f"Prefect server stopped (pid {child.pid}).", flush=True)
         return 0
     finally:
         _ignore_stop_signals()
-        stop_server(child)
+        stop_child(child)
         lock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
