@@ -19,6 +19,7 @@ Pin to two cores with `taskset -c 0,1 python ...` on a bigger machine.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import shutil
@@ -123,6 +124,8 @@ def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
         started = time.perf_counter()
         manifest = run_pretraining_data(config, corpus_ref(corpus), tok)
         seconds = time.perf_counter() - started
+        while multiprocessing.active_children():  # the stage does not wait for idle workers to exit;
+            time.sleep(0.01)                      # their CPU counts once they have been reaped
     own_after, workers_after = cpu_seconds()
     own, workers = own_after - own_before - sampler.cpu, workers_after - workers_before
     cpu = own + workers

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, TypeVar
-
-from pydantic import BaseModel, ValidationError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bertflow.errors import BertflowError
 
-M = TypeVar("M", bound=BaseModel)
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+# pydantic is imported where it is used: worker processes import this module for
+# `skip_pyarrow_pandas_probe` and would pay ~0.1 s each for it.
+M = TypeVar("M", bound="BaseModel")
 
 
 def configure_environment() -> None:
@@ -61,6 +64,8 @@ def skip_pyarrow_pandas_probe() -> None:
 
 def validated(model: type[M], values: dict[str, Any], where: str = "") -> M:
     """Build a config model; a bad value becomes one line naming the field."""
+    from pydantic import ValidationError
+
     try:
         return model.model_validate(values)
     except ValidationError as exc:

@@ -62,10 +62,14 @@ class ArtifactWriter:
 
     def commit(self, *, manifest: dict[str, Any], parents: list[str] | None = None,
                params: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
-               cache_key: str | None = None, stage_version: str | None = None) -> Artifact:
+               cache_key: str | None = None, stage_version: str | None = None,
+               file_digests: dict[str, str] | None = None) -> Artifact:
+        """Fingerprint, move into place, mark, register. `file_digests`: the `file_digest` of
+        data files, by relative path, where the stage already computed them."""
         # The fingerprint covers the data files only: the manifest carries timings that differ
         # between identical runs.
-        fingerprint = hash_directory(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}))
+        fingerprint = hash_directory(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}),
+                                     known=file_digests)
         fingerprint = fingerprint[:FINGERPRINT_CHARS]
         id_ = artifact_id(self.kind, self.name, fingerprint)
         final = self.store.artifact_dir(self.kind, self.name, fingerprint)

@@ -180,6 +180,7 @@ def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], 
             },
             parents=[corpus["id"], tokenizer["id"]], params=config.model_dump(mode="json"),
             stats=summary, cache_key=cache_key, stage_version=STAGE_VERSION,
+            file_digests={s["shard"]: s["digest"] for s in unit_stats if "shard" in s},
         )
     return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
             "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": summary}

@@ -345,6 +345,7 @@ def mask_rows_one_by_one(batch: AssembledInstances, rule: MaskingRule, rng: np.r
 def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     """Read the unit's documents, build dupe_factor rounds of instances, mask them (unless
     dynamic), shuffle, write the shard; returns counts for the manifest."""
+    from storage.fingerprint import file_digest
     from storage.pretraining_store import read_corpus_slice, write_pretraining_shard
 
     started = time.perf_counter()
@@ -417,8 +418,10 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
         "instances_at_cap": capped,
     }
     if n_instances:
-        write_pretraining_shard(Path(job.output_dir) / job.shard_name, columns, job.id_dtype)
+        path = Path(job.output_dir) / job.shard_name
+        write_pretraining_shard(path, columns, job.id_dtype)
         stats["shard"] = job.shard_name
+        stats["digest"] = file_digest(path)  # here, in parallel, rather than at commit
     stats["seconds"] = round(time.perf_counter() - started, 3)
     return stats
 

@@ -113,6 +113,11 @@ def test_same_bytes_for_any_number_of_workers(inputs):
     assert one["fingerprint"] == two["fingerprint"]
     other_seed = build(inputs, workers=1, name="three", seed=8)
     assert other_seed["fingerprint"] != one["fingerprint"]
+    # The workers' file digests give the fingerprint that reading the committed files gives.
+    from storage.artifacts import MANIFEST_FILE, SUCCESS_MARKER
+    from storage.fingerprint import FINGERPRINT_CHARS, hash_directory
+    reread = hash_directory(Path(two["path"]), exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}))
+    assert reread[:FINGERPRINT_CHARS] == two["fingerprint"]
 
 
 def test_static_dataset_items_and_collate(inputs):
