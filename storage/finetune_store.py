@@ -188,11 +188,15 @@ def read_conll(path: str, options: ReadOptions, *, require_labels: bool = True) 
     return examples
 
 
-def read_entity_jsonl(path: str, options: ReadOptions, *, require_labels: bool = True) -> list[TokenExample]:
+def read_entity_jsonl(path: str, options: ReadOptions, *, require_labels: bool = True,
+                      limit: int | None = None) -> list[TokenExample]:
     """JSONL: {"text": ..., "entities": [{"start": 0, "end": 5, "label": "PER"}, ...]}; offsets are
-    characters (end exclusive). `entities` may also be [[start, end, label], ...]."""
+    characters (end exclusive). `entities` may also be [[start, end, label], ...]. With `limit`,
+    reading stops after that many examples."""
     examples = []
     for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if limit is not None and len(examples) >= limit:
+            break
         if not line.strip():
             continue
         try:
@@ -220,12 +224,14 @@ def read_entity_jsonl(path: str, options: ReadOptions, *, require_labels: bool =
     return examples
 
 
-def read_token_examples(path: str, options: ReadOptions, *, require_labels: bool = True) -> list[TokenExample]:
+def read_token_examples(path: str, options: ReadOptions, *, require_labels: bool = True,
+                        limit: int | None = None) -> list[TokenExample]:
+    """Token-labelled sentences; with `limit`, the first `limit` only."""
     fmt = resolve_format(path, "token", options.format)
     if fmt == "conll":
-        return read_conll(path, options, require_labels=require_labels)
+        return read_conll(path, options, require_labels=require_labels)[:limit]
     if fmt in ("jsonl-spans", "jsonl"):
-        return read_entity_jsonl(path, options, require_labels=require_labels)
+        return read_entity_jsonl(path, options, require_labels=require_labels, limit=limit)
     raise BertflowError(f"{path}: format '{fmt}' cannot hold token labels; use conll or jsonl-spans")
 
 

@@ -159,16 +159,19 @@ def read_options(config: FinetuneConfig):
                        entities_key=config.entities_key)
 
 
-def load_examples(config: FinetuneConfig, path: str, *, require_labels: bool = True) -> list:
+def load_examples(config: FinetuneConfig, path: str, *, require_labels: bool = True,
+                  limit: int | None = None) -> list:
+    """The examples of one file; with `limit`, the first `limit` only."""
     from storage import finetune_store as store
 
     options = read_options(config)
     if config.task_type in ("classification", "pair"):
         return store.read_sentence_examples(path, options, pair=config.task_type == "pair",
-                                            require_labels=require_labels)
+                                            require_labels=require_labels)[:limit]
     if config.task_type == "token":
-        return store.read_token_examples(path, options, require_labels=require_labels)
-    return store.read_squad(path)
+        # (entity-span JSONL stops reading at the limit: converting spans to tags is the slow part)
+        return store.read_token_examples(path, options, require_labels=require_labels, limit=limit)
+    return store.read_squad(path)[:limit]
 
 
 def guess_language(examples: Sequence[QAExample]) -> str:
@@ -463,9 +466,9 @@ class PreparedTask:
 def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | None],
                  log: Callable[[str], None]) -> PreparedTask:
     """Read, validate and encode train/dev(/test); every input error surfaces here, before training."""
-    examples = {split: load_examples(config, ref["path"]) for split, ref in data.items() if ref is not None}
-    if config.max_train_examples:
-        examples["train"] = examples["train"][:config.max_train_examples]
+    limits = {"train": config.max_train_examples}
+    examples = {split: load_examples(config, ref["path"], limit=limits.get(split))
+                for split, ref in data.items() if ref is not None}
     notes: dict[str, Any] = {}
     labels = None
     language = "en"

@@ -12,6 +12,7 @@ Pure functions: examples in, features (lists of ints) out; the tokenizer is pass
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -112,10 +113,13 @@ def spans_to_tags(text: str, entities: Sequence[dict[str, Any]], level: str) -> 
                 start = i
     tokens = [text[s:e] for s, e in spans]
     tags = ["O"] * len(spans)
+    ends = [e for _, e in spans]  # increasing: the first token an entity overlaps is found by bisection
     for entity in sorted(entities, key=lambda e: e["start"]):
-        inside = [i for i, (s, e) in enumerate(spans) if s < entity["end"] and e > entity["start"]]
-        for position, i in enumerate(inside):
+        i = bisect_right(ends, entity["start"])
+        position = 0
+        while i < len(spans) and spans[i][0] < entity["end"]:
             tags[i] = ("B-" if position == 0 else "I-") + str(entity["label"])
+            i, position = i + 1, position + 1
     return tokens, tags
 
 
@@ -145,26 +149,40 @@ def encode_token_examples(examples: Sequence[TokenExample], tokenizer: Any, *, m
     """Word pieces with first-piece labels; `word_ids` maps each position back to its word."""
     stats = EncodeStats(examples=len(examples))
     features = []
-    for ex in examples:
-        encoding = tokenizer(ex.tokens, is_split_into_words=True, truncation=False)
-        if len(encoding["input_ids"]) > max_seq_len:
-            stats.truncated += 1
-            encoding = tokenizer(ex.tokens, is_split_into_words=True, truncation=True, max_length=max_seq_len)
-        word_ids = encoding.word_ids()
-        labels, previous = [], None
-        for word in word_ids:
-            if word is None or word == previous or label2id is None or ex.tags is None:
-                labels.append(IGNORE_INDEX)
-            else:
-                labels.append(label2id[ex.tags[word]])
-            previous = word
-        feature = {"input_ids": encoding["input_ids"], "token_type_ids": encoding["token_type_ids"],
-                   "word_ids": [-1 if w is None else w for w in word_ids]}
-        if label2id is not None and ex.tags is not None:
-            feature["labels"] = labels
-        features.append(feature)
+    for start in range(0, len(examples), ENCODE_BATCH):
+        batch = examples[start:start + ENCODE_BATCH]
+        # One tokenizer call per batch: a call per sentence costs ~0.4 ms of overhead.
+        encodings = tokenizer([ex.tokens for ex in batch], is_split_into_words=True, truncation=False)
+        for k, ex in enumerate(batch):
+            encoding = encodings[k]
+            if len(encoding.ids) > max_seq_len:
+                stats.truncated += 1
+                encoding = tokenizer(ex.tokens, is_split_into_words=True, truncation=True,
+                                     max_length=max_seq_len)[0]
+            features.append(_token_feature(encoding, ex, label2id))
     stats.features = len(features)
     return features, stats
+
+
+ENCODE_BATCH = 1024  # sentences per tokenizer call
+
+
+def _token_feature(encoding: Any, ex: TokenExample, label2id: dict[str, int] | None) -> dict:
+    """Input ids, segment ids, word ids and (with labels) first-piece labels of one sentence
+    (`encoding`: a fast tokenizer's `Encoding`)."""
+    word_ids = encoding.word_ids
+    labels, previous = [], None
+    for word in word_ids:
+        if word is None or word == previous or label2id is None or ex.tags is None:
+            labels.append(IGNORE_INDEX)
+        else:
+            labels.append(label2id[ex.tags[word]])
+        previous = word
+    feature = {"input_ids": encoding.ids, "token_type_ids": encoding.type_ids,
+               "word_ids": [-1 if w is None else w for w in word_ids]}
+    if label2id is not None and ex.tags is not None:
+        feature["labels"] = labels
+    return feature
 
 
 def decode_token_predictions(word_ids: Sequence[int], predicted_ids: Sequence[int], n_words: int,
