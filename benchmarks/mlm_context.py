@@ -17,7 +17,6 @@ MODEL is a model artifact name (in $BERTFLOW_HOME) or a Hugging Face model direc
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def read_texts(path: str, column: str, limit: int | None = None) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ",")
-        if column not in (rows.fieldnames or []):
-            raise SystemExit(f"{path}: no column '{column}' (has {rows.fieldnames}); pass --column")
-        texts = [row[column] for row in rows if row[column]]
-    return texts[:limit]
+    """The texts of a TSV/CSV/JSONL file, read as fine-tuning reads it."""
+    from storage.finetune_store import ReadOptions, read_sentence_examples
+
+    examples = read_sentence_examples(path, ReadOptions(text_column=column), pair=False, require_labels=False)
+    return [ex.text_a for ex in examples if ex.text_a][:limit]
 
 
 def main() -> int:

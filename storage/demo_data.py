@@ -59,40 +59,37 @@ def strip_pos_tags(line: str) -> str:
 def segmented_text(line: str) -> tuple[str, list[list[int | str]]]:
     """'迈向/v  充满/v  希望/n' → ('迈向充满希望', [[0, 2, "W"], [2, 4, "W"], [4, 6, "W"]]): the text
     and each word as a character span; a space is kept only between two Latin/digit words."""
-    text, words = "", []
-    for token in line.split():
-        word = _TAG.sub("", token)
-        if not word:
-            continue
+    return _join_words([_TAG.sub("", token) for token in line.split()])
+
+
+def _join_words(words: list[str]) -> tuple[str, list[list[int | str]]]:
+    text, spans = "", []
+    for word in filter(None, words):
         if text and text[-1].isascii() and text[-1].isalnum() and word[0].isascii() and word[0].isalnum():
             text += " "
-        words.append([len(text), len(text) + len(word), "W"])
+        spans.append([len(text), len(text) + len(word), "W"])
         text += word
-    return text, words
+    return text, spans
 
 
 def segmented_sentences(line: str) -> list[tuple[str, list[list[int | str]]]]:
     """A tagged paragraph cut into sentences after 。！？, each with its word spans (sentences of
     fewer than 5 characters, such as bylines, are left out)."""
-    pieces, current = [], []
-    for token in line.split():
-        current.append(token)
-        if _TAG.sub("", token) in _SENTENCE_END:
-            pieces.append(current)
-            current = []
-    if current:
-        pieces.append(current)
-    sentences = [segmented_text(" ".join(piece)) for piece in pieces]
-    return [(text, words) for text, words in sentences if len(text) >= _MIN_SEGMENTED_CHARS]
+    pieces: list[list[str]] = [[]]
+    for word in (_TAG.sub("", token) for token in line.split()):
+        pieces[-1].append(word)
+        if word in _SENTENCE_END:
+            pieces.append([])
+    sentences = [_join_words(piece) for piece in pieces if piece]
+    return [(text, spans) for text, spans in sentences if len(text) >= _MIN_SEGMENTED_CHARS]
 
 
 def _is_heading(line: str) -> bool:
     return len(line) <= _HEADING_MAX_CHARS and not re.search(r"[。！？；…：，]", line)
 
 
-def peoples_daily_articles(lines: list[str], *, tagged: bool = False) -> list[list[str]]:
-    """Group paragraphs into articles: a heading after body text starts a new article. The
-    paragraphs come without their tags, or as they are (`tagged`)."""
+def peoples_daily_articles(lines: list[str]) -> list[list[str]]:
+    """Group the tagged paragraphs into articles: a heading after body text starts a new article."""
     articles: list[list[str]] = []
     current: list[str] = []
     previous_was_body = False
@@ -104,27 +101,24 @@ def peoples_daily_articles(lines: list[str], *, tagged: bool = False) -> list[li
         if heading and previous_was_body and current:
             articles.append(current)
             current = []
-        current.append(raw.strip() if tagged else line)
+        current.append(raw.strip())
         previous_was_body = not heading
     if current:
         articles.append(current)
     return articles
 
 
-def split_articles(articles: list[list[str]], seed: int) -> dict[str, list[list[str]]]:
-    """Articles shuffled under `seed` and split 80/10/10 (no article in two splits)."""
-    shuffled = list(articles)
+def shuffled_splits(items: list, seed: int) -> dict[str, list]:
+    """Items shuffled under `seed` and split 80/10/10 (none in two splits)."""
+    shuffled = list(items)
     random.Random(seed).shuffle(shuffled)
     n_dev = n_test = len(shuffled) // 10
     return {"train": shuffled[n_dev + n_test:], "dev": shuffled[:n_dev], "test": shuffled[n_dev:n_dev + n_test]}
 
 
 def split_reviews(reviews: dict[str, str], seed: int) -> dict[str, list[tuple[str, str]]]:
-    """Distinct (label, text) rows shuffled under `seed` and split 80/10/10."""
-    rows = sorted((label, text) for text, label in reviews.items())
-    random.Random(seed).shuffle(rows)
-    n_dev = n_test = len(rows) // 10
-    return {"train": rows[n_dev + n_test:], "dev": rows[:n_dev], "test": rows[n_dev:n_dev + n_test]}
+    """Distinct (label, text) rows, in sorted order, shuffled under `seed` and split 80/10/10."""
+    return shuffled_splits(sorted((label, text) for text, label in reviews.items()), seed)
 
 
 def export_demo_sources(home: DataHome) -> Path:
@@ -155,8 +149,8 @@ def export_demo_sources(home: DataHome) -> Path:
         lines = src.readlines()
     articles = peoples_daily_articles(lines)
     with open(out / "zh" / "peoples_daily_1998.txt", "w", encoding="utf-8") as dst:
-        dst.write("\n\n".join("\n".join(paragraphs) for paragraphs in articles) + "\n")
-    for split, part in split_articles(peoples_daily_articles(lines, tagged=True), seed=0).items():
+        dst.write("\n\n".join("\n".join(map(strip_pos_tags, paragraphs)) for paragraphs in articles) + "\n")
+    for split, part in shuffled_splits(articles, seed=0).items():
         with open(out / "zh" / f"segmentation_{split}.jsonl", "w", encoding="utf-8") as dst:
             for paragraph in (p for article in part for p in article):
                 for text, words in segmented_sentences(paragraph):

@@ -144,6 +144,9 @@ def encode_text_examples(examples: Sequence[TextExample], tokenizer: Any, *, max
 
 # --- token classification ----------------------------------------------------------------
 
+ENCODE_BATCH = 1024  # sentences per tokenizer call
+
+
 def encode_token_examples(examples: Sequence[TokenExample], tokenizer: Any, *, max_seq_len: int,
                           label2id: dict[str, int] | None) -> tuple[list[dict], EncodeStats]:
     """Word pieces with first-piece labels; `word_ids` maps each position back to its word."""
@@ -162,9 +165,6 @@ def encode_token_examples(examples: Sequence[TokenExample], tokenizer: Any, *, m
             features.append(_token_feature(encoding, ex, label2id))
     stats.features = len(features)
     return features, stats
-
-
-ENCODE_BATCH = 1024  # sentences per tokenizer call
 
 
 def _token_feature(encoding: Any, ex: TokenExample, label2id: dict[str, int] | None) -> dict:

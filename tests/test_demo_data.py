@@ -7,7 +7,7 @@ import json
 import pytest
 
 from storage.demo_data import (EXPORT_VERSION, export_demo_sources, segmented_sentences, segmented_text,
-                               split_articles, strip_pos_tags)
+                               shuffled_splits, strip_pos_tags)
 from storage.home import DataHome
 
 
@@ -27,11 +27,11 @@ def test_paragraphs_are_cut_into_sentences_and_short_ones_dropped():
 
 def test_articles_split_80_10_10_without_overlap():
     articles = [[f"article {k}"] for k in range(100)]
-    splits = split_articles(articles, seed=0)
+    splits = shuffled_splits(articles, seed=0)
     assert {name: len(part) for name, part in splits.items()} == {"train": 80, "dev": 10, "test": 10}
     seen = [a[0] for part in splits.values() for a in part]
     assert sorted(seen) == sorted(a[0] for a in articles)
-    assert split_articles(articles, seed=0) == splits
+    assert shuffled_splits(articles, seed=0) == splits
 
 
 def test_export_writes_segmentation_splits_of_real_newspaper_text(tmp_path):
