@@ -12,7 +12,7 @@ import pytest
 
 from bertflow.errors import BertflowError
 from storage.finetune_store import (ReadOptions, check_bert_directory, read_conll, read_entity_jsonl,
-                                    read_sentence_examples, read_squad)
+                                    read_sentence_examples, read_squad, read_token_examples)
 from tasks.finetune_data import (IGNORE_INDEX, QAExample, TokenExample, check_squad_answers, decode_qa,
                                  decode_token_predictions, detect_tag_scheme, encode_text_examples,
                                  encode_token_examples, infer_labels, parse_sweep, prepare_qa_features,
@@ -148,6 +148,21 @@ def test_entity_spans_to_word_and_char_tags(tmp_path):
     path.write_text(json.dumps({"text": "abc", "entities": [[1, 9, "X"]]}) + "\n")
     with pytest.raises(BertflowError, match="outside the text"):
         read_entity_jsonl(str(path), ReadOptions())
+
+
+def test_every_word_a_span_and_reading_stops_at_the_limit(tmp_path):
+    # word segmentation: adjacent spans tile the text (each found by bisection)
+    words = [{"start": a, "end": b, "label": "W"} for a, b in ((0, 2), (2, 4), (4, 5), (5, 7))]
+    tokens, tags = spans_to_tags("迈向充满新世纪", words, "char")
+    assert tags == ["B-W", "I-W", "B-W", "I-W", "B-W", "B-W", "I-W"]
+    # a span that covers part of a word still tags that word
+    assert spans_to_tags("New York City", [{"start": 2, "end": 6, "label": "LOC"}], "word")[1] == ["B-LOC", "I-LOC", "O"]
+    path = tmp_path / "seg.jsonl"
+    rows = [json.dumps({"text": "迈向", "entities": [[0, 2, "W"]]}, ensure_ascii=False)] * 3
+    path.write_text("\n".join(rows + ["not json"]) + "\n", encoding="utf-8")
+    assert len(read_token_examples(str(path), ReadOptions(format="jsonl-spans", token_level="char"), limit=2)) == 2
+    with pytest.raises(BertflowError, match="not valid JSON"):
+        read_token_examples(str(path), ReadOptions(format="jsonl-spans", token_level="char"))
 
 
 def test_tag_scheme_detection():
