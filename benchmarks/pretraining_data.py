@@ -6,6 +6,10 @@ per second, and peak RSS of the whole process tree (this process plus its worker
 every 50 ms) and of the largest single worker. Also times the tokenizer stage: adopting a
 vocab.txt, and training a 30,522-entry WordPiece vocabulary.
 
+This VM's speed drifts by 20-40% from one minute to the next, so each corpus is measured
+`--repeat` times (default 3, runs of the two corpora interleaved) and the summary gives the
+median and range. The measured outputs are removed afterwards (`--keep` keeps them).
+
 The stage functions are called directly (no Prefect), so the figures are the stage's own.
 
 Usage (the corpus must be ingested first):
@@ -19,12 +23,15 @@ Pin to two cores with `taskset -c 0,1 python ...` on a bigger machine.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -110,7 +117,7 @@ def time_tokenizer(corpus, name: str, **settings) -> dict:
     return manifest
 
 
-def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
+def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> dict:
     from storage.artifacts import ArtifactStore
     from tasks.pretraining_data import PretrainingDataConfig, run_pretraining_data
 
@@ -141,6 +148,28 @@ def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> None:
           f" i.e. {2 * s['text_mb'] / cpu:.2f} MB/s on 2 otherwise idle cores\n"
           f"  peak RSS: process tree {sampler.peak / 2**20:,.0f} MiB, largest worker {worker_peak / 2**10:,.0f} MiB,"
           f" this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB", flush=True)
+    return {"corpus": corpus.name, "mb_per_s": s["text_mb"] / seconds, "instances_per_s": s["instances"] / seconds,
+            "cpu_mb_per_s": 2 * s["text_mb"] / cpu, "peak_rss_mib": sampler.peak / 2**20, "id": manifest["id"],
+            "path": manifest["path"]}
+
+
+def forget(store, result: dict) -> None:
+    """Remove a measured output (each is ~2.7x the corpus's text on disk)."""
+    store.catalog.delete(result["id"])
+    shutil.rmtree(result["path"], ignore_errors=True)
+
+
+def summarise(results: list[dict]) -> None:
+    """Median and range per corpus: this VM's speed drifts by 20-40% from one minute to the
+    next, so one run says little; the runs of both corpora are interleaved so drift hits both."""
+    print("\nsummary over", len(results) // len({r["corpus"] for r in results}), "runs each:")
+    for name in dict.fromkeys(r["corpus"] for r in results):
+        runs = [r for r in results if r["corpus"] == name]
+        rates = [r["mb_per_s"] for r in runs]
+        print(f"  {name}: {statistics.median(rates):.2f} MB/s median (min {min(rates):.2f}, max {max(rates):.2f}),"
+              f" {statistics.median(r['instances_per_s'] for r in runs):,.0f} instances/s median,"
+              f" CPU-bound rate {statistics.median(r['cpu_mb_per_s'] for r in runs):.2f} MB/s median,"
+              f" peak RSS max {max(r['peak_rss_mib'] for r in runs):,.0f} MiB", flush=True)
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -156,10 +185,13 @@ def main() -> int:
     parser.add_argument("--vocab", default="../shared/data/vocab/uncased_L-12_H-768_A-12/vocab.txt")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scale", type=int, default=4, help="also run on the corpus repeated this many times")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per corpus (interleaved); median and range printed")
+    parser.add_argument("--keep", action="store_true", help="keep the measured outputs (removed by default)")
     parser.add_argument("--skip-training", action="store_true", help="do not time WordPiece training")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # internal: where the step writes its figures
     args = parser.parse_args()
 
     from storage.artifacts import ArtifactStore
@@ -167,8 +199,9 @@ def main() -> int:
     store = ArtifactStore()
     if args.step == "pretraining-data":
         tokenizer = store.resolve(args.tokenizer, kind="tokenizer")
-        time_pretraining_data(store.resolve(args.corpus, kind="corpus"), {"name": tokenizer.name},
-                              args.name, args.workers)
+        result = time_pretraining_data(store.resolve(args.corpus, kind="corpus"), {"name": tokenizer.name},
+                                       args.name, args.workers)
+        Path(args.result).write_text(json.dumps(result))
         return 0
 
     corpus = store.resolve(args.corpus, kind="corpus")
@@ -180,12 +213,20 @@ def main() -> int:
     corpora = [corpus.name]
     if args.scale > 1:
         corpora.append(scaled_corpus(store, corpus, args.scale).name)
-    for name in corpora:
-        # A fresh process per measurement: its peak RSS is the stage's, not this process's
-        # (which has imported transformers to save the tokenizer).
-        subprocess.run([sys.executable, __file__, "--step", "pretraining-data", "--corpus", name,
-                        "--tokenizer", adopted["name"], "--name", f"{name}-{stamp}",
-                        "--workers", str(args.workers)], check=True)
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in range(args.repeat):
+            for name in corpora:
+                # A fresh process per measurement: its peak RSS is the stage's, not this
+                # process's (which has imported transformers to save the tokenizer).
+                result_file = Path(scratch) / f"{name}-{run}.json"
+                subprocess.run([sys.executable, __file__, "--step", "pretraining-data", "--corpus", name,
+                                "--tokenizer", adopted["name"], "--name", f"{name}-{stamp}-{run}",
+                                "--workers", str(args.workers), "--result", str(result_file)], check=True)
+                results.append(json.loads(result_file.read_text()))
+                if not args.keep:
+                    forget(store, results[-1])
+    summarise(results)
     if not args.skip_training:
         time_tokenizer(corpus, f"trained-{stamp}", vocab_size=30522)
     return 0
