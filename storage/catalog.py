@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 LOCK_WAIT_SECONDS = 120.0
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"  # how entries give created_at (UTC)
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,18 @@ def artifact_id(kind: str, name: str, fingerprint: str) -> str:
 
 
 class Catalog:
+    _created: set[Path] = set()  # catalogs this process has created the tables of
+
     def __init__(self, path: Path):
         self.path = Path(path)
+        # Opening DuckDB costs ~25 ms; a process makes stores often, so the tables are
+        # created once per catalog file (again if the file went away).
+        if self.path in Catalog._created and self.path.exists():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.execute(SCHEMA)
+        Catalog._created.add(self.path)
 
     @contextmanager
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -108,7 +116,7 @@ class Catalog:
     # -- artifacts -------------------------------------------------------------------------
 
     def register(self, entry: CatalogEntry) -> CatalogEntry:
-        created = entry.created_at or datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+        created = entry.created_at or datetime.now(timezone.utc).strftime(TIMESTAMP_FORMAT)
         with self._connect() as con:
             con.execute(
                 "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -119,13 +127,13 @@ class Catalog:
                     created,
                 ],
             )
-        return self.get_by_id(entry.id)
+        return replace(entry, created_at=created)
 
     def _rows(self, where: str = "", args: list[Any] | None = None) -> list[CatalogEntry]:
         with self._connect() as con:
             rows = con.execute(
                 "SELECT id, kind, name, fingerprint, path, parents, params, stats, cache_key,"
-                " stage_version, strftime(created_at, '%Y-%m-%dT%H:%M:%S.%f')"
+                f" stage_version, strftime(created_at, '{TIMESTAMP_FORMAT}')"
                 f" FROM artifacts {where} ORDER BY created_at DESC, id",
                 args or [],
             ).fetchall()
