@@ -138,19 +138,20 @@ def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> dict:
     cpu = own + workers
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     s = manifest["stats"]
+    result = {"corpus": corpus.name, "mb_per_s": s["text_mb"] / seconds, "instances_per_s": s["instances"] / seconds,
+              "cpu_mb_per_s": 2 * s["text_mb"] / cpu, "peak_rss_mib": sampler.peak / 2**20,
+              "id": manifest["id"], "path": manifest["path"]}
     print(f"pretraining-data {name}: {s['text_mb']:.1f} MB text, {s['instances']:,} instances,"
           f" {s['shards']} shards, {s['workers']} workers\n"
-          f"  wall {seconds:.1f} s: {s['text_mb'] / seconds:.2f} MB/s, {s['instances'] / seconds:,.0f} instances/s"
+          f"  wall {seconds:.1f} s: {result['mb_per_s']:.2f} MB/s, {result['instances_per_s']:,.0f} instances/s"
           f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
           f"  CPU {cpu:.1f} s (this process {own:.1f} s + workers {workers:.1f} s, user + sys; the RSS"
           f" sampler's {sampler.cpu:.1f} s left out):"
           f" {s['text_mb'] / cpu:.2f} MB per CPU-second,"
-          f" i.e. {2 * s['text_mb'] / cpu:.2f} MB/s on 2 otherwise idle cores\n"
-          f"  peak RSS: process tree {sampler.peak / 2**20:,.0f} MiB, largest worker {worker_peak / 2**10:,.0f} MiB,"
+          f" i.e. {result['cpu_mb_per_s']:.2f} MB/s on 2 otherwise idle cores\n"
+          f"  peak RSS: process tree {result['peak_rss_mib']:,.0f} MiB, largest worker {worker_peak / 2**10:,.0f} MiB,"
           f" this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB", flush=True)
-    return {"corpus": corpus.name, "mb_per_s": s["text_mb"] / seconds, "instances_per_s": s["instances"] / seconds,
-            "cpu_mb_per_s": 2 * s["text_mb"] / cpu, "peak_rss_mib": sampler.peak / 2**20, "id": manifest["id"],
-            "path": manifest["path"]}
+    return result
 
 
 def forget(store, result: dict) -> None:
