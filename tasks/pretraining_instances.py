@@ -1,25 +1,26 @@
-"""Pretraining instances as in Google BERT's `create_pretraining_data.py`, vectorised where it pays.
+"""Pretraining instances as in Google BERT's `create_pretraining_data.py`, in numpy for a whole shard at once.
 
-The steps keep Google's names: `create_instances_from_document` (pairs of segments with a
-target length), `truncate_seq_pair`, `create_masked_lm_predictions` (80/10/10), plus
-`assemble_instances` and `mask_tokens_batch`, which do in numpy, for a whole shard at once, what
-Google does token by token. Pairs are built from token *ranges*: a document is its sentences'
-offsets into one flat token array, an instance is two ranges and a label, and the token ids are
-gathered in bulk afterwards. The distributions are Google's; the differences are listed where
-they are made (random documents come from the same shard, stochastic rounding of the number of
-predictions, random replacements never draw special tokens).
+The steps keep Google's names: `create_pairs` (its `create_instances_from_document`: pairs of
+segments with a target length), `truncate_seq_pairs`, `create_masked_lm_predictions`
+(80/10/10), plus `assemble_instances` and `mask_tokens_batch`, which do in numpy, for a whole
+shard at once, what Google does token by token. Pairs are built from token *ranges*: a document
+is its sentences' offsets into one flat token array, an instance is two ranges and a label, and
+the token ids are gathered in bulk afterwards. The distributions are Google's; the differences
+are listed where they are made (random documents come from the same shard, stochastic rounding
+of the number of predictions, random replacements never draw special tokens).
+tests/test_pretraining_data_instances.py holds Google's loop, one document at a time, and checks
+that `create_pairs` gives exactly its pairs from the same random numbers.
 
-Everything here is pure: numbers in, numbers out; randomness comes in as `rng`. No Prefect
-import either: worker processes and DataLoader workers import this module.
+Everything here is pure: numbers in, numbers out; randomness comes in as `rng` (or as numbers
+drawn from one). No Prefect import either: worker processes and DataLoader workers import this
+module.
 """
 
 from __future__ import annotations
 
-import random
-from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import chain
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 
@@ -63,20 +64,28 @@ def random_replacement_ids(vocab_size: int, special: SpecialIds) -> np.ndarray:
 
 # --- pairs of segments ----------------------------------------------------------------------
 
-class TrainingInstance(NamedTuple):
-    """One sequence before masking: `[CLS] A [SEP] B [SEP]` (or `[CLS] A [SEP]` for objective
-    none), A and B as [start, end) ranges into the shard's flat token array.
+@dataclass(frozen=True)
+class InstanceSpans:
+    """Instances before masking, as arrays: row k is `[CLS] A [SEP] B [SEP]` (or `[CLS] A [SEP]`
+    for objective none) with A = tokens a_start[k] .. a_end[k]-1 and B = b_start[k] .. b_end[k]-1
+    of the shard's flat token array.
 
     label: NSP 1 = B is a random span, 0 = the true continuation; SOP 1 = A and B swapped;
-    -1 for objective none. (A named tuple: immutable, and a list of them becomes a numpy array
-    in one call.)
+    -1 for objective none. round: the dupe round that made the row.
     """
 
-    a_start: int
-    a_end: int
-    b_start: int
-    b_end: int
-    label: int
+    a_start: np.ndarray
+    a_end: np.ndarray
+    b_start: np.ndarray
+    b_end: np.ndarray
+    label: np.ndarray
+    round: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def rows(self, selected: np.ndarray | slice) -> InstanceSpans:
+        return InstanceSpans(*(getattr(self, f.name)[selected] for f in fields(self)))
 
 
 @dataclass(frozen=True)
@@ -86,143 +95,199 @@ class DocumentIndex:
     sentence_offsets[s] .. sentence_offsets[s+1]-1 of the flat token array. Every sentence has
     at least one token and every document at least one sentence."""
 
-    sentence_offsets: list[int]
-    doc_sentences: list[int]
+    sentence_offsets: np.ndarray  # (sentences + 1,) int64
+    doc_sentences: np.ndarray     # (documents + 1,) int64
 
     @property
     def num_documents(self) -> int:
         return len(self.doc_sentences) - 1
 
-
-def truncate_seq_pair(len_a: int, len_b: int, max_num_tokens: int, rng: random.Random
-                      ) -> tuple[int, int, int, int]:
-    """Google's rule: while the pair is too long, drop one token from the longer segment (B on a
-    tie), from its front or back with equal probability. Which segment loses how many tokens
-    does not depend on the coin flips, so it is computed directly and the front/back split is a
-    Binomial(n, 1/2) draw. Returns tokens to drop (a_front, a_back, b_front, b_back)."""
-    excess = len_a + len_b - max_num_tokens
-    if excess <= 0:
-        return 0, 0, 0, 0
-    drop_a = drop_b = 0
-    if len_a > len_b:
-        drop_a = min(excess, len_a - len_b)
-    else:
-        drop_b = min(excess, len_b - len_a)
-    rest = excess - drop_a - drop_b
-    # Equal lengths from here: B goes first, then they alternate.
-    drop_b += (rest + 1) // 2
-    drop_a += rest // 2
-    a_front = _coin_flips(drop_a, rng)
-    b_front = _coin_flips(drop_b, rng)
-    return a_front, drop_a - a_front, b_front, drop_b - b_front
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sentence_offsets) - 1
 
 
-def _coin_flips(n: int, rng: random.Random) -> int:
-    """Heads among n fair coins."""
-    return rng.getrandbits(n).bit_count() if n > 0 else 0
+@dataclass(frozen=True)
+class PairDraws:
+    """The uniform random numbers pair building consumes, drawn up front so that the result
+    does not depend on the order the documents are worked through: per (round, document) two
+    (is the target length short? which length?), per (round, sentence where a chunk starts) five
+    (where A ends, the label, where a one-sentence chunk is split, the random document, the
+    sentence B starts at)."""
+
+    per_document: np.ndarray  # (rounds * documents, 2)
+    per_chunk: np.ndarray     # (rounds * sentences, 5)
+    rounds: int
 
 
-def create_instances_from_document(doc: int, documents: DocumentIndex, *, max_seq_len: int,
-                                   short_seq_prob: float, objective: Objective,
-                                   rng: random.Random) -> list[TrainingInstance]:
-    """Google's `create_instances_from_document` over token ranges (nsp and sop), or
-    contiguous full-length segments (none).
+def draw_pair_randomness(documents: DocumentIndex, rounds: int, rng: np.random.Generator) -> PairDraws:
+    return PairDraws(rng.random((rounds * documents.num_documents, 2)),
+                     rng.random((rounds * documents.num_sentences, 5)), rounds)
+
+
+def target_lengths(draws: np.ndarray, max_num_tokens: int, short_seq_prob: float) -> np.ndarray:
+    """Most sequences fill max_seq_len; short_seq_prob of them are shorter (randint(2,
+    max_num_tokens)), so the model also sees the short inputs of fine-tuning. As in Google's
+    script the target is drawn once per document and round."""
+    short = 2 + (draws[:, 1] * (max_num_tokens - 1)).astype(np.int64)
+    return np.where(draws[:, 0] < short_seq_prob, short, max_num_tokens)
+
+
+def create_instances(documents: DocumentIndex, draws: PairDraws, *, max_seq_len: int, short_seq_prob: float,
+                     objective: Objective, rng: np.random.Generator) -> InstanceSpans:
+    """Every round's instances of every document: pairs (nsp, sop) as in Google's
+    `create_instances_from_document`, truncated to fit, or contiguous full-length segments (none).
+    Rows come in (round, document, position in the document) order."""
+    if objective == "none":
+        return create_full_segments(documents, draws.rounds, max_seq_len=max_seq_len)
+    max_num_tokens = max_seq_len - 3  # account for [CLS], [SEP], [SEP]
+    pairs = create_pairs(documents, draws, max_num_tokens=max_num_tokens, short_seq_prob=short_seq_prob,
+                         objective=objective)
+    return truncate_and_order(pairs, max_num_tokens, objective, rng)
+
+
+def create_pairs(documents: DocumentIndex, draws: PairDraws, *, max_num_tokens: int, short_seq_prob: float,
+                 objective: Objective) -> InstanceSpans:
+    """Google's `create_instances_from_document` over token ranges, before truncation, for all
+    documents and rounds at once.
+
+    A document is cut into chunks of whole sentences: a chunk grows until it reaches the target
+    length or the document ends. A is the chunk's first 1..n-1 sentences (a random number), B
+    the rest (label 0), or, with probability 1/2 under nsp (label 1), a span of whole sentences
+    from another document, starting at a random sentence and long enough to reach the target;
+    the chunk's sentences after A then go back for the next chunk. Under sop B is always the
+    rest, and the label (swap A and B) is applied after truncation.
 
     One deliberate difference: Google makes B random whenever the chunk holds a single
     sentence, which on Wikipedia pushes the random-next share to ~54%. Here such a chunk is
     split at a random token instead (A = the head, B = the true rest), so B is random with
-    probability exactly 1/2 (and SOP can use one-sentence chunks too)."""
-    if objective == "none":
-        return create_full_segments_from_document(doc, documents, max_seq_len=max_seq_len)
-    offsets = documents.sentence_offsets
-    first, stop = documents.doc_sentences[doc], documents.doc_sentences[doc + 1]
-    draw = rng.random  # uniform [0, 1); int(draw() * n) is a uniform integer in [0, n)
-    max_num_tokens = max_seq_len - 3  # account for [CLS], [SEP], [SEP]
-    # Most sequences fill max_seq_len; short_seq_prob of them are shorter, so the model also
-    # sees the short inputs of fine-tuning. (As in Google's script the target is drawn once per
-    # document.)
-    target_seq_length = max_num_tokens
-    if draw() < short_seq_prob:
-        target_seq_length = 2 + int(draw() * (max_num_tokens - 1))  # randint(2, max_num_tokens)
+    probability exactly 1/2 (and SOP can use one-sentence chunks too). And the random document
+    comes from the same shard (Google: the whole corpus) and is never A's own (Google: ten
+    tries).
 
-    instances: list[TrainingInstance] = []
-    chunk_start = first
-    while chunk_start < stop:
-        # The chunk takes sentences chunk_start .. i: it grows until it reaches the target
-        # length or the document ends (the first sentence end at or past the target, by bisection).
-        i = bisect_left(offsets, offsets[chunk_start] + target_seq_length, chunk_start + 1, stop) - 1
-        chunk_sentences = i + 1 - chunk_start
-        a_start_tok, chunk_end_tok = offsets[chunk_start], offsets[i + 1]
-        if chunk_sentences == 1 and chunk_end_tok - a_start_tok < 2:
-            chunk_start = i + 1  # a one-token sentence alone cannot form a pair
-            continue
-        # A is the first a_end sentences of the chunk, B the rest (or a random span).
-        a_end = 1
-        if chunk_sentences >= 2:
-            a_end = 1 + int(draw() * (chunk_sentences - 1))  # randint(1, chunk_sentences - 1)
-        a_end_tok = offsets[chunk_start + a_end]
-        label = 1 if draw() < 0.5 else 0
-        if chunk_sentences == 1 and (objective == "sop" or label == 0):
-            a_end_tok = a_start_tok + 1 + int(draw() * (chunk_end_tok - a_start_tok - 1))
-        if objective == "sop" or label == 0:
-            b_start_tok, b_end_tok = a_end_tok, chunk_end_tok
-        else:
-            target_b_length = target_seq_length - (a_end_tok - a_start_tok)
-            b_start_tok, b_end_tok = random_span(doc, documents, target_b_length, rng)
-            if chunk_sentences >= 2:
-                # The sentences after A were not used: put them back for the next chunk.
-                i = chunk_start + a_end - 1
-        a_front, a_back, b_front, b_back = truncate_seq_pair(
-            a_end_tok - a_start_tok, b_end_tok - b_start_tok, max_num_tokens, rng)
-        a_start_tok, a_end_tok = a_start_tok + a_front, a_end_tok - a_back
-        b_start_tok, b_end_tok = b_start_tok + b_front, b_end_tok - b_back
-        if objective == "sop" and label == 1:
-            a_start_tok, a_end_tok, b_start_tok, b_end_tok = b_start_tok, b_end_tok, a_start_tok, a_end_tok
-        instances.append(TrainingInstance(a_start_tok, a_end_tok, b_start_tok, b_end_tok, label))
-        chunk_start = i + 1
-    return instances
+    How, without a loop per document: a chunk's pair depends only on where the chunk starts
+    (and the draws of that start), so the pair is computed for every sentence of every round
+    as if a chunk started there, with where the next chunk would start. The chunks that really
+    occur are the chain of starts from each document's first sentence, followed by pointer
+    doubling: log2(longest chain) steps instead of one step per chunk."""
+    offsets, doc_sentences = documents.sentence_offsets, documents.doc_sentences
+    n_docs, n_sentences, rounds = documents.num_documents, documents.num_sentences, draws.rounds
+    doc_of_sentence = np.repeat(np.arange(n_docs), np.diff(doc_sentences))
+    # A node is (round, sentence where a chunk starts): node = round * n_sentences + sentence.
+    node_round = np.repeat(np.arange(rounds), n_sentences)
+    first = np.tile(np.arange(n_sentences), rounds)
+    doc = doc_of_sentence[first]
+    stop = doc_sentences[doc + 1]
+    goal = target_lengths(draws.per_document, max_num_tokens, short_seq_prob)[node_round * n_docs + doc]
+    u = draws.per_chunk
+    # The chunk: sentences first .. last, the first sentence end at or past the target.
+    last = np.clip(np.searchsorted(offsets, offsets[first] + goal), first + 1, stop) - 1
+    n_chunk = last + 1 - first
+    a_start, chunk_end = offsets[first], offsets[last + 1]
+    a_sentences = np.where(n_chunk >= 2, 1 + (u[:, 0] * (n_chunk - 1)).astype(np.int64), 1)
+    a_end = offsets[first + a_sentences]
+    label = (u[:, 1] < 0.5).astype(np.int8)
+    random_next = label == 1 if objective == "nsp" else np.zeros(len(first), dtype=bool)
+    split = (n_chunk == 1) & ~random_next
+    a_end = np.where(split, a_start + 1 + (u[:, 2] * (chunk_end - a_start - 1)).astype(np.int64), a_end)
+    # A one-token sentence alone cannot form a pair: no instance there, the document goes on.
+    kept = (n_chunk >= 2) | (chunk_end - a_start >= 2)
+    next_start = np.where(random_next & (n_chunk >= 2), first + a_sentences, last + 1)
 
+    # The chains: from each document's first sentence, every round.
+    end = rounds * n_sentences  # the node after a document's last chunk
+    jump = np.append(np.where(next_start < stop, node_round * n_sentences + next_start, end), end)
+    starts = (np.arange(rounds)[:, None] * n_sentences + doc_sentences[None, :-1]).ravel()
+    visited = starts
+    while True:  # visited holds every chain's first 2^k chunks; jump goes 2^k chunks ahead
+        ahead = jump[visited]
+        ahead = ahead[ahead != end]
+        if not ahead.size:
+            break
+        visited = np.concatenate([visited, ahead])
+        jump = jump[jump]
+    nodes = np.sort(visited)  # node order is (round, document, position in the document)
+    nodes = nodes[kept[nodes]]
 
-def random_span(doc: int, documents: DocumentIndex, target_length: int, rng: random.Random
-                ) -> tuple[int, int]:
-    """Token range of whole sentences from another document of the shard, starting at a random
-    sentence and long enough for `target_length` (or to the document's end).
-
-    Google samples the document from the whole corpus; here it comes from the same shard
-    (a few MB of text, hundreds of documents), so every worker holds only its own shard.
-    Unlike Google's ten tries, the draw excludes A's document outright."""
-    other = int(rng.random() * (documents.num_documents - 1))
-    if other >= doc:
-        other += 1
-    first, stop = documents.doc_sentences[other], documents.doc_sentences[other + 1]
-    offsets = documents.sentence_offsets
-    start = first + int(rng.random() * (stop - first))
-    # Sentences start, start+1, ... until the span reaches target_length or the document ends.
-    end = bisect_left(offsets, offsets[start] + target_length, start + 1, stop)
-    return offsets[start], offsets[end]
+    b_start, b_end = a_end[nodes], chunk_end[nodes]
+    r = np.flatnonzero(random_next[nodes])  # B from another document
+    chosen = nodes[r]
+    other = (u[chosen, 3] * (n_docs - 1)).astype(np.int64)
+    other += other >= doc[chosen]
+    other_first, other_stop = doc_sentences[other], doc_sentences[other + 1]
+    b_first = other_first + (u[chosen, 4] * (other_stop - other_first)).astype(np.int64)
+    target_b = goal[chosen] - (a_end[chosen] - a_start[chosen])
+    b_stop = np.clip(np.searchsorted(offsets, offsets[b_first] + target_b), b_first + 1, other_stop)
+    b_start[r], b_end[r] = offsets[b_first], offsets[b_stop]
+    return InstanceSpans(a_start[nodes], a_end[nodes], b_start, b_end, label[nodes], node_round[nodes])
 
 
-def create_full_segments_from_document(doc: int, documents: DocumentIndex, *, max_seq_len: int
-                                       ) -> list[TrainingInstance]:
+def truncate_and_order(pairs: InstanceSpans, max_num_tokens: int, objective: Objective,
+                       rng: np.random.Generator) -> InstanceSpans:
+    """Truncate every pair to max_num_tokens (`truncate_seq_pairs`), then under sop swap A and B
+    where the label says so."""
+    len_a, len_b = pairs.a_end - pairs.a_start, pairs.b_end - pairs.b_start
+    a_front, a_back, b_front, b_back = truncate_seq_pairs(len_a, len_b, max_num_tokens, rng)
+    a0, a1 = pairs.a_start + a_front, pairs.a_end - a_back
+    b0, b1 = pairs.b_start + b_front, pairs.b_end - b_back
+    if objective == "sop":
+        swap = pairs.label == 1
+        a0, a1, b0, b1 = np.where(swap, b0, a0), np.where(swap, b1, a1), np.where(swap, a0, b0), np.where(swap, a1, b1)
+    return InstanceSpans(a0, a1, b0, b1, pairs.label, pairs.round)
+
+
+def truncate_seq_pairs(len_a: np.ndarray, len_b: np.ndarray, max_num_tokens: int, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Google's `truncate_seq_pair` for many pairs: while a pair is too long, drop one token from
+    the longer segment (B on a tie), from its front or back with equal probability. Which
+    segment loses how many tokens does not depend on the coin flips, so it is computed directly,
+    and each front/back split is a Binomial(n, 1/2) draw. Returns tokens to drop
+    (a_front, a_back, b_front, b_back)."""
+    excess = np.maximum(len_a + len_b - max_num_tokens, 0)
+    drop_a = np.where(len_a > len_b, np.minimum(excess, len_a - len_b), 0)
+    drop_b = np.where(len_a > len_b, 0, np.minimum(excess, len_b - len_a))
+    rest = excess - drop_a - drop_b
+    # Equal lengths from here: B goes first, then they alternate.
+    drop_b += (rest + 1) // 2
+    drop_a += rest // 2
+    a_front = rng.binomial(drop_a, 0.5)
+    b_front = rng.binomial(drop_b, 0.5)
+    return a_front, drop_a - a_front, b_front, drop_b - b_front
+
+
+def create_full_segments(documents: DocumentIndex, rounds: int, *, max_seq_len: int) -> InstanceSpans:
     """Objective none (RoBERTa without NSP): `[CLS] tokens [SEP]` packed with whole consecutive
     sentences up to max_seq_len, crossing sentence but not document boundaries (RoBERTa's
-    DOC-SENTENCES); a sentence longer than a sequence is cut into full-length pieces."""
-    offsets = documents.sentence_offsets
-    first, stop = documents.doc_sentences[doc], documents.doc_sentences[doc + 1]
+    DOC-SENTENCES); a sentence longer than a sequence is cut into full-length pieces. No
+    randomness: every round has the same segments (and its own masks)."""
+    segments = [segment for doc in range(documents.num_documents)
+                for segment in full_segments_of_document(doc, documents, max_seq_len=max_seq_len)]
+    starts = np.array([start for start, _ in segments], dtype=np.int64)
+    ends = np.array([end for _, end in segments], dtype=np.int64)
+    n = len(segments)
+    return InstanceSpans(np.tile(starts, rounds), np.tile(ends, rounds), np.zeros(n * rounds, dtype=np.int64),
+                         np.zeros(n * rounds, dtype=np.int64), np.full(n * rounds, -1, dtype=np.int8),
+                         np.repeat(np.arange(rounds), n))
+
+
+def full_segments_of_document(doc: int, documents: DocumentIndex, *, max_seq_len: int) -> list[tuple[int, int]]:
+    """One document's segments for `create_full_segments`, as [start, end) token ranges."""
+    offsets = documents.sentence_offsets.tolist()
+    first, stop = int(documents.doc_sentences[doc]), int(documents.doc_sentences[doc + 1])
     max_num_tokens = max_seq_len - 2  # account for [CLS], [SEP]
-    instances: list[TrainingInstance] = []
+    segments: list[tuple[int, int]] = []
     start = offsets[first]
     for s in range(first, stop):
         end = offsets[s + 1]
         if end - start > max_num_tokens and offsets[s] > start:
-            instances.append(TrainingInstance(start, offsets[s], 0, 0, -1))
+            segments.append((start, offsets[s]))
             start = offsets[s]
         while end - start > max_num_tokens:
-            instances.append(TrainingInstance(start, start + max_num_tokens, 0, 0, -1))
+            segments.append((start, start + max_num_tokens))
             start += max_num_tokens
     if offsets[stop] > start:
-        instances.append(TrainingInstance(start, offsets[stop], 0, 0, -1))
-    return instances
+        segments.append((start, offsets[stop]))
+    return segments
 
 
 # --- sequences in bulk ------------------------------------------------------------------------
@@ -237,12 +302,11 @@ class AssembledInstances:
     continuation: np.ndarray | None  # (n, max_seq_len) bool, when token flags were given
 
 
-def assemble_instances(instances: list[TrainingInstance], tokens: np.ndarray, *, max_seq_len: int,
+def assemble_instances(spans: InstanceSpans, tokens: np.ndarray, *, max_seq_len: int,
                        special: SpecialIds, has_b: bool,
                        continuation: np.ndarray | None = None) -> AssembledInstances:
     """`[CLS] A [SEP] B [SEP]` for every instance at once, as padded (n, max_seq_len) arrays."""
-    spans = np.fromiter(chain.from_iterable(instances), dtype=np.int64, count=5 * len(instances)).reshape(-1, 5)
-    a0, a1, b0, b1, labels = spans.T
+    a0, a1, b0, b1 = spans.a_start, spans.a_end, spans.b_start, spans.b_end
     len_a = a1 - a0
     lengths = len_a + (b1 - b0) + (3 if has_b else 2)
     assert lengths.size == 0 or lengths.max() <= max_seq_len
@@ -266,7 +330,7 @@ def assemble_instances(instances: list[TrainingInstance], tokens: np.ndarray, *,
     ids = gathered(tokens, special.cls, special.sep, special.pad)  # in the tokens' own (compact) type
     token_types = (~before_b & ~padding).astype(np.int8)
     flags = gathered(continuation, False, False, False) if continuation is not None else None
-    return AssembledInstances(ids, token_types, lengths, first_b, labels.astype(np.int8), flags)
+    return AssembledInstances(ids, token_types, lengths, first_b, spans.label.astype(np.int8), flags)
 
 
 def number_to_predict(candidates: np.ndarray | int, masked_lm_prob: float, max_predictions: int,

@@ -9,7 +9,6 @@ the artifact is identical for any number of workers.
 
 from __future__ import annotations
 
-import random
 import string
 import time
 from dataclasses import dataclass
@@ -26,9 +25,8 @@ from bertflow.errors import BertflowError
 from bertflow.runtime import skip_pyarrow_pandas_probe
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
                                          AssembledInstances, DocumentIndex, MaskingRule, SpecialIds,
-                                         assemble_instances, create_instances_from_document,
-                                         create_masked_lm_predictions, mask_tokens_batch,
-                                         random_replacement_ids)
+                                         assemble_instances, create_instances, create_masked_lm_predictions,
+                                         draw_pair_randomness, mask_tokens_batch, random_replacement_ids)
 
 ENCODE_BATCH_SENTENCES = 65_536  # sentences per WordCache call: a 2 MB unit is one call
 JIEBA_BATCH_SENTENCES = 8192  # sentences per call of the whole tokenizer (its encodings are Python objects)
@@ -272,7 +270,7 @@ def tokenize_documents(documents: pa.Array, languages: list[str], tokenizer: Any
         "tokens": int(tokens.size),
         "text_bytes": int(pc.sum(pc.binary_length(sentences)).as_py() or 0),
     }
-    return tokens, continuation, DocumentIndex(sentence_offsets.tolist(), doc_sentences.tolist()), counts
+    return tokens, continuation, DocumentIndex(sentence_offsets.astype(np.int64), doc_sentences.astype(np.int64)), counts
 
 
 def encode_with_jieba_words(sentences: list[str], is_chinese: list[bool], tokenizer: Any,
@@ -300,10 +298,11 @@ def encode_with_jieba_words(sentences: list[str], is_chinese: list[bool], tokeni
             np.concatenate(flags) if flags else empty.astype(bool))
 
 
-def _rngs(job: ShardJob, dupe_round: int) -> tuple[random.Random, np.random.Generator]:
-    """Pairs use Python's fast scalar rng, masks numpy's; both seeded from (seed, unit, round)."""
-    state = np.random.SeedSequence([job.seed, job.index, dupe_round]).generate_state(2, dtype=np.uint64)
-    return random.Random(int(state[0])), np.random.default_rng(int(state[1]))
+def unit_rng(job: ShardJob, stream: int) -> np.random.Generator:
+    """The unit's random streams, seeded from (seed, unit index, stream), so a unit's output
+    never depends on which worker runs it: stream r < dupe_factor masks round r,
+    dupe_factor shuffles the shard, dupe_factor + 1 draws the pairs."""
+    return np.random.default_rng([job.seed, job.index, stream])
 
 
 @dataclass
@@ -366,17 +365,18 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     rounds: list[RoundOutput] = []
     kind_counts = np.zeros(3, dtype=np.int64)
     candidates = capped = 0
+    pair_rng = unit_rng(job, job.dupe_factor + 1)
+    spans = create_instances(index, draw_pair_randomness(index, job.dupe_factor, pair_rng),
+                             max_seq_len=job.max_seq_len, short_seq_prob=job.short_seq_prob,
+                             objective=job.objective, rng=pair_rng)
+    round_bounds = np.searchsorted(spans.round, np.arange(job.dupe_factor + 1))  # rows come round by round
     for dupe_round in range(job.dupe_factor):
-        pair_rng, mask_rng = _rngs(job, dupe_round)
-        instances = [instance for doc in range(index.num_documents)
-                     for instance in create_instances_from_document(
-                         doc, index, max_seq_len=job.max_seq_len, short_seq_prob=job.short_seq_prob,
-                         objective=job.objective, rng=pair_rng)]
-        if not instances:
+        if round_bounds[dupe_round] == round_bounds[dupe_round + 1]:
             continue
-        batch = assemble_instances(instances, tokens, max_seq_len=job.max_seq_len, special=job.special,
+        mask_rng = unit_rng(job, dupe_round)
+        batch = assemble_instances(spans.rows(slice(round_bounds[dupe_round], round_bounds[dupe_round + 1])),
+                                   tokens, max_seq_len=job.max_seq_len, special=job.special,
                                    has_b=job.objective != "none", continuation=continuation)
-        del instances
         n = len(batch.lengths)
         if job.dynamic:
             ids, positions = batch.input_ids, np.zeros((n, 0), dtype=np.int64)
@@ -403,7 +403,7 @@ def build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
             masked_ids=labels.astype(job.id_dtype, copy=False), counts=counts_row))
     del tokens, continuation
 
-    columns = shuffled_columns(rounds, np.random.default_rng([job.seed, job.index, job.dupe_factor]))
+    columns = shuffled_columns(rounds, unit_rng(job, job.dupe_factor))
     n_instances = len(columns.labels)
     stats = {
         **counts,

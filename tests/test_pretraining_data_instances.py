@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
                                          DocumentIndex, MaskingRule, SpecialIds, assemble_instances,
-                                         create_instances_from_document, create_masked_lm_predictions,
-                                         mask_tokens_batch, maskable_positions, random_replacement_ids,
-                                         truncate_seq_pair, word_groups)
+                                         create_instances, create_masked_lm_predictions, create_pairs,
+                                         draw_pair_randomness, mask_tokens_batch, maskable_positions,
+                                         random_replacement_ids, truncate_seq_pairs, word_groups)
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 VOCAB = 1000
@@ -20,28 +19,91 @@ MAX_SEQ_LEN = 64
 
 
 def synthetic_index(n_docs: int = 400, seed: int = 0) -> tuple[DocumentIndex, np.ndarray]:
+    """Documents of 1..24 sentences of 3..29 tokens, and some one-token sentences (which alone
+    cannot form a pair) and a few one-sentence documents."""
     rng = np.random.default_rng(seed)
     lengths, doc_sentences = [], [0]
     for _ in range(n_docs):
-        lengths += rng.integers(3, 30, rng.integers(1, 25)).tolist()
+        sentences = rng.integers(3, 30, rng.integers(1, 25))
+        sentences[rng.random(len(sentences)) < 0.05] = 1
+        lengths += sentences.tolist()
         doc_sentences.append(len(lengths))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
     tokens = rng.integers(10, VOCAB, offsets[-1]).astype(np.int32)
-    return DocumentIndex(offsets, doc_sentences), tokens
+    return DocumentIndex(offsets.astype(np.int64), np.array(doc_sentences, dtype=np.int64)), tokens
 
 
 def build(objective: str, seed: int = 1, rounds: int = 8, max_seq_len: int = MAX_SEQ_LEN):
     index, tokens = synthetic_index()
-    rng = random.Random(seed)
-    instances = [x for _ in range(rounds) for d in range(index.num_documents)
-                 for x in create_instances_from_document(d, index, max_seq_len=max_seq_len, short_seq_prob=0.1,
-                                                         objective=objective, rng=rng)]
-    return index, tokens, instances
+    rng = np.random.default_rng(seed)
+    spans = create_instances(index, draw_pair_randomness(index, rounds, rng), max_seq_len=max_seq_len,
+                             short_seq_prob=0.1, objective=objective, rng=rng)
+    return index, tokens, spans
+
+
+def columns(spans):
+    return spans.a_start, spans.a_end, spans.b_start, spans.b_end, spans.label
 
 
 def doc_of(index: DocumentIndex, token_positions: np.ndarray) -> np.ndarray:
     sentence = np.searchsorted(index.sentence_offsets, token_positions, side="right") - 1
     return np.searchsorted(index.doc_sentences, sentence, side="right") - 1
+
+
+def google_pairs(documents: DocumentIndex, draws, round_: int, doc: int, *, max_num_tokens: int,
+                 short_seq_prob: float, objective: str) -> list[tuple[int, int, int, int, int]]:
+    """Google's create_instances_from_document loop, one document and round, before truncation,
+    reading its random numbers from `draws` (our one-sentence split and same-shard random
+    document included): what `create_pairs` must give."""
+    offsets, doc_sentences = documents.sentence_offsets.tolist(), documents.doc_sentences.tolist()
+    n_docs, n_sentences = documents.num_documents, documents.num_sentences
+    short, length = draws.per_document[round_ * n_docs + doc]
+    target = 2 + int(length * (max_num_tokens - 1)) if short < short_seq_prob else max_num_tokens
+    pairs = []
+    chunk_start, stop = doc_sentences[doc], doc_sentences[doc + 1]
+    while chunk_start < stop:
+        u = draws.per_chunk[round_ * n_sentences + chunk_start]
+        i = chunk_start  # the chunk grows a sentence at a time until it reaches the target
+        while i + 1 < stop and offsets[i + 1] - offsets[chunk_start] < target:
+            i += 1
+        n_chunk = i + 1 - chunk_start
+        a_start, chunk_end = offsets[chunk_start], offsets[i + 1]
+        if n_chunk == 1 and chunk_end - a_start < 2:
+            chunk_start = i + 1
+            continue
+        a_sentences = 1 + int(u[0] * (n_chunk - 1)) if n_chunk >= 2 else 1
+        a_end = offsets[chunk_start + a_sentences]
+        label = 1 if u[1] < 0.5 else 0
+        if objective == "nsp" and label == 1:
+            other = int(u[3] * (n_docs - 1))
+            other += other >= doc
+            start = doc_sentences[other] + int(u[4] * (doc_sentences[other + 1] - doc_sentences[other]))
+            end = start + 1
+            while end < doc_sentences[other + 1] and offsets[end] - offsets[start] < target - (a_end - a_start):
+                end += 1
+            b_start, b_end = offsets[start], offsets[end]
+            if n_chunk >= 2:
+                i = chunk_start + a_sentences - 1  # the sentences after A go back
+        else:
+            if n_chunk == 1:
+                a_end = a_start + 1 + int(u[2] * (chunk_end - a_start - 1))
+            b_start, b_end = a_end, chunk_end
+        pairs.append((a_start, a_end, b_start, b_end, label))
+        chunk_start = i + 1
+    return pairs
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop"])
+def test_pairs_for_all_documents_at_once_match_googles_loop(objective):
+    index, _ = synthetic_index(n_docs=150, seed=4)
+    draws = draw_pair_randomness(index, 3, np.random.default_rng(2))
+    pairs = create_pairs(index, draws, max_num_tokens=MAX_SEQ_LEN - 3, short_seq_prob=0.3, objective=objective)
+    expected = [(*pair, r) for r in range(3) for d in range(index.num_documents)
+                for pair in google_pairs(index, draws, r, d, max_num_tokens=MAX_SEQ_LEN - 3,
+                                         short_seq_prob=0.3, objective=objective)]
+    got = np.stack([pairs.a_start, pairs.a_end, pairs.b_start, pairs.b_end, pairs.label, pairs.round], axis=1)
+    assert len(expected) > 1500
+    assert got.tolist() == [list(x) for x in expected]
 
 
 def google_truncate_counts(len_a: int, len_b: int, max_num_tokens: int) -> tuple[int, int]:
@@ -55,20 +117,22 @@ def google_truncate_counts(len_a: int, len_b: int, max_num_tokens: int) -> tuple
     return drop_a, drop_b
 
 
-def test_truncate_seq_pair_removes_what_googles_loop_removes():
-    rng = random.Random(0)
-    for len_a in range(1, 40):
-        for len_b in range(1, 40):
-            a_front, a_back, b_front, b_back = truncate_seq_pair(len_a, len_b, 25, rng)
-            assert (a_front + a_back, b_front + b_back) == google_truncate_counts(len_a, len_b, 25)
-            assert min(a_front, a_back, b_front, b_back) >= 0
+def test_truncate_seq_pairs_removes_what_googles_loop_removes():
+    len_a, len_b = (grid.ravel() for grid in np.meshgrid(np.arange(1, 60), np.arange(1, 60)))
+    len_a, len_b = np.tile(len_a, 30), np.tile(len_b, 30)
+    a_front, a_back, b_front, b_back = truncate_seq_pairs(len_a, len_b, 25, np.random.default_rng(0))
+    expected = np.array([google_truncate_counts(a, b, 25) for a, b in zip(len_a.tolist(), len_b.tolist())])
+    assert ((a_front + a_back) == expected[:, 0]).all() and ((b_front + b_back) == expected[:, 1]).all()
+    assert min(a_front.min(), a_back.min(), b_front.min(), b_back.min()) >= 0
+    # front or back with equal probability, token by token
+    assert abs(a_front.sum() / expected[:, 0].sum() - 0.5) < 0.01
+    assert abs(b_front.sum() / expected[:, 1].sum() - 0.5) < 0.01
 
 
 def test_nsp_pairs_balance_lengths_and_random_documents():
-    index, tokens, instances = build("nsp")
-    assert len(instances) >= 10_000
-    spans = np.array([(x.a_start, x.a_end, x.b_start, x.b_end, x.label) for x in instances])
-    a0, a1, b0, b1, label = spans.T
+    index, tokens, spans = build("nsp")
+    assert len(spans) >= 10_000
+    a0, a1, b0, b1, label = columns(spans)
     assert abs(label.mean() - 0.5) <= 0.02
     assert ((a1 > a0) & (b1 > b0)).all()
     assert ((a1 - a0) + (b1 - b0) <= MAX_SEQ_LEN - 3).all()
@@ -81,12 +145,12 @@ def test_nsp_pairs_balance_lengths_and_random_documents():
     # short_seq_prob: some documents aim at shorter sequences.
     total = (a1 - a0) + (b1 - b0)
     assert 0.02 < (total < (MAX_SEQ_LEN - 3) // 2).mean() < 0.3
+    assert (np.diff(spans.round) >= 0).all() and set(spans.round.tolist()) == set(range(8))
 
 
 def test_sop_labels_mark_swapped_order():
-    index, _, instances = build("sop", rounds=4)
-    spans = np.array([(x.a_start, x.a_end, x.b_start, x.b_end, x.label) for x in instances])
-    a0, a1, b0, b1, label = spans.T
+    index, _, spans = build("sop", rounds=4)
+    a0, a1, b0, b1, label = columns(spans)
     assert abs(label.mean() - 0.5) <= 0.03
     assert (doc_of(index, a0) == doc_of(index, b0)).all()  # both segments always from one document
     assert (b0[label == 0] >= a1[label == 0]).all()
@@ -94,31 +158,35 @@ def test_sop_labels_mark_swapped_order():
 
 
 def test_objective_none_packs_each_document_in_order():
-    index, _, instances = build("none", rounds=1)
-    assert all(x.label == -1 and x.b_start == x.b_end for x in instances)
+    index, _, spans = build("none", rounds=2)
+    assert (spans.label == -1).all() and (spans.b_start == spans.b_end).all()
+    first = spans.rows(spans.round == 0)
+    assert (spans.rows(spans.round == 1).a_start == first.a_start).all()
     covered = np.zeros(index.sentence_offsets[-1], dtype=int)
-    for x in instances:
-        assert 0 < x.a_end - x.a_start <= MAX_SEQ_LEN - 2
-        covered[x.a_start:x.a_end] += 1
+    for start, end in zip(first.a_start.tolist(), first.a_end.tolist()):
+        assert 0 < end - start <= MAX_SEQ_LEN - 2
+        covered[start:end] += 1
     assert (covered == 1).all()  # every token exactly once, documents never crossed
-    assert len({doc for x in instances for doc in doc_of(index, np.array([x.a_start, x.a_end - 1]))}) == index.num_documents
+    assert (doc_of(index, first.a_start) == doc_of(index, first.a_end - 1)).all()
+    assert len(set(doc_of(index, first.a_start).tolist())) == index.num_documents
 
 
 def assembled(objective: str = "nsp"):
-    index, tokens, instances = build(objective, rounds=6)
-    return assemble_instances(instances, tokens, max_seq_len=MAX_SEQ_LEN, special=SPECIAL,
-                              has_b=objective != "none"), instances, tokens
+    index, tokens, spans = build(objective, rounds=6)
+    return assemble_instances(spans, tokens, max_seq_len=MAX_SEQ_LEN, special=SPECIAL,
+                              has_b=objective != "none"), spans, tokens
 
 
 def test_assembled_sequences_have_separators_where_segment_ids_change():
-    batch, instances, tokens = assembled()
-    for row in range(0, len(instances), 97):
-        x, length = instances[row], batch.lengths[row]
+    batch, spans, tokens = assembled()
+    for row in range(0, len(spans), 97):
+        a0, a1, b0, b1, _ = (int(c[row]) for c in columns(spans))
+        length = batch.lengths[row]
         ids, types = batch.input_ids[row], batch.token_type_ids[row]
-        expected = [SPECIAL.cls, *tokens[x.a_start:x.a_end], SPECIAL.sep, *tokens[x.b_start:x.b_end], SPECIAL.sep]
+        expected = [SPECIAL.cls, *tokens[a0:a1], SPECIAL.sep, *tokens[b0:b1], SPECIAL.sep]
         assert ids[:length].tolist() == expected
         assert (ids[length:] == SPECIAL.pad).all() and (types[length:] == 0).all()
-        first_b = x.a_end - x.a_start + 2
+        first_b = a1 - a0 + 2
         assert ids[first_b - 1] == SPECIAL.sep and types[:first_b].sum() == 0 and (types[first_b:length] == 1).all()
 
 
