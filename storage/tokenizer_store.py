@@ -81,10 +81,11 @@ def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def continuation_flags(tokenizer: Tokenizer) -> list[bool]:
-    """For each id: does the token continue a word (WordPiece's `##` prefix)?"""
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    flags = [False] * len(vocab)
-    for token, index in vocab.items():
-        flags[index] = token.startswith("##") and len(token) > 2
+def continuation_flags(tokenizer: Tokenizer, vocab: dict[str, int] | None = None) -> list[bool]:
+    """For each id: does the token continue a word (WordPiece's `##` prefix)? `vocab`: the
+    tokenizer's vocabulary if the caller already has it (`get_vocab` copies 30k entries)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True) if vocab is None else vocab
+    flags = [False] * tokenizer.get_vocab_size(with_added_tokens=True)
+    for index in [index for token, index in vocab.items() if token.startswith("##") and len(token) > 2]:
+        flags[index] = True
     return flags

@@ -19,9 +19,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from bertflow.errors import BertflowError
+
+try:  # pyarrow.compute makes a Python wrapper for each of its ~600 kernels when imported (~50 ms
+    # per worker process); the few kernels a unit needs are called by name through the Cython
+    # module those wrappers call.
+    from pyarrow._compute import MatchSubstringOptions, ReplaceSubstringOptions, call_function
+except ImportError:  # a pyarrow that moved its internals: the public module has the same names
+    from pyarrow.compute import MatchSubstringOptions, ReplaceSubstringOptions, call_function
 from bertflow.runtime import skip_pyarrow_pandas_probe
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
                                          AssembledInstances, DocumentIndex, MaskingRule, SpecialIds,
@@ -64,7 +70,9 @@ def _tokenizer_and_flags(tokenizer_dir: str) -> tuple[Any, np.ndarray, "WordCach
     from storage.tokenizer_store import continuation_flags, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    return tokenizer, np.array(continuation_flags(tokenizer), dtype=bool), WordCache(tokenizer)
+    cache = WordCache(tokenizer)
+    # (added tokens are whole tokens, never `##` pieces: the cache's vocabulary without them will do)
+    return tokenizer, np.array(continuation_flags(tokenizer, cache.vocab), dtype=bool), cache
 
 
 def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndarray:
@@ -142,19 +150,19 @@ class WordCache:
         """(flat token ids, tokens per sentence) of the sentences, without special tokens."""
         text = pa.array(sentences, type=pa.large_string()) if isinstance(sentences, list) else sentences
         if text.null_count:
-            text = pc.fill_null(text, "")  # a missing sentence has no tokens
+            text = call_function("coalesce", [text, pa.scalar("", text.type)])  # a missing sentence has no tokens
         punctuation = self.punctuation_but_added
-        if self.any_added_token is not None and not pc.any(pc.match_substring_regex(text, self.any_added_token)).as_py():
+        if self.any_added_token is not None and not _matches_anywhere(text, self.any_added_token):
             punctuation = self.punctuation  # (checked before deleting: the tokenizer matches raw text)
-        if pc.any(pc.match_substring_regex(text, _BERT_DELETED)).as_py():
+        if _matches_anywhere(text, _BERT_DELETED):
             # NUL, which BERT deletes too, and which splits nothing: "a\x1cb" stays one word
             # (then tokenised whole, as it is not pure ASCII letters).
-            text = pc.replace_substring_regex(text, _BERT_DELETED, "\x00")
+            text = _replace_regex(text, _BERT_DELETED, "\x00")
         if punctuation is not None:
-            text = pc.replace_substring_regex(text, punctuation, r" \1 ")
-        words_of_sentence = pc.utf8_split_whitespace(text)
-        words_per_sentence = pc.list_value_length(words_of_sentence).to_numpy(zero_copy_only=False)
-        occurrences = pc.dictionary_encode(pc.list_flatten(words_of_sentence))
+            text = _replace_regex(text, punctuation, r" \1 ")
+        words_of_sentence = call_function("utf8_split_whitespace", [text])
+        words_per_sentence = call_function("list_value_length", [words_of_sentence]).to_numpy(zero_copy_only=False)
+        occurrences = call_function("dictionary_encode", [call_function("list_flatten", [words_of_sentence])])
         distinct = occurrences.dictionary.to_pylist()
         numbers = np.fromiter(map(self.index.get, distinct, repeat(-1)), dtype=np.int64, count=len(distinct))
         unseen = np.flatnonzero(numbers < 0)
@@ -221,6 +229,16 @@ class WordCache:
         return np.fromiter(chain.from_iterable(ordered), dtype=np.int32, count=int(lengths.sum())), lengths
 
 
+def _matches_anywhere(text: pa.Array, pattern: str) -> bool:
+    """Does any string of `text` match the RE2 pattern?"""
+    return bool(call_function("any", [call_function("match_substring_regex", [text],
+                                                      MatchSubstringOptions(pattern))]).as_py())
+
+
+def _replace_regex(text: pa.Array, pattern: str, replacement: str) -> pa.Array:
+    return call_function("replace_substring_regex", [text], ReplaceSubstringOptions(pattern, replacement))
+
+
 # Characters Python's str.split() separates on but BERT's normaliser deletes (controls).
 _BERT_DELETED = "[\x0b\x0c\x1c-\x1f\x85]"
 
@@ -232,8 +250,8 @@ def tokenize_documents(documents: pa.Array, languages: list[str], tokenizer: Any
     whole-word or span masking) per-token word-continuation flags: `##` pieces, plus jieba
     words for Chinese documents. `documents` is an Arrow list<string> array (sentences per
     document)."""
-    sentences = pc.list_flatten(documents)
-    sentences_per_doc = pc.list_value_length(documents).to_numpy(zero_copy_only=False)
+    sentences = call_function("list_flatten", [documents])
+    sentences_per_doc = call_function("list_value_length", [documents]).to_numpy(zero_copy_only=False)
     doc_of_sentence = np.repeat(np.arange(len(documents)), sentences_per_doc)
     token_parts: list[np.ndarray] = []
     length_parts: list[np.ndarray] = []
@@ -268,7 +286,7 @@ def tokenize_documents(documents: pa.Array, languages: list[str], tokenizer: Any
         "sentences": int(kept.sum()),
         "single_sentence_documents": int((kept_per_doc == 1).sum()),
         "tokens": int(tokens.size),
-        "text_bytes": int(pc.sum(pc.binary_length(sentences)).as_py() or 0),
+        "text_bytes": int(call_function("sum", [call_function("binary_length", [sentences])]).as_py() or 0),
     }
     return tokens, continuation, DocumentIndex(sentence_offsets.astype(np.int64), doc_sentences.astype(np.int64)), counts
 
