@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bertflow.runtime import configure_environment  # noqa: E402
 
-configure_environment()
-
-# Nothing heavy at module level: the stage's worker processes (spawn) re-import this module.
+# Nothing heavy at module level, not even configure_environment() (its data-home check imports
+# fsspec, ~0.1 s): the stage's worker processes (spawn) re-import this module, as they re-import
+# the CLI's, which configures the environment in main().
 
 
 class TreeRssSampler:
@@ -194,6 +194,7 @@ def main() -> int:
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)  # internal: where the step writes its figures
     args = parser.parse_args()
+    configure_environment()
 
     from storage.artifacts import ArtifactStore
 
