@@ -59,7 +59,9 @@ class MaskingRule:
 def random_replacement_ids(vocab_size: int, special: SpecialIds) -> np.ndarray:
     """Google draws from the whole vocabulary; we leave out [PAD] [UNK] [CLS] [SEP] [MASK] so a
     random replacement never looks like structure."""
-    return np.setdiff1d(np.arange(vocab_size, dtype=np.int64), list(special.as_dict().values()))
+    drawable = np.ones(vocab_size, dtype=bool)
+    drawable[[i for i in special.as_dict().values() if 0 <= i < vocab_size]] = False
+    return np.flatnonzero(drawable)  # (setdiff1d sorts the whole vocabulary: ~7 ms per unit)
 
 
 # --- pairs of segments ----------------------------------------------------------------------

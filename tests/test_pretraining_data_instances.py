@@ -295,12 +295,12 @@ def test_same_seed_same_instances_and_masks():
     assert (a.input_ids == b.input_ids).all() and (a.positions == b.positions).all()
 
 
-def word_cache_inputs():
+def word_cache_inputs(lowercase: bool = True):
     from tasks.tokenizer import adopt_vocabulary
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "cafe", ",", ".", "'", "!",
              "un", "##aff", "##able", "中", "文", "a", "b", "##b", "x", "##x", "s", "t", "don", "(", ")", "1999"]
-    tokenizer = adopt_vocabulary(vocab, lowercase=True)
+    tokenizer = adopt_vocabulary(vocab + ["Hello", "W", "##OR"], lowercase=lowercase)
     sentences = ["Hello, WORLD!", "Café unaffable.", "中文 中文字", "don't", "a\x0bb a\x1cb", "x\u2028y",
                  "tab\there", "zero\u200bwidth", "nbsp\xa0b", "[MASK] hello[SEP]x", "x" * 150 + " a",
                  "", "   ", "ab abb hello hello hello", "(1999), 1999 (hello)! a.[MASK], [ma]sk",
@@ -316,13 +316,20 @@ def assert_tokenizers_own_ids(cache, tokenizer, sentences):
     assert tokens.tolist() == [i for r in reference for i in r]
 
 
-def test_word_cache_gives_the_tokenizers_own_ids():
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_word_cache_gives_the_tokenizers_own_ids(lowercase):
     from tasks.pretraining_worker import WordCache
 
-    tokenizer, sentences = word_cache_inputs()
+    tokenizer, sentences = word_cache_inputs(lowercase)
     cache = WordCache(tokenizer)
     for _ in range(2):  # cold, then warm
         assert_tokenizers_own_ids(cache, tokenizer, sentences)
+    # Batches without an added token in their text take another path (every punctuation
+    # character cut, ASCII lower-cased up front when the tokenizer is uncased).
+    without_added = [s for s in sentences if "[" not in s]
+    assert_tokenizers_own_ids(cache, tokenizer, without_added)
+    for sentence in sentences[:19]:
+        assert_tokenizers_own_ids(WordCache(tokenizer), tokenizer, [sentence])
 
 
 def test_word_cache_stays_exact_when_it_forgets():
@@ -339,13 +346,16 @@ def test_word_cache_stays_exact_when_it_forgets():
 
 
 def bert_words(sentences: list[str]) -> set[str]:
-    """The distinct words BERT's pre-tokeniser would see, as the word cache cuts them: ASCII
-    punctuation alone (but the brackets of added tokens, where the text holds an added token),
-    runs of anything else but whitespace."""
+    """The distinct words BERT's pre-tokeniser would see, as the word cache of an uncased
+    tokenizer cuts them: ASCII punctuation alone (but the brackets of added tokens, where the
+    text holds an added token), runs of anything else but whitespace; ASCII letters lower-cased
+    where the text holds no added token."""
     import re
 
     text = " ".join(sentences)
     added = "[]" if re.search(r"\[(PAD|UNK|CLS|SEP|MASK)\]", text) else ""
+    if not added:
+        text = "".join(c.lower() if c.isascii() else c for c in text)
     punctuation = re.escape("".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in added))
     return set(re.findall(f"[{punctuation}]|[^{punctuation}\\s]+", re.sub("[\x0b\x0c\x1c-\x1f\x85]", "\x00", text)))
 
