@@ -125,10 +125,13 @@ class WordCache:
                 and type(tokenizer.pre_tokenizer).__name__ == "BertPreTokenizer"
                 and all(special_chars.intersection(token) for token in added))
 
+        beyond_ascii = unicode_word_boundaries(tokenizer) if bert else ""
+
         def spaced_out(characters: str) -> str | None:
             """An RE2 pattern for `replace_substring_regex` that puts spaces around each of these
-            characters: then words are whitespace-separated."""
-            return "([" + "".join("\\" + c for c in characters) + "])" if bert and characters else None
+            characters (and the Unicode ones the tokenizer cuts at): then words are
+            whitespace-separated."""
+            return "([" + "".join("\\" + c for c in characters) + beyond_ascii + "])" if bert and characters else None
 
         punctuation = [c for c in map(chr, range(33, 127)) if not c.isalnum()]
         self.punctuation = spaced_out("".join(punctuation))
@@ -243,6 +246,38 @@ def _matches_anywhere(text: pa.Array, pattern: str) -> bool:
 
 def _replace_regex(text: pa.Array, pattern: str, replacement: str) -> pa.Array:
     return call_function("replace_substring_regex", [text], ReplaceSubstringOptions(pattern, replacement))
+
+
+# Where BERT's normaliser and pre-tokeniser cut words beyond ASCII punctuation: Unicode
+# punctuation (categories P*: the dashes of "1990–1995", the quotes of "“Hello”"), here from the
+# blocks where running text has it, and CJK ideographs, which the normaliser spaces out.
+_UNICODE_PUNCTUATION_BLOCKS = [(0xA1, 0xBF), (0x2010, 0x205E), (0x3001, 0x303F), (0xFE30, 0xFE4F), (0xFF01, 0xFF65)]
+_CJK_IDEOGRAPHS = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+                   (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0x2F800, 0x2FA1F)]
+
+
+def unicode_word_boundaries(tokenizer: Any) -> str:
+    """The non-ASCII characters a BERT tokenizer cuts words at, as RE2 character-class items.
+    A group of them (the punctuation; each CJK range) counts only if the tokenizer agrees on a
+    probe: running text with each of them (for a CJK range, samples and its ends) between
+    letters must tokenise exactly as its pieces one by one. (Tokenizer versions differ: some
+    leave the newer CJK extensions unspaced.) Spaced out before the split, they make
+    "1990–1995" three cache hits instead of one new word, and Chinese text single characters
+    instead of whole sentences."""
+    import unicodedata
+
+    def agrees(characters: list[str]) -> bool:
+        pieces = [piece for c in characters for piece in ("a", c)] + ["a"]
+        running = tokenizer.encode("".join(pieces), add_special_tokens=False).ids
+        return running == tokenizer.encode(pieces, is_pretokenized=True, add_special_tokens=False).ids
+
+    punctuation = [c for low, high in _UNICODE_PUNCTUATION_BLOCKS for c in map(chr, range(low, high + 1))
+                   if unicodedata.category(c).startswith("P")]
+    items = [f"\\x{{{ord(c):X}}}" for c in punctuation] if agrees(punctuation) else []
+    if getattr(tokenizer.normalizer, "handle_chinese_chars", False):
+        items += [f"\\x{{{low:X}}}-\\x{{{high:X}}}" for low, high in _CJK_IDEOGRAPHS
+                  if agrees([chr(c) for c in (*range(low, high, 499), high)])]
+    return "".join(items)
 
 
 # Characters Python's str.split() separates on but BERT's normaliser deletes (controls).

@@ -332,6 +332,20 @@ def test_word_cache_gives_the_tokenizers_own_ids(lowercase):
         assert_tokenizers_own_ids(WordCache(tokenizer), tokenizer, [sentence])
 
 
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_word_cache_cuts_at_unicode_punctuation_and_cjk_exactly_where_the_tokenizer_does(lowercase):
+    from tasks.pretraining_worker import _CJK_IDEOGRAPHS, _UNICODE_PUNCTUATION_BLOCKS, WordCache
+
+    tokenizer, _ = word_cache_inputs(lowercase)
+    cache = WordCache(tokenizer)
+    assert "\\x{2013}" in cache.punctuation and "\\x{4E00}-\\x{9FFF}" in cache.punctuation
+    # Every character of the punctuation blocks (P* or not) and every code point of every
+    # CJK range, between letters, as running text: the cache's ids are the tokenizer's own.
+    characters = [chr(c) for low, high in _UNICODE_PUNCTUATION_BLOCKS + _CJK_IDEOGRAPHS for c in range(low, high + 1)]
+    sentences = ["x" + "ab".join(characters[k:k + 500]) + "Ab" for k in range(0, len(characters), 500)]
+    assert_tokenizers_own_ids(cache, tokenizer, sentences)
+
+
 def test_word_cache_stays_exact_when_it_forgets():
     from tasks.pretraining_worker import WordCache
 
@@ -347,16 +361,19 @@ def test_word_cache_stays_exact_when_it_forgets():
 
 def bert_words(sentences: list[str]) -> set[str]:
     """The distinct words BERT's pre-tokeniser would see, as the word cache of an uncased
-    tokenizer cuts them: ASCII punctuation alone (but the brackets of added tokens, where the
-    text holds an added token), runs of anything else but whitespace; ASCII letters lower-cased
-    where the text holds no added token."""
+    tokenizer cuts them: ASCII and Unicode punctuation and CJK ideographs alone (but the brackets
+    of added tokens, where the text holds an added token), runs of anything else but
+    whitespace; ASCII letters lower-cased where the text holds no added token."""
     import re
+    import unicodedata
 
     text = " ".join(sentences)
     added = "[]" if re.search(r"\[(PAD|UNK|CLS|SEP|MASK)\]", text) else ""
     if not added:
         text = "".join(c.lower() if c.isascii() else c for c in text)
     punctuation = re.escape("".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in added))
+    punctuation += "".join(re.escape(c) for c in set(text) if ord(c) > 127 and (
+        unicodedata.category(c).startswith("P") or 0x4E00 <= ord(c) <= 0x9FFF))
     return set(re.findall(f"[{punctuation}]|[^{punctuation}\\s]+", re.sub("[\x0b\x0c\x1c-\x1f\x85]", "\x00", text)))
 
 
