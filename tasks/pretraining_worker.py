@@ -131,7 +131,7 @@ class WordCache:
             """An RE2 pattern for `replace_substring_regex` that puts spaces around each of these
             characters (and the Unicode ones the tokenizer cuts at): then words are
             whitespace-separated."""
-            return "([" + "".join("\\" + c for c in characters) + beyond_ascii + "])" if bert and characters else None
+            return "[" + "".join("\\" + c for c in characters) + beyond_ascii + "]" if bert and characters else None
 
         punctuation = [c for c in map(chr, range(33, 127)) if not c.isalnum()]
         self.punctuation = spaced_out("".join(punctuation))
@@ -168,7 +168,7 @@ class WordCache:
             # (then tokenised whole, as it is not pure ASCII letters).
             text = _replace_regex(text, _BERT_DELETED, "\x00")
         if punctuation is not None:
-            text = _replace_regex(text, punctuation, r" \1 ")
+            text = _replace_regex(text, punctuation, r" \0 ")  # \0, not a group: RE2 is ~15% faster without
         words_of_sentence = call_function("utf8_split_whitespace", [text])
         words_per_sentence = call_function("list_value_length", [words_of_sentence]).to_numpy(zero_copy_only=False)
         occurrences = call_function("dictionary_encode", [call_function("list_flatten", [words_of_sentence])])
