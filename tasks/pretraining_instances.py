@@ -318,7 +318,8 @@ def assemble_instances(spans: InstanceSpans, tokens: np.ndarray, *, max_seq_len:
     # Column c holds A's token a0 + c - 1 before B's first column and B's token b0 + c - first_b
     # from there on; [CLS], the [SEP]s and the padding then overwrite what was gathered there.
     before_b = col[None, :] < first_b[:, None]  # (n, max_seq_len)
-    source = np.where(before_b, (a0 - 1)[:, None], (b0 - first_b)[:, None]) + col
+    source = np.where(before_b, (a0 - 1)[:, None], (b0 - first_b)[:, None])
+    source += col
     padding = col[None, :] >= lengths[:, None]
 
     def gathered(values: np.ndarray, cls: int, sep: int, pad: int) -> np.ndarray:
@@ -505,16 +506,15 @@ def mask_tokens_batch(batch: AssembledInstances, rule: MaskingRule, rng: np.rand
     positions += positions >= batch.first_b[:, None] - 1
     positions = np.sort(np.where(chosen, positions, width), axis=1)  # chosen first, sorted
     valid = positions < width
-    rows = np.broadcast_to(np.arange(n)[:, None], positions.shape)
     safe = np.where(valid, positions, 0)
-    labels = batch.input_ids[rows, safe]
+    flat = safe + (np.arange(n) * width)[:, None]  # into the flattened rows: cheaper than (row, column) pairs
+    labels = batch.input_ids.ravel()[flat]
     kinds = replacement_kinds(n * k, rng).reshape(n, k)
     output = batch.input_ids.copy()
     to_mask = valid & (kinds == REPLACED_BY_MASK)
-    output[rows[to_mask], safe[to_mask]] = rule.mask_id
+    output.ravel()[flat[to_mask]] = rule.mask_id
     to_random = valid & (kinds == REPLACED_BY_RANDOM)
-    output[rows[to_random], safe[to_random]] = rule.random_ids[
-        rng.integers(0, len(rule.random_ids), int(to_random.sum()))]
+    output.ravel()[flat[to_random]] = rule.random_ids[rng.integers(0, len(rule.random_ids), int(to_random.sum()))]
     return MaskedBatch(output, safe, np.where(valid, labels, 0), kinds, counts, candidates)
 
 
