@@ -3,7 +3,7 @@ shard → one output shard of instances.
 
 Kept apart from `tasks/pretraining_data.py` so spawned workers import only numpy, pyarrow and
 `tokenizers` (not Prefect, whose import costs ~1 s per process). The unit's output depends on
-(seed, unit index, dupe round) and its own documents only, never on which worker runs it, so
+(seed, unit index) and its own documents only, never on which worker runs it, so
 the artifact is identical for any number of workers.
 """
 
@@ -12,12 +12,13 @@ from __future__ import annotations
 import gc
 import string
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -359,23 +360,43 @@ def encode_with_jieba_words(sentences: list[str], is_chinese: list[bool], tokeni
 
 def unit_rng(job: ShardJob, stream: int) -> np.random.Generator:
     """The unit's random streams, seeded from (seed, unit index, stream), so a unit's output
-    never depends on which worker runs it: stream r < dupe_factor masks round r,
-    dupe_factor shuffles the shard, dupe_factor + 1 draws the pairs."""
+    never depends on which worker runs it: stream k < dupe_factor masks the shard's k-th slice
+    of rows, dupe_factor shuffles the shard, dupe_factor + 1 draws the pairs."""
     return np.random.default_rng([job.seed, job.index, stream])
 
 
-@dataclass
-class RoundOutput:
-    """One dupe round's instances, padded, in compact types."""
+class FlatRows:
+    """Masked rows, slice by slice, flattened to the shard's list columns (no padding)."""
 
-    input_ids: np.ndarray        # (n, max_seq_len)
-    token_type_ids: np.ndarray   # (n, max_seq_len) int8
-    continuation: np.ndarray | None
-    lengths: np.ndarray          # (n,)
-    labels: np.ndarray           # (n,) int8
-    positions: np.ndarray        # (n, P) int16
-    masked_ids: np.ndarray       # (n, P)
-    counts: np.ndarray           # (n,) predictions per row
+    def __init__(self) -> None:
+        self.parts: dict[str, list[np.ndarray]] = {name: [] for name in (
+            "input_ids", "token_type_ids", "lengths", "masked_positions", "masked_ids", "counts", "labels",
+            "continuation")}
+
+    def add(self, batch: AssembledInstances, ids: np.ndarray, positions: np.ndarray, masked_ids: np.ndarray,
+            counts: np.ndarray, continuation: np.ndarray | None) -> None:
+        valid = np.arange(ids.shape[1])[None, :] < batch.lengths[:, None]
+        predicted = np.arange(positions.shape[1])[None, :] < counts[:, None]
+        for name, values in (("input_ids", ids[valid]), ("token_type_ids", batch.token_type_ids[valid]),
+                             ("lengths", batch.lengths), ("masked_positions", positions[predicted]),
+                             ("masked_ids", masked_ids[predicted]), ("counts", counts), ("labels", batch.labels)):
+            self.parts[name].append(values)
+        if continuation is not None:
+            self.parts["continuation"].append(continuation[valid])
+
+    def columns(self):
+        from storage.pretraining_store import InstanceColumns
+
+        if not self.parts["lengths"]:
+            empty = np.zeros(0, dtype=np.int64)
+            return InstanceColumns(empty, empty, np.zeros(1, np.int64), empty, empty, np.zeros(1, np.int64), empty)
+        joined = {name: np.concatenate(parts) if parts else None for name, parts in self.parts.items()}
+        return InstanceColumns(
+            input_ids=joined["input_ids"], token_type_ids=joined["token_type_ids"],
+            offsets=np.concatenate([[0], np.cumsum(joined["lengths"])]),
+            masked_positions=joined["masked_positions"], masked_ids=joined["masked_ids"],
+            mask_offsets=np.concatenate([[0], np.cumsum(joined["counts"])]),
+            labels=joined["labels"], continuation=joined["continuation"])
 
 
 def mask_rows_one_by_one(batch: AssembledInstances, rule: MaskingRule, rng: np.random.Generator
@@ -440,26 +461,28 @@ def _build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     rule = MaskingRule(masking=job.masking, masked_lm_prob=job.masked_lm_prob,
                        max_predictions=job.max_predictions, mask_id=job.special.mask,
                        random_ids=random_replacement_ids(job.vocab_size, job.special))
-    rounds: list[RoundOutput] = []
     kind_counts = np.zeros(3, dtype=np.int64)
     candidates = capped = 0
     pair_rng = unit_rng(job, job.dupe_factor + 1)
     spans = create_instances(index, draw_pair_randomness(index, job.dupe_factor, pair_rng),
                              max_seq_len=job.max_seq_len, short_seq_prob=job.short_seq_prob,
                              objective=job.objective, rng=pair_rng)
-    round_bounds = np.searchsorted(spans.round, np.arange(job.dupe_factor + 1))  # rows come round by round
-    for dupe_round in range(job.dupe_factor):
-        if round_bounds[dupe_round] == round_bounds[dupe_round + 1]:
+    # Google shuffles all instances; we shuffle within the shard, before assembling: each slice
+    # of rows (a round's worth) is then assembled, masked and flattened straight into shard order.
+    spans = spans.rows(unit_rng(job, job.dupe_factor).permutation(len(spans)))
+    slices = np.linspace(0, len(spans), job.dupe_factor + 1).astype(np.int64)
+    flat = FlatRows()
+    for k in range(job.dupe_factor):
+        if slices[k] == slices[k + 1]:
             continue
-        mask_rng = unit_rng(job, dupe_round)
-        batch = assemble_instances(spans.rows(slice(round_bounds[dupe_round], round_bounds[dupe_round + 1])),
-                                   tokens, max_seq_len=job.max_seq_len, special=job.special,
-                                   has_b=job.objective != "none", continuation=continuation)
+        batch = assemble_instances(spans.rows(slice(slices[k], slices[k + 1])), tokens, max_seq_len=job.max_seq_len,
+                                   special=job.special, has_b=job.objective != "none", continuation=continuation)
         n = len(batch.lengths)
         if job.dynamic:
             ids, positions = batch.input_ids, np.zeros((n, 0), dtype=np.int64)
             labels, counts_row = np.zeros((n, 0), dtype=np.int64), np.zeros(n, dtype=np.int64)
         else:
+            mask_rng = unit_rng(job, k)
             if job.masking == "token":
                 masked = mask_tokens_batch(batch, rule, mask_rng)
                 ids, positions, labels, kinds, counts_row = (masked.input_ids, masked.positions,
@@ -474,14 +497,12 @@ def _build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
             kind_counts += np.bincount(kinds[valid], minlength=3)[:3]
             candidates += int(row_candidates.sum())
             capped += int((counts_row == job.max_predictions).sum())
-        rounds.append(RoundOutput(
-            input_ids=ids.astype(job.id_dtype, copy=False), token_type_ids=batch.token_type_ids,
-            continuation=batch.continuation if (job.dynamic and need_words) else None,
-            lengths=batch.lengths, labels=batch.labels, positions=positions.astype(np.int16),
-            masked_ids=labels.astype(job.id_dtype, copy=False), counts=counts_row))
+        flat.add(batch, ids.astype(job.id_dtype, copy=False), positions.astype(np.int16),
+                 labels.astype(job.id_dtype, copy=False), counts_row,
+                 continuation=batch.continuation if (job.dynamic and need_words) else None)
     del tokens, continuation
 
-    columns = shuffled_columns(rounds, unit_rng(job, job.dupe_factor))
+    columns = flat.columns()
     n_instances = len(columns.labels)
     stats = {
         **counts,
@@ -502,37 +523,3 @@ def _build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
         stats["digest"] = file_digest(path)  # here, in parallel, rather than at commit
     stats["seconds"] = round(time.perf_counter() - started, 3)
     return stats
-
-
-def shuffled_columns(rounds: list[RoundOutput], rng: np.random.Generator):
-    """Concatenate the rounds, shuffle the rows (Google shuffles all instances; we shuffle
-    within the shard) and flatten to the shard's list columns."""
-    from storage.pretraining_store import InstanceColumns
-
-    if not rounds:
-        empty = np.zeros(0, dtype=np.int64)
-        return InstanceColumns(empty, empty, np.zeros(1, np.int64), empty, empty, np.zeros(1, np.int64), empty)
-    order = rng.permutation(sum(len(r.lengths) for r in rounds))
-
-    def stacked(name: str) -> np.ndarray | None:
-        parts = [getattr(r, name) for r in rounds]
-        if parts[0] is None:
-            return None
-        return np.concatenate(parts)[order]
-
-    lengths, counts = stacked("lengths"), stacked("counts")
-    width = rounds[0].input_ids.shape[1]
-    valid = np.arange(width)[None, :] < lengths[:, None]
-    positions = stacked("positions")
-    predicted = np.arange(positions.shape[1])[None, :] < counts[:, None]
-    continuation = stacked("continuation")
-    return InstanceColumns(
-        input_ids=stacked("input_ids")[valid],
-        token_type_ids=stacked("token_type_ids")[valid],
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        masked_positions=positions[predicted],
-        masked_ids=stacked("masked_ids")[predicted],
-        mask_offsets=np.concatenate([[0], np.cumsum(counts)]),
-        labels=stacked("labels"),
-        continuation=continuation[valid] if continuation is not None else None,
-    )
