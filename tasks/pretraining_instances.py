@@ -262,8 +262,10 @@ def create_full_segments(documents: DocumentIndex, rounds: int, *, max_seq_len: 
     sentences up to max_seq_len, crossing sentence but not document boundaries (RoBERTa's
     DOC-SENTENCES); a sentence longer than a sequence is cut into full-length pieces. No
     randomness: every round has the same segments (and its own masks)."""
+    offsets, doc_sentences = documents.sentence_offsets.tolist(), documents.doc_sentences.tolist()
     segments = [segment for doc in range(documents.num_documents)
-                for segment in full_segments_of_document(doc, documents, max_seq_len=max_seq_len)]
+                for segment in full_segments_of_document(offsets, doc_sentences[doc], doc_sentences[doc + 1],
+                                                         max_num_tokens=max_seq_len - 2)]  # [CLS], [SEP]
     starts = np.array([start for start, _ in segments], dtype=np.int64)
     ends = np.array([end for _, end in segments], dtype=np.int64)
     n = len(segments)
@@ -272,11 +274,10 @@ def create_full_segments(documents: DocumentIndex, rounds: int, *, max_seq_len: 
                          np.repeat(np.arange(rounds), n))
 
 
-def full_segments_of_document(doc: int, documents: DocumentIndex, *, max_seq_len: int) -> list[tuple[int, int]]:
-    """One document's segments for `create_full_segments`, as [start, end) token ranges."""
-    offsets = documents.sentence_offsets.tolist()
-    first, stop = int(documents.doc_sentences[doc]), int(documents.doc_sentences[doc + 1])
-    max_num_tokens = max_seq_len - 2  # account for [CLS], [SEP]
+def full_segments_of_document(offsets: list[int], first: int, stop: int, *, max_num_tokens: int
+                              ) -> list[tuple[int, int]]:
+    """The segments of the document of sentences first .. stop-1 (`offsets`: the shard's
+    sentence offsets, a list), as [start, end) token ranges."""
     segments: list[tuple[int, int]] = []
     start = offsets[first]
     for s in range(first, stop):
