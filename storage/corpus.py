@@ -7,7 +7,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 CORPUS_SCHEMA = pa.schema([
@@ -62,6 +61,9 @@ class CorpusShardWriter:
     def add_table(self, documents: pa.Table) -> None:
         """Append documents (columns of CORPUS_SCHEMA, any string/dictionary types); shards are
         cut at the row where `shard_bytes` of text have accumulated."""
+        import pyarrow.compute as pc  # here, not at the top: readers of a corpus (a pretraining-data
+        # parent planning its units) would pay ~0.1 s for its ~600 wrappers without calling one
+
         sentences = documents.column("sentences")
         per_row = np.bincount(pc.list_parent_indices(sentences).to_numpy(),
                               weights=pc.binary_length(pc.list_flatten(sentences)).to_numpy(),
