@@ -4,10 +4,11 @@ Google's `create_pretraining_data.py`, shard-parallel and streaming. The corpus 
 units of consecutive documents (`shard_mb` of text each); a worker process turns one unit into
 one output shard: tokenise its sentences once (each distinct word once per worker,
 `WordCache`), build dupe_factor rounds of pairs (`create_pairs`, every document and round
-at once) over the same tokens, mask them in numpy, shuffle, write. A unit's output depends
-only on (seed, unit index), so any number of workers produces the same bytes. Random-next segments B come from another document of the same unit (Google draws
-from the whole corpus, which forces every document into memory); a unit holds hundreds of
-documents, and memory stays at one unit per worker whatever the corpus size.
+at once) over the same tokens, shuffle, mask them in numpy, write. A unit's output depends
+only on (seed, unit index), so any number of workers produces the same bytes. Random-next
+segments B come from another document of the same unit (Google draws from the whole corpus,
+which forces every document into memory); a unit holds hundreds of documents, and memory stays
+at one unit per worker whatever the corpus size.
 The algorithms live in `tasks/pretraining_instances.py`, the per-unit job in
 `tasks/pretraining_worker.py`, the format in `storage/pretraining_store.py`.
 """

@@ -135,16 +135,16 @@ def target_lengths(draws: np.ndarray, max_num_tokens: int, short_seq_prob: float
     return np.where(draws[:, 0] < short_seq_prob, short, max_num_tokens)
 
 
-def create_instances(documents: DocumentIndex, draws: PairDraws, *, max_seq_len: int, short_seq_prob: float,
+def create_instances(documents: DocumentIndex, rounds: int, *, max_seq_len: int, short_seq_prob: float,
                      objective: Objective, rng: np.random.Generator) -> InstanceSpans:
     """Every round's instances of every document: pairs (nsp, sop) as in Google's
-    `create_instances_from_document`, truncated to fit, or contiguous full-length segments (none).
-    Rows come in (round, document, position in the document) order."""
+    `create_instances_from_document`, truncated to fit, or contiguous full-length segments (none,
+    which draws nothing). Rows come in (round, document, position in the document) order."""
     if objective == "none":
-        return create_full_segments(documents, draws.rounds, max_seq_len=max_seq_len)
+        return create_full_segments(documents, rounds, max_seq_len=max_seq_len)
     max_num_tokens = max_seq_len - 3  # account for [CLS], [SEP], [SEP]
-    pairs = create_pairs(documents, draws, max_num_tokens=max_num_tokens, short_seq_prob=short_seq_prob,
-                         objective=objective)
+    pairs = create_pairs(documents, draw_pair_randomness(documents, rounds, rng), max_num_tokens=max_num_tokens,
+                         short_seq_prob=short_seq_prob, objective=objective)
     return truncate_and_order(pairs, max_num_tokens, objective, rng)
 
 

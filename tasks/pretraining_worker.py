@@ -23,19 +23,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bertflow.errors import BertflowError
-
 try:  # pyarrow.compute makes a Python wrapper for each of its ~600 kernels when imported (~50 ms
     # per worker process); the few kernels a unit needs are called by name through the Cython
     # module those wrappers call.
     from pyarrow._compute import MatchSubstringOptions, ReplaceSubstringOptions, call_function
 except ImportError:  # a pyarrow that moved its internals: the public module has the same names
     from pyarrow.compute import MatchSubstringOptions, ReplaceSubstringOptions, call_function
+
+from bertflow.errors import BertflowError
 from bertflow.runtime import skip_pyarrow_pandas_probe
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
                                          AssembledInstances, DocumentIndex, MaskingRule, SpecialIds,
                                          assemble_instances, create_instances, create_masked_lm_predictions,
-                                         draw_pair_randomness, mask_tokens_batch, random_replacement_ids)
+                                         mask_tokens_batch, random_replacement_ids)
 
 ENCODE_BATCH_SENTENCES = 65_536  # sentences per WordCache call: a 2 MB unit is one call
 JIEBA_BATCH_SENTENCES = 8192  # sentences per call of the whole tokenizer (its encodings are Python objects)
@@ -464,8 +464,7 @@ def _build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     kind_counts = np.zeros(3, dtype=np.int64)
     candidates = capped = 0
     pair_rng = unit_rng(job, job.dupe_factor + 1)
-    spans = create_instances(index, draw_pair_randomness(index, job.dupe_factor, pair_rng),
-                             max_seq_len=job.max_seq_len, short_seq_prob=job.short_seq_prob,
+    spans = create_instances(index, job.dupe_factor, max_seq_len=job.max_seq_len, short_seq_prob=job.short_seq_prob,
                              objective=job.objective, rng=pair_rng)
     # Google shuffles all instances; we shuffle within the shard, before assembling: each slice
     # of rows (a round's worth) is then assembled, masked and flattened straight into shard order.

@@ -36,7 +36,7 @@ def synthetic_index(n_docs: int = 400, seed: int = 0) -> tuple[DocumentIndex, np
 def build(objective: str, seed: int = 1, rounds: int = 8, max_seq_len: int = MAX_SEQ_LEN):
     index, tokens = synthetic_index()
     rng = np.random.default_rng(seed)
-    spans = create_instances(index, draw_pair_randomness(index, rounds, rng), max_seq_len=max_seq_len,
+    spans = create_instances(index, rounds, max_seq_len=max_seq_len,
                              short_seq_prob=0.1, objective=objective, rng=rng)
     return index, tokens, spans
 
