@@ -26,9 +26,9 @@ import pyarrow as pa
 try:  # pyarrow.compute makes a Python wrapper for each of its ~600 kernels when imported (~50 ms
     # per worker process); the few kernels a unit needs are called by name through the Cython
     # module those wrappers call.
-    from pyarrow._compute import MatchSubstringOptions, ReplaceSubstringOptions, call_function
+    from pyarrow._compute import MatchSubstringOptions, call_function
 except ImportError:  # a pyarrow that moved its internals: the public module has the same names
-    from pyarrow.compute import MatchSubstringOptions, ReplaceSubstringOptions, call_function
+    from pyarrow.compute import MatchSubstringOptions, call_function
 
 from bertflow.errors import BertflowError
 from bertflow.runtime import skip_pyarrow_pandas_probe
@@ -100,18 +100,18 @@ class WordCache:
     then splits on whitespace and cuts every punctuation character out as a word of its own, so
     a sentence's ids are the concatenation of its words' ids, a word being one ASCII punctuation
     character or a run of other non-whitespace characters ("(1999)," is "(", "1999", ")", ",").
-    Text repeats (Zipf): Arrow's C++ kernels cut a whole batch of sentences into words and find
-    the distinct ones (`dictionary_encode`); only those reach Python, one dict lookup each, and
-    the ids are gathered in numpy from one flat store. A word not seen before is tokenised once:
-    pure ASCII letters and digits by the WordPiece model alone (the normaliser only lower-cases
-    them; a vocabulary hit needs not even that), anything else by the whole fast tokenizer, many
-    words per call.
+    Text repeats (Zipf): a whole batch of sentences is cut into words in numpy (`WordSplitter`)
+    and Arrow's `dictionary_encode` finds the distinct ones; only those reach Python, one dict
+    lookup each, and the ids are gathered in numpy from one flat store. A word not seen before
+    is tokenised once: pure ASCII letters and digits by the WordPiece model alone (the
+    normaliser only lower-cases them; a vocabulary hit needs not even that), anything else by
+    the whole fast tokenizer, many words per call.
 
     Exactness (tests/test_pretraining_data_instances.py checks the ids against the tokenizer
-    itself): Arrow's Unicode whitespace is exactly Python's `str.isspace()` (a test checks every
-    code point); the controls among those, which BERT deletes rather than splits at, are first
-    replaced by NUL, which BERT deletes too; where the text holds an added token such as `[MASK]` (the tokenizer matches those in
-    the raw text), the characters of added tokens are not cut at. With another normaliser or pre-tokeniser, words are whole
+    itself, on every whitespace, punctuation and CJK code point, and on real text): the controls
+    that BERT deletes rather than splits at stay inside their word; where the text holds an
+    added token such as `[MASK]` (the tokenizer matches those in the raw text), the characters
+    of added tokens are not cut at. With another normaliser or pre-tokeniser, words are whole
     whitespace-separated chunks, and all of them go to the tokenizer."""
 
     MAX_ENTRIES = 150_000  # distinct words kept (~25 MB); bounds memory on text with few repeats
@@ -126,17 +126,10 @@ class WordCache:
                 and type(tokenizer.pre_tokenizer).__name__ == "BertPreTokenizer"
                 and all(special_chars.intersection(token) for token in added))
 
-        beyond_ascii = unicode_word_boundaries(tokenizer) if bert else ""
-
-        def spaced_out(characters: str) -> str | None:
-            """An RE2 pattern for `replace_substring_regex` that puts spaces around each of these
-            characters (and the Unicode ones the tokenizer cuts at): then words are
-            whitespace-separated."""
-            return "[" + "".join("\\" + c for c in characters) + beyond_ascii + "]" if bert and characters else None
-
-        punctuation = [c for c in map(chr, range(33, 127)) if not c.isalnum()]
-        self.punctuation = spaced_out("".join(punctuation))
-        self.punctuation_but_added = spaced_out("".join(c for c in punctuation if c not in special_chars))
+        beyond_ascii = unicode_word_boundaries(tokenizer) if bert else []
+        punctuation = "".join(c for c in map(chr, range(33, 127)) if not c.isalnum()) if bert else ""
+        self.split_all = WordSplitter(punctuation, beyond_ascii)
+        self.split_but_added = WordSplitter("".join(c for c in punctuation if c not in special_chars), beyond_ascii)
         # An added token left unnormalised is matched in the raw text only: text without one can
         # be cut at every punctuation character (the "[" of "Trust[13]" too). One RE2 pattern
         # finds any of them in one pass.
@@ -157,22 +150,14 @@ class WordCache:
         text = pa.array(sentences, type=pa.large_string()) if isinstance(sentences, list) else sentences
         if text.null_count:
             text = call_function("coalesce", [text, pa.scalar("", text.type)])  # a missing sentence has no tokens
-        punctuation = self.punctuation_but_added
+        splitter, lowercase = self.split_but_added, False
         if self.any_added_token is not None and not _matches_anywhere(text, self.any_added_token):
-            punctuation = self.punctuation  # (checked before deleting: the tokenizer matches raw text)
-            if self.lowercase:
-                # "The" and "the" are one word to an uncased tokenizer: one cache entry, not two.
-                # (Only without added tokens in the text: "[MASK]" is matched before lower-casing.)
-                text = call_function("ascii_lower", [text])
-        if _matches_anywhere(text, _BERT_DELETED):
-            # NUL, which BERT deletes too, and which splits nothing: "a\x1cb" stays one word
-            # (then tokenised whole, as it is not pure ASCII letters).
-            text = _replace_regex(text, _BERT_DELETED, "\x00")
-        if punctuation is not None:
-            text = _replace_regex(text, punctuation, r" \0 ")  # \0, not a group: RE2 is ~15% faster without
-        words_of_sentence = call_function("utf8_split_whitespace", [text])
-        words_per_sentence = call_function("list_value_length", [words_of_sentence]).to_numpy(zero_copy_only=False)
-        occurrences = call_function("dictionary_encode", [call_function("list_flatten", [words_of_sentence])])
+            # Every punctuation character cut; and for an uncased tokenizer "The" and "the" one
+            # word (one cache entry, not two). Only without added tokens in the text: "[MASK]"
+            # is matched in the raw text, before lower-casing.
+            splitter, lowercase = self.split_all, self.lowercase
+        words, words_per_sentence = splitter.split(text, ascii_lowercase=lowercase)
+        occurrences = call_function("dictionary_encode", [words])
         distinct = occurrences.dictionary.to_pylist()
         numbers = np.fromiter(map(self.index.get, distinct, repeat(-1)), dtype=np.int64, count=len(distinct))
         unseen = np.flatnonzero(numbers < 0)
@@ -245,10 +230,6 @@ def _matches_anywhere(text: pa.Array, pattern: str) -> bool:
                                                       MatchSubstringOptions(pattern))]).as_py())
 
 
-def _replace_regex(text: pa.Array, pattern: str, replacement: str) -> pa.Array:
-    return call_function("replace_substring_regex", [text], ReplaceSubstringOptions(pattern, replacement))
-
-
 # Where BERT's normaliser and pre-tokeniser cut words beyond ASCII punctuation: Unicode
 # punctuation (categories P*: the dashes of "1990–1995", the quotes of "“Hello”"), here from the
 # blocks where running text has it, and CJK ideographs, which the normaliser spaces out.
@@ -257,12 +238,12 @@ _CJK_IDEOGRAPHS = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x2000
                    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0x2F800, 0x2FA1F)]
 
 
-def unicode_word_boundaries(tokenizer: Any) -> str:
-    """The non-ASCII characters a BERT tokenizer cuts words at, as RE2 character-class items.
+def unicode_word_boundaries(tokenizer: Any) -> list[tuple[int, int]]:
+    """The non-ASCII characters a BERT tokenizer cuts words at, as (first, last) code points.
     A group of them (the punctuation; each CJK range) counts only if the tokenizer agrees on a
     probe: running text with each of them (for a CJK range, samples and its ends) between
     letters must tokenise exactly as its pieces one by one. (Tokenizer versions differ: some
-    leave the newer CJK extensions unspaced.) Spaced out before the split, they make
+    leave the newer CJK extensions unspaced.) Cut out before the lookup, they make
     "1990–1995" three cache hits instead of one new word, and Chinese text single characters
     instead of whole sentences."""
     import unicodedata
@@ -274,15 +255,113 @@ def unicode_word_boundaries(tokenizer: Any) -> str:
 
     punctuation = [c for low, high in _UNICODE_PUNCTUATION_BLOCKS for c in map(chr, range(low, high + 1))
                    if unicodedata.category(c).startswith("P")]
-    items = [f"\\x{{{ord(c):X}}}" for c in punctuation] if agrees(punctuation) else []
+    ranges = [(ord(c), ord(c)) for c in punctuation] if agrees(punctuation) else []
     if getattr(tokenizer.normalizer, "handle_chinese_chars", False):
-        items += [f"\\x{{{low:X}}}-\\x{{{high:X}}}" for low, high in _CJK_IDEOGRAPHS
-                  if agrees([chr(c) for c in (*range(low, high, 499), high)])]
-    return "".join(items)
+        ranges += [(low, high) for low, high in _CJK_IDEOGRAPHS
+                   if agrees([chr(c) for c in (*range(low, high, 499), high)])]
+    return ranges
 
 
-# Characters Python's str.split() separates on but BERT's normaliser deletes (controls).
-_BERT_DELETED = "[\x0b\x0c\x1c-\x1f\x85]"
+# Python's `str.isspace()` characters (Unicode White_Space but for the four it leaves out, plus
+# the four separators \x1c-\x1f; a test checks every code point). BERT's normaliser deletes the
+# controls among them rather than splitting at them.
+PYTHON_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+                     + "\u2028\u2029\u202f\u205f\u3000")
+BERT_DELETED = "\x0b\x0c\x1c\x1d\x1e\x1f\x85"
+
+
+class WordSplitter:
+    """Cuts sentences into words where a BERT pre-tokeniser would, in numpy over the text's
+    UTF-8 bytes (spacing out punctuation with a regular expression, then Arrow's whitespace
+    split, took ~5x as long). Each byte is whitespace, part of a word, or part of a character
+    cut out as a word of its own (`cuts`); a word starts at a cut character, or at a word byte
+    that follows whitespace, a cut character or the start of a sentence. Only the characters
+    beyond ASCII are decoded, to look up their class.
+
+    Whitespace is Python's `str.isspace()` less what BERT deletes (those controls stay inside
+    their word, which the tokenizer then reads whole, deleting them as it would in the
+    sentence)."""
+
+    SPACE, WORD, CUT, CUT_TAIL = 0, 1, 2, 3  # CUT_TAIL: the second to last bytes of a cut character
+
+    def __init__(self, ascii_cuts: str, cuts: list[tuple[int, int]]):
+        whitespace = [ord(c) for c in PYTHON_WHITESPACE if c not in BERT_DELETED]
+        self.byte_class = np.full(256, self.WORD, dtype=np.int8)
+        self.byte_class[[c for c in whitespace if c < 128]] = self.SPACE
+        self.byte_class[[ord(c) for c in ascii_cuts]] = self.CUT
+        # beyond ASCII: sorted, disjoint ranges of code points and the class of each
+        ranges = sorted([(c, c, self.SPACE) for c in whitespace if c >= 128] + [(lo, hi, self.CUT) for lo, hi in cuts])
+        if any(first[1] >= second[0] for first, second in zip(ranges, ranges[1:])):
+            raise ValueError("word-cut characters overlap whitespace or each other")
+        self.range_firsts = np.array([lo for lo, _, _ in ranges], dtype=np.int64)
+        self.range_lasts = np.array([hi for _, hi, _ in ranges], dtype=np.int64)
+        self.range_classes = np.array([kind for _, _, kind in ranges], dtype=np.int8)
+
+    def class_of(self, code_points: np.ndarray) -> np.ndarray:
+        """SPACE, WORD or CUT for code points beyond ASCII."""
+        at = np.maximum(np.searchsorted(self.range_firsts, code_points, side="right") - 1, 0)
+        inside = (code_points >= self.range_firsts[at]) & (code_points <= self.range_lasts[at])
+        return np.where(inside, self.range_classes[at], self.WORD).astype(np.int8)
+
+    def split(self, text: pa.Array, *, ascii_lowercase: bool = False) -> tuple[pa.Array, np.ndarray]:
+        """(the words of every sentence, one string array; words per sentence). `text` is an
+        Arrow string array without nulls."""
+        if ascii_lowercase:
+            text = call_function("ascii_lower", [text])
+        sentence_bounds, data = utf8_bytes(text)
+        classes = np.take(self.byte_class, data)
+        leads = np.flatnonzero(data >= 0xC0)
+        if len(leads):
+            code_points, widths = decode_utf8(data, leads)
+            kinds = self.class_of(code_points)
+            other = kinds != self.WORD
+            leads, widths, kinds = leads[other], widths[other], kinds[other]
+            classes[leads] = kinds
+            tails = widths - 1
+            tail_bytes = np.repeat(leads + 1 - (np.cumsum(tails) - tails), tails) + np.arange(int(tails.sum()))
+            classes[tail_bytes] = np.repeat(np.where(kinds == self.SPACE, self.SPACE, self.CUT_TAIL), tails)
+        previous = np.empty_like(classes)
+        previous[:1] = self.SPACE
+        previous[1:] = classes[:-1]
+        previous[sentence_bounds[:-1][sentence_bounds[:-1] < len(data)]] = self.SPACE
+        starts = (classes == self.CUT) | ((classes == self.WORD) & ((previous == self.SPACE) | (previous >= self.CUT)))
+        # a word ends where whitespace or the next word starts
+        in_word = classes != self.SPACE
+        continues = np.zeros_like(in_word)
+        continues[:-1] = in_word[1:] & ~starts[1:]
+        word_starts = np.flatnonzero(starts)
+        word_lengths = np.flatnonzero(in_word & ~continues) + 1 - word_starts
+        word_offsets = np.zeros(len(word_starts) + 1, dtype=np.int64)
+        np.cumsum(word_lengths, out=word_offsets[1:])
+        characters = np.compress(in_word, data)  # the words' bytes, back to back
+        words_per_sentence = np.diff(np.searchsorted(word_starts, sentence_bounds))
+        large = len(characters) >= 2**31
+        words = pa.Array.from_buffers(
+            pa.large_string() if large else pa.string(), len(word_starts),
+            [None, pa.py_buffer(word_offsets if large else word_offsets.astype(np.int32)), pa.py_buffer(characters)])
+        return words, words_per_sentence
+
+
+def utf8_bytes(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(sentence bounds into the bytes, n + 1 of them; the sentences' UTF-8 bytes), without copying."""
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        text = text.cast(pa.large_string())
+    _, offsets_buffer, data_buffer = text.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32 if pa.types.is_string(text.type) else np.int64)
+    offsets = offsets[text.offset:text.offset + len(text) + 1].astype(np.int64)
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    return offsets - offsets[0], data[offsets[0]:offsets[-1]]
+
+
+def decode_utf8(data: np.ndarray, leads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(code point, width in bytes) of the multi-byte UTF-8 characters starting at `leads`."""
+    first = data[leads].astype(np.int64)
+    widths = 2 + (first >= 0xE0) + (first >= 0xF0)
+    following = [np.take(data, leads + k, mode="clip").astype(np.int64) & 0x3F for k in (1, 2, 3)]
+    two = ((first & 0x1F) << 6) | following[0]
+    three = ((first & 0x0F) << 12) | (following[0] << 6) | following[1]
+    four = ((first & 0x07) << 18) | (following[0] << 12) | (following[1] << 6) | following[2]
+    return np.select([widths == 2, widths == 3], [two, three], four), widths
 
 
 def tokenize_documents(documents: pa.Array, languages: list[str], tokenizer: Any,

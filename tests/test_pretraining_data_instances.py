@@ -334,11 +334,12 @@ def test_word_cache_gives_the_tokenizers_own_ids(lowercase):
 
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_word_cache_cuts_at_unicode_punctuation_and_cjk_exactly_where_the_tokenizer_does(lowercase):
-    from tasks.pretraining_worker import _CJK_IDEOGRAPHS, _UNICODE_PUNCTUATION_BLOCKS, WordCache
+    from tasks.pretraining_worker import _CJK_IDEOGRAPHS, _UNICODE_PUNCTUATION_BLOCKS, WordCache, WordSplitter
 
     tokenizer, _ = word_cache_inputs(lowercase)
     cache = WordCache(tokenizer)
-    assert "\\x{2013}" in cache.punctuation and "\\x{4E00}-\\x{9FFF}" in cache.punctuation
+    assert (cache.split_all.class_of(np.array([0x2013, 0x4E00, 0x9FFF, 0xE9])).tolist()
+            == [WordSplitter.CUT] * 3 + [WordSplitter.WORD])
     # Every character of the punctuation blocks (P* or not) and every code point of every
     # CJK range, between letters, as running text: the cache's ids are the tokenizer's own.
     characters = [chr(c) for low, high in _UNICODE_PUNCTUATION_BLOCKS + _CJK_IDEOGRAPHS for c in range(low, high + 1)]
@@ -354,16 +355,16 @@ def test_word_cache_stays_exact_when_it_forgets():
     cache.MAX_ENTRIES = 4
     for batch in (sentences[:7], sentences[7:16], sentences[::-1], sentences, sentences[-1:]):
         assert_tokenizers_own_ids(cache, tokenizer, batch)
-        # over the bound, it keeps only this batch's distinct words (and "", which Arrow's
-        # split yields at the ends of a sentence: it has no tokens)
-        assert set(cache.index) == set(cache.words) == bert_words(batch) | {""}
+        # over the bound, it keeps only this batch's distinct words
+        assert set(cache.index) == set(cache.words) == bert_words(batch)
 
 
 def bert_words(sentences: list[str]) -> set[str]:
     """The distinct words BERT's pre-tokeniser would see, as the word cache of an uncased
     tokenizer cuts them: ASCII and Unicode punctuation and CJK ideographs alone (but the brackets
     of added tokens, where the text holds an added token), runs of anything else but
-    whitespace; ASCII letters lower-cased where the text holds no added token."""
+    whitespace (the controls BERT deletes included); ASCII letters lower-cased where the text
+    holds no added token."""
     import re
     import unicodedata
 
@@ -374,18 +375,29 @@ def bert_words(sentences: list[str]) -> set[str]:
     punctuation = re.escape("".join(c for c in map(chr, range(33, 127)) if not c.isalnum() and c not in added))
     punctuation += "".join(re.escape(c) for c in set(text) if ord(c) > 127 and (
         unicodedata.category(c).startswith("P") or 0x4E00 <= ord(c) <= 0x9FFF))
-    return set(re.findall(f"[{punctuation}]|[^{punctuation}\\s]+", re.sub("[\x0b\x0c\x1c-\x1f\x85]", "\x00", text)))
+    deleted = "\x0b\x0c\x1c-\x1f\x85"  # whitespace to Python, deleted by BERT: inside a word
+    return set(re.findall(f"[{punctuation}]|(?:[^{punctuation}\\s]|[{deleted}])+", text))
 
 
-def test_arrow_splits_at_exactly_pythons_whitespace():
-    """The word cache lets Arrow's utf8_split_whitespace find words where `str.split()` would."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def test_whitespace_is_pythons():
+    from tasks.pretraining_worker import PYTHON_WHITESPACE
 
-    code_points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
-    pieces = pc.list_value_length(pc.utf8_split_whitespace(pa.array([f"a{chr(c)}b" for c in code_points])))
-    arrow_space = {c for c, n in zip(code_points, pieces.to_pylist()) if n == 2}
-    assert arrow_space == {c for c in code_points if chr(c).isspace()}
+    assert set(PYTHON_WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_word_cache_splits_and_deletes_where_the_tokenizer_does(lowercase):
+    """Every separator and control character, between letters, as running text (and at the
+    ends of a sentence): whitespace splits, what BERT deletes joins."""
+    import unicodedata
+
+    from tasks.pretraining_worker import WordCache
+
+    tokenizer, _ = word_cache_inputs(lowercase)
+    odd = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF
+           and (chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf"))]
+    sentences = [f"ab{c}hello" for c in odd] + [f"{c}a{c}" for c in odd] + ["".join(odd), "a" + "b".join(odd)]
+    assert_tokenizers_own_ids(WordCache(tokenizer), tokenizer, sentences)
 
 
 @pytest.mark.parametrize("corpus, vocab", [
