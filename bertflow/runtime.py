@@ -36,6 +36,19 @@ def configure_environment() -> None:
             os.environ["PREFECT_HOME"] = str(home.state_dir / "prefect")
 
 
+# Native thread pools of a worker process: one thread each. A worker is one core's share of
+# the work, and its numpy makes no BLAS calls, yet OpenBLAS starts (and spins up) a thread per
+# core at import, ~0.1 s of CPU per worker; Arrow sizes its own pool by OMP_NUM_THREADS too.
+WORKER_THREAD_LIMITS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start_worker_process() -> None:
+    """Initializer of our worker processes: runs before their first job, so before numpy or
+    pyarrow are loaded (settings the user made win)."""
+    for name, value in WORKER_THREAD_LIMITS.items():
+        os.environ.setdefault(name, value)
+
+
 class _PandasProbe:
     """An import finder that refuses `pandas` (installed only for the moment of the probe)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 from dataclasses import asdict
 
 import pytest
@@ -33,6 +34,23 @@ def test_results_in_job_order_on_every_runner(dask_cluster):
     assert list(map_in_order(operator.neg, jobs, workers=2, local="processes")) == expected
     dask = ParallelConfig(runner="dask", address=dask_cluster)
     assert list(map_in_order(operator.neg, jobs, workers=1, local="threads", parallel=dask)) == expected
+
+
+def native_thread_settings(_: object) -> tuple[str | None, str | None, int]:
+    import pyarrow
+
+    return os.environ.get("OPENBLAS_NUM_THREADS"), os.environ.get("OMP_NUM_THREADS"), pyarrow.cpu_count()
+
+
+def test_worker_processes_start_native_libraries_with_one_thread(monkeypatch):
+    """A worker process is one core's share of the work: OpenBLAS and Arrow get one thread
+    each there (what the user set wins), and the parent's own settings are left alone."""
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert list(map_in_order(native_thread_settings, [0, 1], workers=2, local="processes")) == [("1", "1", 1)] * 2
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert list(map_in_order(native_thread_settings, [0], workers=2, local="processes")) == [("1", "3", 3)]
 
 
 def test_settings_come_from_the_environment_and_are_restored(monkeypatch):
