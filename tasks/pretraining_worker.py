@@ -103,9 +103,9 @@ class WordCache:
     Text repeats (Zipf): a whole batch of sentences is cut into words in numpy (`WordSplitter`)
     and Arrow's `dictionary_encode` finds the distinct ones; only those reach Python, one dict
     lookup each, and the ids are gathered in numpy from one flat store. A word not seen before
-    is tokenised once: pure ASCII letters and digits by the WordPiece model alone (the
-    normaliser only lower-cases them; a vocabulary hit needs not even that), anything else by
-    the whole fast tokenizer, many words per call.
+    is tokenised once: if it normalises to pure ASCII letters and digits (for ASCII input the
+    normaliser only lower-cases), by the WordPiece model alone (a vocabulary hit needs not even
+    that); anything else by the whole fast tokenizer, many words per call.
 
     Exactness (tests/test_pretraining_data_instances.py checks the ids against the tokenizer
     itself, on every whitespace, punctuation and CJK code point, and on real text): the controls
@@ -135,7 +135,8 @@ class WordCache:
         # finds any of them in one pass.
         literal = ["".join("\\" + c if c in string.punctuation else c for c in token) for token in added]
         self.any_added_token = "|".join(literal) if added and not any(t.normalized for t in added_tokens) else None
-        # Pure ASCII letters and digits: the model alone (the normaliser only lower-cases them).
+        # Words that normalise to pure ASCII letters and digits: the model alone (for ASCII
+        # input the normaliser only lower-cases).
         self.model = tokenizer.model if bert and type(tokenizer.model).__name__ == "WordPiece" else None
         self.vocab = tokenizer.get_vocab(with_added_tokens=False)
         self.lowercase = bert and bool(tokenizer.normalizer.lowercase)
@@ -203,9 +204,13 @@ class WordCache:
         if self.model is not None:
             rest = []
             vocabulary, tokenize, lowercase = self.vocab.get, self.model.tokenize, self.lowercase
+            normalise = self.tokenizer.normalizer.normalize_str
             for word in words:
-                if word.isascii() and word.isalnum():
+                if word.isascii():
                     normalised = word.lower() if lowercase else word
+                else:  # "Köppen": the normaliser's own "koppen" (uncased), then the model alone too
+                    normalised = normalise(word)
+                if normalised.isascii() and normalised.isalnum():
                     whole = vocabulary(normalised)
                     pieces[word] = (whole,) if whole is not None else tuple([t.id for t in tokenize(normalised)])
                 else:

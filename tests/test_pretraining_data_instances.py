@@ -305,7 +305,7 @@ def word_cache_inputs(lowercase: bool = True):
                  "tab\there", "zero\u200bwidth", "nbsp\xa0b", "[MASK] hello[SEP]x", "x" * 150 + " a",
                  "", "   ", "ab abb hello hello hello", "(1999), 1999 (hello)! a.[MASK], [ma]sk",
                  "\x00 a\x00b Ab AB", "line\nbreak\r\nend", "\u3000wide\u3000space\x85x",
-                 "[ma\x1csk] trust[13] [MA\x1cSK]"] * 3
+                 "[ma\x1csk] trust[13] [MA\x1cSK]", "Köppen İstanbul ﬁnance straße Cafe\u0301 Ⅻ² x\u200bb"] * 3
     return tokenizer, sentences
 
 
@@ -328,7 +328,7 @@ def test_word_cache_gives_the_tokenizers_own_ids(lowercase):
     # character cut, ASCII lower-cased up front when the tokenizer is uncased).
     without_added = [s for s in sentences if "[" not in s]
     assert_tokenizers_own_ids(cache, tokenizer, without_added)
-    for sentence in sentences[:19]:
+    for sentence in sentences[:20]:
         assert_tokenizers_own_ids(WordCache(tokenizer), tokenizer, [sentence])
 
 
