@@ -208,7 +208,7 @@ def read_corpus_slice(shard: str | Path, row_start: int, row_count: int, batch_r
     languages: list[str] = []
     stop = row_start + row_count
     parquet = pq.ParquetFile(shard)
-    # Row groups that end before the unit are skipped, not decoded (ingest writes groups of ~8 MB).
+    # Row groups that end before the unit are skipped, not decoded (ingest writes groups of ~1 MB).
     groups, row, first_row = [], 0, None
     for index in range(parquet.metadata.num_row_groups):
         group_rows = parquet.metadata.row_group(index).num_rows
