@@ -278,7 +278,7 @@ BERT_DELETED = "\x0b\x0c\x1c\x1d\x1e\x1f\x85"
 class WordSplitter:
     """Cuts sentences into words where a BERT pre-tokeniser would, in numpy over the text's
     UTF-8 bytes (spacing out punctuation with a regular expression, then Arrow's whitespace
-    split, took ~5x as long). Each byte is whitespace, part of a word, or part of a character
+    split, took about twice as long). Each byte is whitespace, part of a word, or part of a character
     cut out as a word of its own (`cuts`); a word starts at a cut character, or at a word byte
     that follows whitespace, a cut character or the start of a sentence. Only the characters
     beyond ASCII are decoded, to look up their class.
@@ -287,7 +287,7 @@ class WordSplitter:
     their word, which the tokenizer then reads whole, deleting them as it would in the
     sentence)."""
 
-    SPACE, WORD, CUT, CUT_TAIL = 0, 1, 2, 3  # CUT_TAIL: the second to last bytes of a cut character
+    SPACE, WORD, CUT, CUT_TAIL = 0, 1, 2, 3  # CUT_TAIL: a multi-byte cut character's bytes after its first
 
     def __init__(self, ascii_cuts: str, cuts: list[tuple[int, int]]):
         whitespace = [ord(c) for c in PYTHON_WHITESPACE if c not in BERT_DELETED]

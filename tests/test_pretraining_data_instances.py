@@ -379,6 +379,21 @@ def bert_words(sentences: list[str]) -> set[str]:
     return set(re.findall(f"[{punctuation}]|(?:[^{punctuation}\\s]|[{deleted}])+", text))
 
 
+def test_word_cache_reads_slices_of_arrow_arrays():
+    """Units hand the cache slices of one Arrow array (offsets into shared buffers)."""
+    import pyarrow as pa
+
+    from tasks.pretraining_worker import WordCache
+
+    tokenizer, sentences = word_cache_inputs()
+    for text_type in (pa.string(), pa.large_string()):
+        whole = pa.array(["ignored (1999)"] + sentences + [None, "中文 tail"], type=text_type)
+        for start, length in ((1, len(sentences)), (5, 9), (len(sentences), 3), (2, 0)):
+            expected = WordCache(tokenizer).encode([s or "" for s in whole.slice(start, length).to_pylist()])
+            got = WordCache(tokenizer).encode(whole.slice(start, length))
+            assert all((a == b).all() for a, b in zip(got, expected)) and got[1].size == length
+
+
 def test_whitespace_is_pythons():
     from tasks.pretraining_worker import PYTHON_WHITESPACE
 
