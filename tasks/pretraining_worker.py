@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain, repeat
+from itertools import chain, pairwise, repeat
 from pathlib import Path
 from typing import Any
 
@@ -296,7 +296,7 @@ class WordSplitter:
         self.byte_class[[ord(c) for c in ascii_cuts]] = self.CUT
         # beyond ASCII: sorted, disjoint ranges of code points and the class of each
         ranges = sorted([(c, c, self.SPACE) for c in whitespace if c >= 128] + [(lo, hi, self.CUT) for lo, hi in cuts])
-        if any(first[1] >= second[0] for first, second in zip(ranges, ranges[1:])):
+        if any(first[1] >= second[0] for first, second in pairwise(ranges)):
             raise ValueError("word-cut characters overlap whitespace or each other")
         self.range_firsts = np.array([lo for lo, _, _ in ranges], dtype=np.int64)
         self.range_lasts = np.array([hi for _, hi, _ in ranges], dtype=np.int64)
