@@ -526,7 +526,6 @@ def summary_metrics(metrics: dict) -> dict[str, float]:
 def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, dict | None], *,
                  cache_key: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, select on dev, evaluate on test (when given), write the finetune artifact."""
-    import torch
 
     from storage.artifacts import ArtifactStore
     from storage.finetune_store import (METRICS_FILE, check_bert_directory, predictions_file, write_json,

@@ -19,7 +19,6 @@ import os
 import time
 from typing import Any, Iterator, Literal
 
-import numpy as np
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -3,7 +3,6 @@ only what a change affects, resuming after a failure, and config validation."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
