@@ -138,7 +138,7 @@ def _build(stage_model: type[BaseModel], where: str, section: dict[str, Any], **
     for key in LINK_KEYS[stage]:
         if key in section:
             raise BertflowError(f"{where}.{key}: set by the pipeline (it links the stages); remove it")
-    from bertflow.runtime import validated
+    from tasks.validation import validated
 
     return validated(stage_model, {**section, **links}, where=where)
 

@@ -29,7 +29,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from bertflow.errors import BertflowError
-from bertflow.runtime import skip_pyarrow_pandas_probe
+from tasks.processes import skip_pyarrow_pandas_probe
 from tasks.caching import current_cache_key
 from tasks.cleaning import MINHASH_SCHEME, CleanBatch, CleaningOptions, clean_documents
 from tasks.ingest_config import (  # noqa: F401
@@ -84,7 +84,7 @@ def parse_and_clean(raw: Any, options: CleaningOptions) -> CleanBatch:
 def _cleaned_batches(raw_batches: Iterable[Any], config: IngestConfig, workers: int) -> Iterator[CleanBatch]:
     """Parse and clean raw batches on `workers` threads (or the configured runner, see
     tasks/parallel.py); results in input order, at most two batches per worker in flight."""
-    skip_pyarrow_pandas_probe()  # before any worker thread converts anything (see bertflow/runtime.py)
+    skip_pyarrow_pandas_probe()  # before any worker thread converts anything (see tasks/processes.py)
     if config.unicode_form != "none":
         may_change_under(config.unicode_form)  # built once here, not by every thread at once
     return map_in_order(partial(parse_and_clean, options=config.cleaning_options()), raw_batches,

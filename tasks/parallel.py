@@ -114,7 +114,7 @@ def _executor(parallel: ParallelConfig, local: Literal["threads", "processes"], 
         return _DaskExecutor(parallel.address, workers)
     if local == "threads":
         return ThreadPoolExecutor(max_workers=workers)
-    from bertflow.runtime import start_worker_process
+    from tasks.processes import start_worker_process
 
     # spawn, not fork: the parent runs Prefect's threads, which fork would copy mid-flight.
     return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=start_worker_process)

@@ -31,7 +31,7 @@ except ImportError:  # a pyarrow that moved its internals: the public module has
     from pyarrow.compute import MatchSubstringOptions, call_function
 
 from bertflow.errors import BertflowError
-from bertflow.runtime import skip_pyarrow_pandas_probe
+from tasks.processes import skip_pyarrow_pandas_probe
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
                                          AssembledInstances, DocumentIndex, MaskingRule, SpecialIds,
                                          assemble_instances, create_instances, create_masked_lm_predictions,

@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from bertflow.errors import BertflowError
-from bertflow.runtime import run_flow, validated
+from bertflow.runtime import run_flow
+from tasks.validation import validated
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from bertflow.errors import BertflowError
-from bertflow.runtime import run_flow, validated
+from bertflow.runtime import run_flow
+from tasks.validation import validated
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from bertflow.errors import BertflowError
-from bertflow.runtime import run_flow, validated
+from bertflow.runtime import run_flow
+from tasks.validation import validated
 
 PRESET_NAMES = "tiny, mini, small, medium, base, large"
 

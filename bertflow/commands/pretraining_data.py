@@ -49,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bertflow.runtime import run_flow, validated
+    from bertflow.runtime import run_flow
+    from tasks.validation import validated
     from tasks.pretraining_data import PretrainingDataConfig, format_summary
 
     config = validated(PretrainingDataConfig, dict(

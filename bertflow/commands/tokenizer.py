@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bertflow.runtime import run_flow, validated
+from bertflow.runtime import run_flow
+from tasks.validation import validated
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
