@@ -8,7 +8,7 @@ from prefect import flow
 
 from storage.finetune_store import file_reference, resolve_model
 from storage.home import DataHome
-from tasks.caching import cached_stage
+from flows.caching import cached_stage
 from tasks.finetune import STAGE, STAGE_VERSION, FinetuneConfig, finetune_model, select_and_test, trial_inputs
 
 

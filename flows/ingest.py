@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from storage.home import DataHome
-from tasks.caching import cached_stage
+from flows.caching import cached_stage
 from tasks.ingest import STAGE, STAGE_VERSION, IngestConfig, ingest_corpus
 from tasks.ingest_config import ingest_inputs
 

@@ -22,7 +22,7 @@ from storage.home import DataHome
 from tasks.baseline import STAGE as RANDOM_INIT
 from tasks.baseline import STAGE_VERSION as RANDOM_INIT_VERSION
 from tasks.baseline import initialise_random_model
-from tasks.caching import cached_stage
+from flows.caching import cached_stage
 from tasks.report import publish_run_summary
 
 

@@ -9,7 +9,7 @@ from prefect import flow
 from storage.artifacts import ArtifactStore
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run
 from storage.home import DataHome
-from tasks.caching import cached_stage, stage_cache_key
+from flows.caching import cached_stage, stage_cache_key
 from tasks.pretrain import STAGE, STAGE_VERSION, PretrainConfig, pretrain_model
 
 # What the stage reads from the data manifest: the cache key hashes these (not the data's timings).

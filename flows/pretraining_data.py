@@ -8,7 +8,7 @@ from prefect import flow
 
 from storage.artifacts import ArtifactStore
 from storage.home import DataHome
-from tasks.caching import cached_stage
+from flows.caching import cached_stage
 from tasks.pretraining_data import STAGE, STAGE_VERSION, PretrainingDataConfig, build_pretraining_data
 
 

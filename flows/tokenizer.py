@@ -9,7 +9,7 @@ from prefect import flow
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_value
 from storage.home import DataHome
-from tasks.caching import cached_stage
+from flows.caching import cached_stage
 from tasks.tokenizer import STAGE, STAGE_VERSION, TokenizerConfig, train_tokenizer
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import task
 
-from tasks.caching import current_cache_key
+from flows.caching import current_cache_key
 
 STAGE = "random-init"
 STAGE_VERSION = "1"

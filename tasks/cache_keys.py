@@ -1,5 +1,5 @@
 """Stage cache keys, computable without importing Prefect (the CLI answers cached re-runs
-from the catalog with them; tasks/caching.py gives them to Prefect)."""
+from the catalog with them; flows/caching.py gives them to Prefect)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bertflow.errors import BertflowError
-from tasks.caching import current_cache_key
+from flows.caching import current_cache_key
 from tasks.finetune_data import (QAExample, check_squad_answers, collate,
                                  decode_qa, decode_token_predictions, detect_tag_scheme,
                                  encode_text_examples, encode_token_examples, infer_labels, parse_sweep,

@@ -30,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from bertflow.errors import BertflowError
 from tasks.processes import skip_pyarrow_pandas_probe
-from tasks.caching import current_cache_key
+from flows.caching import current_cache_key
 from tasks.cleaning import MINHASH_SCHEME, CleanBatch, CleaningOptions, clean_documents
 from tasks.ingest_config import (  # noqa: F401
     REMOVAL_STEPS,

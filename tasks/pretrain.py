@@ -37,7 +37,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertflow.errors import BertflowError
-from tasks.caching import current_cache_key
+from flows.caching import current_cache_key
 
 STAGE = "pretrain"
 STAGE_VERSION = "1"  # bump when the output of the same inputs and parameters changes

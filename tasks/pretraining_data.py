@@ -23,7 +23,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from bertflow.errors import BertflowError
-from tasks.caching import current_cache_key
+from flows.caching import current_cache_key
 
 STAGE = "pretraining-data"
 STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes

@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from tasks.caching import current_cache_key
+from flows.caching import current_cache_key
 
 STAGE = "tokenizer"
 STAGE_VERSION = "2"  # bump when the output of the same inputs and parameters changes

@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from tasks.caching import KillSafeLockManager, holder_is_dead, stage_cache_key
+from flows.caching import KillSafeLockManager, holder_is_dead, stage_cache_key
 
 
 def test_lock_of_a_dead_process_is_dropped(tmp_path):
