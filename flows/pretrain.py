@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger, task
 
+from flows.caching import cached_stage, current_cache_key, stage_cache_key
+from flows.reporting import training_reporters
 from storage.artifacts import ArtifactStore
-from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run
+from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, pretrain_run_dir
 from storage.home import DataHome
-from flows.caching import cached_stage, stage_cache_key
-from tasks.pretrain import STAGE, STAGE_VERSION, PretrainConfig, pretrain_model
+from tasks.pretrain import STAGE, STAGE_VERSION, PretrainConfig, format_summary, run_pretrain
 
 # What the stage reads from the data manifest: the cache key hashes these (not the data's timings).
 DATA_MANIFEST_KEYS = ("instances", "vocab_size", "max_seq_len", "objective", "masking", "dynamic",
@@ -23,6 +24,22 @@ def pretrain_inputs(config: PretrainConfig, data: str, home: DataHome) -> dict[s
     return {"config": config,
             "data": {"id": artifact.id, "name": artifact.name, "fingerprint": artifact.fingerprint,
                      "path": artifact.path, "manifest": {k: artifact.manifest.get(k) for k in DATA_MANIFEST_KEYS}}}
+
+
+@task(name="pretrain-model", task_run_name="pretrain-model[{config.name}]")
+def pretrain_model(config: PretrainConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """The pretraining stage under the stage cache policy (flows/caching.py).
+
+    A finished run is served from the cache; an interrupted one has no cache record, so the
+    task runs again and training resumes from the run's newest checkpoint.
+    """
+    logger = get_run_logger()
+    reporters = training_reporters(stage="pretrain", name=config.name, log=logger.info,
+                                   run_dir=pretrain_run_dir(config.name), catalog_run=f"model/{config.name}",
+                                   eval_split="heldout", ylabel="loss (MLM + sentence task)")
+    manifest = run_pretrain(config, data, cache_key=current_cache_key(), callbacks=reporters)
+    logger.info(format_summary(manifest))
+    return manifest
 
 
 @flow(name="pretrain", log_prints=True)

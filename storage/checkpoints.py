@@ -1,35 +1,54 @@
-"""Training checkpoints: one directory per saved step, written atomically, the last K kept.
+"""Training checkpoints: one dict per saved step, in one file, written atomically, the last K kept.
 
-Layout of `<state dir>/runs/pretrain/<name>/`:
-  step-00000100/model.safetensors   the weights (safetensors: loading runs no code)
-  step-00000100/training.pt         optimizer, scheduler, scaler and RNG states — tensors and
-                                     plain containers only, loaded with `weights_only=True`
-  step-00000100/state.json          step, data position, config: what resume needs, readable
-  run.json                          the resolved config of the run (written at start)
-A checkpoint is written into `.tmp-step-…` and renamed into place, so a `step-*` directory is
-always complete; a crash mid-write leaves only a temp directory, removed by the next save.
+Layout of `<state dir>/runs/<stage>/<name>/` (stage: pretrain or finetune):
+  step-00000100.pt        the checkpoint dict (weights, optimizer, scheduler, RNG states, data
+                          position, identity, history …): tensors and plain containers only,
+                          loaded with `torch.load(weights_only=True)`, so loading runs no code
+  step-00000100.pt.json   its success marker: step, size and SHA-256 of the file
+  history.json, loss_curve.png   written for people by the reporting subscribers
+
+A checkpoint is written to a temp file, fsynced and renamed into place; the marker is written
+last, the same way. Only a file with a marker whose size and digest match is trusted, so a crash
+mid-write, a truncated copy or a flipped byte makes `load_latest` fall back to the previous
+intact checkpoint (and say which file it skipped and why).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import Any, Callable, Iterator
 
 from storage.home import DataHome
 
 STEP_PREFIX = "step-"
+SUFFIX = ".pt"
+MARKER_SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
 
 
+def run_dir(stage: str, name: str, home: DataHome | None = None) -> Path:
+    return (home or DataHome.from_env()).state_dir / "runs" / stage / name
+
+
 def pretrain_run_dir(name: str, home: DataHome | None = None) -> Path:
-    return (home or DataHome.from_env()).state_dir / "runs" / "pretrain" / name
+    return run_dir("pretrain", name, home)
+
+
+def finetune_run_dir(name: str, home: DataHome | None = None) -> Path:
+    return run_dir("finetune", name, home)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint file (`step-00000100.pt` → 100)."""
+    return int(path.name[len(STEP_PREFIX):-len(SUFFIX)])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,78 +59,132 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _replace_durably(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _temp_path(final: Path) -> Path:
+    return final.with_name(f"{TMP_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}")
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
     tmp.write_text(json.dumps(value, indent=2, default=str))
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Tensor],
-                    training_state: dict[str, Any], state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` atomically; delete all but the newest `keep_last`."""
-    from safetensors.torch import save_file
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"{STEP_PREFIX}{step:08d}"
-    tmp = run_dir / f"{TMP_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    # safetensors refuses shared storage (tied embeddings): save each tensor once, contiguous.
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()}
-    save_file(tensors, str(tmp / "model.safetensors"))
-    torch.save(training_state, tmp / "training.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():  # the same step saved again (end-of-run save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    for stale in run_dir.glob(f"{TMP_PREFIX}{STEP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / "state.json").is_file())
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + MARKER_SUFFIX)
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu"
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model state, training state, state.json) of one checkpoint directory."""
-    from safetensors.torch import load_file
+@dataclass
+class RunCheckpoints:
+    """The checkpoints of one training run (one directory)."""
 
-    model_state = load_file(str(path / "model.safetensors"), device=str(device))
-    training_state = torch.load(path / "training.pt", map_location=device, weights_only=True)
-    state = json.loads((path / "state.json").read_text())
-    return model_state, training_state, state
+    directory: Path
+    keep: int = 2
+
+    def save(self, step: int, checkpoint: dict[str, Any]) -> Path:
+        """Write `checkpoint` as step `step`; delete all but the newest `keep`."""
+        import torch
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"{STEP_PREFIX}{step:08d}{SUFFIX}"
+        _marker(final).unlink(missing_ok=True)  # the same step saved again: untrusted until re-marked
+        tmp = _temp_path(final)
+        torch.save(checkpoint, tmp)
+        _replace_durably(tmp, final)
+        marker_tmp = _temp_path(_marker(final))
+        marker_tmp.write_text(json.dumps({"step": step, "bytes": final.stat().st_size, "sha256": _sha256(final)}))
+        _replace_durably(marker_tmp, _marker(final))
+        for stale in self.directory.glob(f"{TMP_PREFIX}*"):
+            stale.unlink(missing_ok=True)
+        for old in self.list()[:-self.keep] if self.keep > 0 else []:
+            _marker(old).unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+        return final
+
+    def list(self) -> list[Path]:
+        """Checkpoints with a success marker, oldest first (not yet verified)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob(f"{STEP_PREFIX}*{SUFFIX}") if _marker(p).is_file())
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """One checkpoint, verified against its marker; ValueError says what is wrong."""
+        import torch
+
+        try:
+            expected = json.loads(_marker(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"its marker is unreadable ({exc})") from None
+        size = path.stat().st_size if path.is_file() else -1
+        if size != expected.get("bytes"):
+            raise ValueError(f"{size} bytes where {expected.get('bytes')} were written")
+        if _sha256(path) != expected.get("sha256"):
+            raise ValueError("its SHA-256 differs from the one written with it")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged archive raises many kinds
+            raise ValueError(f"it does not load ({type(exc).__name__}: {exc})") from None
+
+    def load_latest(self, on_damaged: Callable[[str], None] = lambda message: None) -> dict[str, Any] | None:
+        """The newest intact checkpoint; each damaged newer one is reported and skipped."""
+        for path in reversed(self.list()):
+            try:
+                return self.load(path)
+            except ValueError as exc:
+                on_damaged(f"checkpoint {path} is damaged ({exc}); skipping it")
+        return None
+
+    def remove_checkpoints(self) -> None:
+        """A finished run's checkpoints (the files written for people stay)."""
+        for path in self.list():
+            path.unlink(missing_ok=True)
+            _marker(path).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Forget the run: checkpoints and the files written beside them."""
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def discard_run(name: str, home: DataHome | None = None) -> None:
+def list_checkpoints(directory: Path) -> list[Path]:
+    return RunCheckpoints(directory).list()
+
+
+def discard_run(name: str, home: DataHome | None = None, stage: str = "pretrain") -> None:
     """`--restart`: forget an interrupted run's checkpoints and history."""
-    shutil.rmtree(pretrain_run_dir(name, home), ignore_errors=True)
+    RunCheckpoints(run_dir(stage, name, home)).discard()
 
 
 @contextmanager
-def exclusive_run(name: str, home: DataHome | None = None) -> Iterator[None]:
+def exclusive_run(name: str, home: DataHome | None = None, stage: str = "pretrain") -> Iterator[None]:
     """Hold the run `name` for this process: a second run of the same name waits here.
 
     An OS file lock (flock) is released by the kernel when its process dies, even by `kill -9`,
     so a crashed run never blocks the re-run that resumes it.
     """
-    import fcntl
-
-    path = pretrain_run_dir(name, home).with_suffix(".lock")
+    directory = run_dir(stage, name, home)
+    path = directory.with_name(directory.name + ".lock")  # not with_suffix: trial names hold dots
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tasks.training import Callback
 from tests.conftest import run_cli
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -101,7 +102,7 @@ def register_pretraining_data(name: str = "toy-data", *, instances: int = 96, ma
             "manifest": data.manifest}
 
 
-def train_once(data: dict[str, Any], **overrides: Any):
+def train_once(data: dict[str, Any], callbacks=(), **overrides: Any):
     from tasks.pretrain import PretrainConfig, prepare_run, train
 
     # fp32: the same numbers on every CPU (auto would pick bf16 where the CPU has AMX).
@@ -109,8 +110,7 @@ def train_once(data: dict[str, Any], **overrides: Any):
                   eval_every=4, eval_instances=16, log_every=1, bucket_batches=4, precision="fp32")
     values.update(overrides)
     spec = prepare_run(PretrainConfig(**values), data)
-    spec.metrics_run = None
-    return train(spec)
+    return train(spec, callbacks)
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_masked_gather_loss_equals_dense_loss_at_masked_positions():
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    from tasks.pretrain import lr_factor
+    from tasks.training.setup import lr_factor
 
     factors = [lr_factor(s, warmup=4, total=12) for s in range(12)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -195,23 +195,23 @@ def test_dropout_setting_reaches_the_model_and_its_export(home: Path):
         PretrainConfig(**base, dropout=1.0)
 
 
-def test_interrupted_and_resumed_run_follows_the_uninterrupted_trajectory_exactly(home: Path, monkeypatch):
-    import tasks.pretrain as pretrain
+class CrashAt(Callback):
+    """A subscriber that stands in for a crash: raises after step `step` was logged."""
 
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_log(self, step, record):
+        if step == self.step:
+            raise KeyboardInterrupt(f"simulated crash after step {step}")
+
+
+def test_interrupted_and_resumed_run_follows_the_uninterrupted_trajectory_exactly(home: Path):
     data = register_pretraining_data()
     reference = train_once(data, name="straight")
 
-    real_log_step = pretrain.log_step
-
-    def crash_at_step_6(logger, record):
-        real_log_step(logger, record)
-        if record.get("step") == 6:
-            raise KeyboardInterrupt("simulated crash after the step-4 checkpoint")
-
-    monkeypatch.setattr(pretrain, "log_step", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train_once(data, name="crashy")
-    monkeypatch.setattr(pretrain, "log_step", real_log_step)
+        train_once(data, callbacks=[CrashAt(6)], name="crashy")  # after the step-4 checkpoint
     resumed = train_once(data, name="crashy")
 
     assert resumed.resumed_from == 4
@@ -223,18 +223,50 @@ def test_interrupted_and_resumed_run_follows_the_uninterrupted_trajectory_exactl
     assert [e["mlm_accuracy"] for e in resumed.evals] == [e["mlm_accuracy"] for e in reference.evals]
 
 
-def test_checkpoints_keep_the_last_k_and_load_without_unpickling_code(home: Path):
-    from storage.checkpoints import list_checkpoints, load_checkpoint, pretrain_run_dir
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(home: Path):
+    from storage.checkpoints import list_checkpoints, pretrain_run_dir
 
     data = register_pretraining_data()
-    train_once(data, name="keep", steps=6, save_every=2, keep_checkpoints=2)
+    reference = train_once(data, name="straight", steps=8, save_every=2, keep_checkpoints=3)
+    with pytest.raises(KeyboardInterrupt):
+        train_once(data, callbacks=[CrashAt(7)], name="damaged", steps=8, save_every=2, keep_checkpoints=3)
+    newest = list_checkpoints(pretrain_run_dir("damaged"))[-1]
+    assert newest.name == "step-00000006.pt"
+    with open(newest, "r+b") as handle:  # one flipped byte in the middle
+        handle.seek(newest.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+    notes = []
+
+    class Notes(Callback):
+        def on_note(self, message):
+            notes.append(message)
+
+    resumed = train_once(data, callbacks=[Notes()], name="damaged", steps=8, save_every=2, keep_checkpoints=3)
+    assert resumed.resumed_from == 4
+    assert any("step-00000006.pt is damaged" in n and "SHA-256" in n for n in notes), notes
+    assert [h["loss"] for h in resumed.history if h["kind"] == "train"] == \
+        [h["loss"] for h in reference.history if h["kind"] == "train"]
+
+
+def test_checkpoints_keep_the_last_k_and_load_without_unpickling_code(home: Path):
+    from flows.reporting import RunFiles
+    from storage.checkpoints import RunCheckpoints, pretrain_run_dir
+
+    data = register_pretraining_data()
     run_dir = pretrain_run_dir("keep")
-    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000004", "step-00000006"]
-    model_state, training_state, state = load_checkpoint(list_checkpoints(run_dir)[-1])  # weights_only=True
-    assert state["step"] == 6 and state["micro_batches_consumed"] == 6
-    assert set(training_state) == {"optimizer", "scheduler", "scaler", "rng"}
-    assert "bert.embeddings.word_embeddings.weight" in model_state
+    train_once(data, callbacks=[RunFiles(run_dir, title="keep")], name="keep", steps=6, save_every=2,
+               keep_checkpoints=2)
+    checkpoints = RunCheckpoints(run_dir)
+    assert [p.name for p in checkpoints.list()] == ["step-00000004.pt", "step-00000006.pt"]
+    checkpoint = checkpoints.load(checkpoints.list()[-1])  # torch.load(weights_only=True): no code runs
+    assert checkpoint["step"] == 6 and checkpoint["data_position"] == 6
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "identity", "history"} <= set(checkpoint)
+    assert "hf.bert.embeddings.word_embeddings.weight" in checkpoint["model"]
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    assert json.loads((run_dir / "history.json").read_text())[-1]["step"] == 6
     assert not list(run_dir.glob(".tmp-*"))
 
 
