@@ -1,15 +1,20 @@
 """Pretraining instances as in Google BERT's `create_pretraining_data.py`, in numpy for a whole shard at once.
 
+The specification is tasks/pretraining_reference.py: Google's loop, one document at a time
+(`create_training_instances`, `create_instances_from_document`, `truncate_seq_pair`). This is
+its vectorised form, and tests/test_pretraining_data_instances.py checks that `create_pairs`
+gives exactly the reference's pairs from the same random numbers and `truncate_seq_pairs`
+removes what the reference removes.
+
 The steps keep Google's names: `create_pairs` (its `create_instances_from_document`: pairs of
 segments with a target length), `truncate_seq_pairs`, `create_masked_lm_predictions`
-(80/10/10), plus `assemble_instances` and `mask_tokens_batch`, which do in numpy, for a whole
-shard at once, what Google does token by token. Pairs are built from token *ranges*: a document
-is its sentences' offsets into one flat token array, an instance is two ranges and a label, and
-the token ids are gathered in bulk afterwards. The distributions are Google's; the differences
-are listed where they are made (random documents come from the same shard, stochastic rounding
-of the number of predictions, random replacements never draw special tokens).
-tests/test_pretraining_data_instances.py holds Google's loop, one document at a time, and checks
-that `create_pairs` gives exactly its pairs from the same random numbers.
+(80/10/10, one instance), plus `assemble_instances` and `mask_tokens_batch`, which do in numpy,
+for a whole shard at once, what Google does token by token. Pairs are built from token
+*ranges*: a document is its sentences' offsets into one flat token array, an instance is two
+ranges and a label, and the token ids are gathered in bulk afterwards. The distributions are
+Google's; the differences are listed where they are made (random documents come from the same
+shard, stochastic rounding of the number of predictions, random replacements never draw
+special tokens).
 
 Everything here is pure: numbers in, numbers out; randomness comes in as `rng` (or as numbers
 drawn from one). No Prefect import either: worker processes and DataLoader workers import this
@@ -61,7 +66,7 @@ def random_replacement_ids(vocab_size: int, special: SpecialIds) -> np.ndarray:
     random replacement never looks like structure."""
     drawable = np.ones(vocab_size, dtype=bool)
     drawable[[i for i in special.as_dict().values() if 0 <= i < vocab_size]] = False
-    return np.flatnonzero(drawable)  # (setdiff1d sorts the whole vocabulary: ~7 ms per unit)
+    return np.flatnonzero(drawable)  # a mask, not setdiff1d, which sorts the whole vocabulary
 
 
 # --- pairs of segments ----------------------------------------------------------------------
@@ -138,7 +143,8 @@ def target_lengths(draws: np.ndarray, max_num_tokens: int, short_seq_prob: float
 def create_instances(documents: DocumentIndex, rounds: int, *, max_seq_len: int, short_seq_prob: float,
                      objective: Objective, rng: np.random.Generator) -> InstanceSpans:
     """Every round's instances of every document: pairs (nsp, sop) as in Google's
-    `create_instances_from_document`, truncated to fit, or contiguous full-length segments (none,
+    `create_instances_from_document`, truncated to fit (the specification:
+    `pretraining_reference.create_training_instances`), or contiguous full-length segments (none,
     which draws nothing). Rows come in (round, document, position in the document) order."""
     if objective == "none":
         return create_full_segments(documents, rounds, max_seq_len=max_seq_len)
@@ -151,7 +157,8 @@ def create_instances(documents: DocumentIndex, rounds: int, *, max_seq_len: int,
 def create_pairs(documents: DocumentIndex, draws: PairDraws, *, max_num_tokens: int, short_seq_prob: float,
                  objective: Objective) -> InstanceSpans:
     """Google's `create_instances_from_document` over token ranges, before truncation, for all
-    documents and rounds at once.
+    documents and rounds at once: the vectorised form of
+    `pretraining_reference.create_instances_from_document`, one document and round at a time.
 
     A document is cut into chunks of whole sentences: a chunk grows until it reaches the target
     length or the document ends. A is the chunk's first 1..n-1 sentences (a random number), B
@@ -240,7 +247,8 @@ def truncate_and_order(pairs: InstanceSpans, max_num_tokens: int, objective: Obj
 
 def truncate_seq_pairs(len_a: np.ndarray, len_b: np.ndarray, max_num_tokens: int, rng: np.random.Generator
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Google's `truncate_seq_pair` for many pairs: while a pair is too long, drop one token from
+    """Google's `truncate_seq_pair` for many pairs (the vectorised form of
+    `pretraining_reference.truncate_seq_pair`): while a pair is too long, drop one token from
     the longer segment (B on a tie), from its front or back with equal probability. Which
     segment loses how many tokens does not depend on the coin flips, so it is computed directly,
     and each front/back split is a Binomial(n, 1/2) draw. Returns tokens to drop

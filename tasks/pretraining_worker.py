@@ -276,12 +276,13 @@ BERT_DELETED = "\x0b\x0c\x1c\x1d\x1e\x1f\x85"
 
 
 class WordSplitter:
-    """Cuts sentences into words where a BERT pre-tokeniser would, in numpy over the text's
-    UTF-8 bytes (spacing out punctuation with a regular expression, then Arrow's whitespace
-    split, took about twice as long). Each byte is whitespace, part of a word, or part of a character
-    cut out as a word of its own (`cuts`); a word starts at a cut character, or at a word byte
-    that follows whitespace, a cut character or the start of a sentence. Only the characters
-    beyond ASCII are decoded, to look up their class.
+    """Cuts sentences into words where a BERT pre-tokeniser would. The specification is
+    `split_words` in tasks/pretraining_reference.py, one character at a time; this is its
+    vectorised form, in numpy over the text's UTF-8 bytes, a whole batch of sentences at once.
+    Each byte is whitespace, part of a word, or part of a character cut out as a word of its own
+    (`ascii_cuts`, `cuts`); a word starts at a cut character, or at a word byte that follows
+    whitespace, a cut character or the start of a sentence. Only the characters beyond ASCII
+    are decoded, to look up their class.
 
     Whitespace is Python's `str.isspace()` less what BERT deletes (those controls stay inside
     their word, which the tokenizer then reads whole, deleting them as it would in the
@@ -290,6 +291,7 @@ class WordSplitter:
     SPACE, WORD, CUT, CUT_TAIL = 0, 1, 2, 3  # CUT_TAIL: a multi-byte cut character's bytes after its first
 
     def __init__(self, ascii_cuts: str, cuts: list[tuple[int, int]]):
+        self.ascii_cuts, self.cuts = ascii_cuts, cuts  # the characters cut out, as the reference takes them
         whitespace = [ord(c) for c in PYTHON_WHITESPACE if c not in BERT_DELETED]
         self.byte_class = np.full(256, self.WORD, dtype=np.int8)
         self.byte_class[[c for c in whitespace if c < 128]] = self.SPACE

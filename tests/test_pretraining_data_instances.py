@@ -1,4 +1,6 @@
-"""Pure pair building and masking: Google's rules, checked statistically on >= 10k instances."""
+"""Pure pair building, masking and word splitting. The fast paths against their specification,
+tasks/pretraining_reference.py (exactly, from the same random numbers); Google's rules checked
+statistically on >= 10k instances; the word cache's ids against the tokenizer's own."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from tasks import pretraining_reference as reference
 from tasks.pretraining_instances import (KEPT_ORIGINAL, REPLACED_BY_MASK, REPLACED_BY_RANDOM,
                                          DocumentIndex, MaskingRule, SpecialIds, assemble_instances,
                                          create_instances, create_masked_lm_predictions, create_pairs,
@@ -50,83 +53,67 @@ def doc_of(index: DocumentIndex, token_positions: np.ndarray) -> np.ndarray:
     return np.searchsorted(index.doc_sentences, sentence, side="right") - 1
 
 
-def google_pairs(documents: DocumentIndex, draws, round_: int, doc: int, *, max_num_tokens: int,
-                 short_seq_prob: float, objective: str) -> list[tuple[int, int, int, int, int]]:
-    """Google's create_instances_from_document loop, one document and round, before truncation,
-    reading its random numbers from `draws` (our one-sentence split and same-shard random
-    document included): what `create_pairs` must give."""
-    offsets, doc_sentences = documents.sentence_offsets.tolist(), documents.doc_sentences.tolist()
-    n_docs, n_sentences = documents.num_documents, documents.num_sentences
-    short, length = draws.per_document[round_ * n_docs + doc]
-    target = 2 + int(length * (max_num_tokens - 1)) if short < short_seq_prob else max_num_tokens
-    pairs = []
-    chunk_start, stop = doc_sentences[doc], doc_sentences[doc + 1]
-    while chunk_start < stop:
-        u = draws.per_chunk[round_ * n_sentences + chunk_start]
-        i = chunk_start  # the chunk grows a sentence at a time until it reaches the target
-        while i + 1 < stop and offsets[i + 1] - offsets[chunk_start] < target:
-            i += 1
-        n_chunk = i + 1 - chunk_start
-        a_start, chunk_end = offsets[chunk_start], offsets[i + 1]
-        if n_chunk == 1 and chunk_end - a_start < 2:
-            chunk_start = i + 1
-            continue
-        a_sentences = 1 + int(u[0] * (n_chunk - 1)) if n_chunk >= 2 else 1
-        a_end = offsets[chunk_start + a_sentences]
-        label = 1 if u[1] < 0.5 else 0
-        if objective == "nsp" and label == 1:
-            other = int(u[3] * (n_docs - 1))
-            other += other >= doc
-            start = doc_sentences[other] + int(u[4] * (doc_sentences[other + 1] - doc_sentences[other]))
-            end = start + 1
-            while end < doc_sentences[other + 1] and offsets[end] - offsets[start] < target - (a_end - a_start):
-                end += 1
-            b_start, b_end = offsets[start], offsets[end]
-            if n_chunk >= 2:
-                i = chunk_start + a_sentences - 1  # the sentences after A go back
-        else:
-            if n_chunk == 1:
-                a_end = a_start + 1 + int(u[2] * (chunk_end - a_start - 1))
-            b_start, b_end = a_end, chunk_end
-        pairs.append((a_start, a_end, b_start, b_end, label))
-        chunk_start = i + 1
-    return pairs
+def token_range(positions: list[int]) -> tuple[int, int]:
+    """[start, end) of a segment of the reference, which holds consecutive token positions."""
+    assert positions == list(range(positions[0], positions[-1] + 1))
+    return positions[0], positions[-1] + 1
+
+
+def ranges(tokens_a: list[int], tokens_b: list[int]) -> tuple[int, int, int, int]:
+    return (*token_range(tokens_a), *token_range(tokens_b))
 
 
 @pytest.mark.parametrize("objective", ["nsp", "sop"])
-def test_pairs_for_all_documents_at_once_match_googles_loop(objective):
+def test_pairs_for_all_documents_at_once_match_the_reference_loop(objective):
     index, _ = synthetic_index(n_docs=150, seed=4)
     draws = draw_pair_randomness(index, 3, np.random.default_rng(2))
     pairs = create_pairs(index, draws, max_num_tokens=MAX_SEQ_LEN - 3, short_seq_prob=0.3, objective=objective)
-    expected = [(*pair, r) for r in range(3) for d in range(index.num_documents)
-                for pair in google_pairs(index, draws, r, d, max_num_tokens=MAX_SEQ_LEN - 3,
-                                         short_seq_prob=0.3, objective=objective)]
+    expected = [(*ranges(tokens_a, tokens_b), label, r) for r in range(3) for d in range(index.num_documents)
+                for tokens_a, tokens_b, label in reference.create_instances_from_document(
+                    index, draws, r, d, max_num_tokens=MAX_SEQ_LEN - 3, short_seq_prob=0.3, objective=objective)]
     got = np.stack([pairs.a_start, pairs.a_end, pairs.b_start, pairs.b_end, pairs.label, pairs.round], axis=1)
     assert len(expected) > 1500
     assert got.tolist() == [list(x) for x in expected]
 
 
-def google_truncate_counts(len_a: int, len_b: int, max_num_tokens: int) -> tuple[int, int]:
-    """Google's loop, counting removals per segment."""
-    drop_a = drop_b = 0
-    while len_a + len_b > max_num_tokens:
-        if len_a > len_b:
-            len_a, drop_a = len_a - 1, drop_a + 1
-        else:
-            len_b, drop_b = len_b - 1, drop_b + 1
-    return drop_a, drop_b
+def reference_truncate_counts(len_a: int, len_b: int, max_num_tokens: int, rng: np.random.Generator
+                              ) -> tuple[int, int]:
+    """Tokens the reference `truncate_seq_pair` removes from each segment."""
+    tokens_a, tokens_b = list(range(len_a)), list(range(len_b))
+    reference.truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+    return len_a - len(tokens_a), len_b - len(tokens_b)
 
 
-def test_truncate_seq_pairs_removes_what_googles_loop_removes():
+def test_truncate_seq_pairs_removes_what_the_reference_loop_removes():
     len_a, len_b = (grid.ravel() for grid in np.meshgrid(np.arange(1, 60), np.arange(1, 60)))
+    rng = np.random.default_rng(1)
+    expected = np.tile([reference_truncate_counts(a, b, 25, rng) for a, b in zip(len_a.tolist(), len_b.tolist())],
+                       (30, 1))
     len_a, len_b = np.tile(len_a, 30), np.tile(len_b, 30)
     a_front, a_back, b_front, b_back = truncate_seq_pairs(len_a, len_b, 25, np.random.default_rng(0))
-    expected = np.array([google_truncate_counts(a, b, 25) for a, b in zip(len_a.tolist(), len_b.tolist())])
     assert ((a_front + a_back) == expected[:, 0]).all() and ((b_front + b_back) == expected[:, 1]).all()
     assert min(a_front.min(), a_back.min(), b_front.min(), b_back.min()) >= 0
     # front or back with equal probability, token by token
     assert abs(a_front.sum() / expected[:, 0].sum() - 0.5) < 0.01
     assert abs(b_front.sum() / expected[:, 1].sum() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop"])
+def test_instances_match_the_reference_but_for_where_truncation_cuts(objective):
+    """Same rows, labels and rounds as `create_training_instances`, segments of the same lengths;
+    rows short enough never to be truncated hold exactly the same tokens. (The front-or-back
+    coin flips are drawn differently: one binomial draw per segment.)"""
+    index, _ = synthetic_index(n_docs=150, seed=5)
+    settings = dict(max_seq_len=MAX_SEQ_LEN, short_seq_prob=0.3, objective=objective)
+    spans = create_instances(index, 3, **settings, rng=np.random.default_rng(3))
+    expected = reference.create_training_instances(index, 3, **settings, rng=np.random.default_rng(3))
+    expected_ranges = np.array([ranges(i.tokens_a, i.tokens_b) for i in expected])
+    assert len(expected) > 1500
+    assert spans.label.tolist() == [i.label for i in expected] and spans.round.tolist() == [i.round for i in expected]
+    got_ranges = np.stack([spans.a_start, spans.a_end, spans.b_start, spans.b_end], axis=1)
+    assert (np.diff(got_ranges, axis=1)[:, ::2] == np.diff(expected_ranges, axis=1)[:, ::2]).all()
+    short = (spans.a_end - spans.a_start) + (spans.b_end - spans.b_start) < MAX_SEQ_LEN - 3
+    assert short.mean() > 0.1 and (got_ranges[short] == expected_ranges[short]).all()
 
 
 def test_nsp_pairs_balance_lengths_and_random_documents():
@@ -310,10 +297,10 @@ def word_cache_inputs(lowercase: bool = True):
 
 
 def assert_tokenizers_own_ids(cache, tokenizer, sentences):
-    reference = [e.ids for e in tokenizer.encode_batch_fast(sentences, add_special_tokens=False)]
+    expected = [e.ids for e in tokenizer.encode_batch_fast(sentences, add_special_tokens=False)]
     tokens, lengths = cache.encode(sentences)
-    assert lengths.tolist() == [len(r) for r in reference]
-    assert tokens.tolist() == [i for r in reference for i in r]
+    assert lengths.tolist() == [len(r) for r in expected]
+    assert tokens.tolist() == [i for r in expected for i in r]
 
 
 @pytest.mark.parametrize("lowercase", [True, False])
@@ -332,19 +319,43 @@ def test_word_cache_gives_the_tokenizers_own_ids(lowercase):
         assert_tokenizers_own_ids(WordCache(tokenizer), tokenizer, [sentence])
 
 
+def unicode_cut_sentences() -> list[str]:
+    """Every character of the punctuation blocks (P* or not) and every code point of every CJK
+    range, between letters, as running text."""
+    from tasks.pretraining_worker import _CJK_IDEOGRAPHS, _UNICODE_PUNCTUATION_BLOCKS
+
+    characters = [chr(c) for low, high in _UNICODE_PUNCTUATION_BLOCKS + _CJK_IDEOGRAPHS for c in range(low, high + 1)]
+    return ["x" + "ab".join(characters[k:k + 500]) + "Ab" for k in range(0, len(characters), 500)]
+
+
+def separator_sentences() -> list[str]:
+    """Every separator and control character, between letters, as running text, and at the
+    ends of a sentence."""
+    import unicodedata
+
+    odd = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF
+           and (chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf"))]
+    return [f"ab{c}hello" for c in odd] + [f"{c}a{c}" for c in odd] + ["".join(odd), "a" + "b".join(odd)]
+
+
+def real_text_lines(corpus: str) -> list[str]:
+    from tests.conftest import shared_path
+
+    text = shared_path(corpus).read_text(encoding="utf-8")[:1_500_000]
+    if corpus.endswith(".jsonl"):  # the articles' own text, with all its Unicode
+        text = "\n".join(json.loads(line)["text"] for line in text.splitlines()[:-1])
+    return text.splitlines()
+
+
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_word_cache_cuts_at_unicode_punctuation_and_cjk_exactly_where_the_tokenizer_does(lowercase):
-    from tasks.pretraining_worker import _CJK_IDEOGRAPHS, _UNICODE_PUNCTUATION_BLOCKS, WordCache, WordSplitter
+    from tasks.pretraining_worker import WordCache, WordSplitter
 
     tokenizer, _ = word_cache_inputs(lowercase)
     cache = WordCache(tokenizer)
     assert (cache.split_all.class_of(np.array([0x2013, 0x4E00, 0x9FFF, 0xE9])).tolist()
             == [WordSplitter.CUT] * 3 + [WordSplitter.WORD])
-    # Every character of the punctuation blocks (P* or not) and every code point of every
-    # CJK range, between letters, as running text: the cache's ids are the tokenizer's own.
-    characters = [chr(c) for low, high in _UNICODE_PUNCTUATION_BLOCKS + _CJK_IDEOGRAPHS for c in range(low, high + 1)]
-    sentences = ["x" + "ab".join(characters[k:k + 500]) + "Ab" for k in range(0, len(characters), 500)]
-    assert_tokenizers_own_ids(cache, tokenizer, sentences)
+    assert_tokenizers_own_ids(cache, tokenizer, unicode_cut_sentences())
 
 
 def test_word_cache_stays_exact_when_it_forgets():
@@ -402,17 +413,11 @@ def test_whitespace_is_pythons():
 
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_word_cache_splits_and_deletes_where_the_tokenizer_does(lowercase):
-    """Every separator and control character, between letters, as running text (and at the
-    ends of a sentence): whitespace splits, what BERT deletes joins."""
-    import unicodedata
-
+    """Whitespace splits, what BERT deletes joins (`separator_sentences`)."""
     from tasks.pretraining_worker import WordCache
 
     tokenizer, _ = word_cache_inputs(lowercase)
-    odd = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF
-           and (chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf"))]
-    sentences = [f"ab{c}hello" for c in odd] + [f"{c}a{c}" for c in odd] + ["".join(odd), "a" + "b".join(odd)]
-    assert_tokenizers_own_ids(WordCache(tokenizer), tokenizer, sentences)
+    assert_tokenizers_own_ids(WordCache(tokenizer), tokenizer, separator_sentences())
 
 
 @pytest.mark.parametrize("corpus, vocab", [
@@ -425,12 +430,52 @@ def test_word_cache_gives_the_tokenizers_own_ids_on_real_text(corpus, vocab):
     from tasks.tokenizer import adopt_vocabulary
     from tests.conftest import shared_path
 
-    text = shared_path(corpus).read_text(encoding="utf-8")[:1_500_000]
-    if corpus.endswith(".jsonl"):  # the articles' own text, with all its Unicode
-        text = "\n".join(json.loads(line)["text"] for line in text.splitlines()[:-1])
-    lines = text.splitlines()
+    lines = real_text_lines(corpus)
     tokenizer = adopt_vocabulary(read_vocab_file(shared_path(vocab)), lowercase=True)
     cache = WordCache(tokenizer)
     cache.MAX_ENTRIES = 5_000  # forgetting on the way
     for start in range(0, len(lines), 2_000):
         assert_tokenizers_own_ids(cache, tokenizer, lines[start:start + 2_000])
+
+
+def words_by_sentence(splitter, sentences: list[str], *, ascii_lowercase: bool) -> list[list[str]]:
+    """`WordSplitter.split`'s words, grouped by sentence."""
+    import pyarrow as pa
+
+    words, per_sentence = splitter.split(pa.array(sentences, type=pa.large_string()), ascii_lowercase=ascii_lowercase)
+    words, bounds = words.to_pylist(), np.concatenate([[0], np.cumsum(per_sentence)]).tolist()
+    return [words[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def assert_splits_as_the_reference(splitter, sentences: list[str]) -> None:
+    cut = reference.cut_characters(splitter.ascii_cuts, splitter.cuts)
+    for ascii_lowercase in (False, True):
+        expected = [reference.split_words(s, cut, ascii_lowercase=ascii_lowercase) for s in sentences]
+        assert words_by_sentence(splitter, sentences, ascii_lowercase=ascii_lowercase) == expected
+
+
+def test_word_splitter_cuts_where_the_reference_does():
+    """The cache's two splitters (every punctuation character cut; the brackets of added tokens
+    kept) and the plain whitespace split of a tokenizer that is not BERT's, on the inputs above."""
+    from tasks.pretraining_worker import WordCache, WordSplitter
+
+    tokenizer, sentences = word_cache_inputs()
+    cache = WordCache(tokenizer)
+    assert cache.split_all.cuts and "[" in cache.split_all.ascii_cuts and "[" not in cache.split_but_added.ascii_cuts
+    inputs = sentences + unicode_cut_sentences() + separator_sentences()
+    for splitter in (cache.split_all, cache.split_but_added, WordSplitter("", [])):
+        assert_splits_as_the_reference(splitter, inputs)
+
+
+@pytest.mark.parametrize("corpus, vocab", [
+    ("corpora/enwiki_sample/enwiki_20190720_sample.jsonl", "vocab/uncased_L-12_H-768_A-12/vocab.txt"),
+    ("corpora/zh/CLUECorpusSmall_sampled.txt", "vocab/chinese_L-12_H-768_A-12/vocab.txt"),
+])
+def test_word_splitter_cuts_real_text_where_the_reference_does(corpus, vocab):
+    from storage.tokenizer_store import read_vocab_file
+    from tasks.pretraining_worker import WordCache
+    from tasks.tokenizer import adopt_vocabulary
+    from tests.conftest import shared_path
+
+    cache = WordCache(adopt_vocabulary(read_vocab_file(shared_path(vocab)), lowercase=True))
+    assert_splits_as_the_reference(cache.split_all, real_text_lines(corpus)[:5_000])
