@@ -4,27 +4,116 @@ fine-tuned and evaluated models (each task also from random initialisation, side
 Each stage is its own sub-flow with its own cached task, so a finished stage is served from
 cache, a changed parameter recomputes that stage and whatever its output feeds, and `refresh`
 forces a stage and everything after it.
+
+What a run is — which stages, in which order, fed by what — is written once, in `walk_run`.
+The flow walks it running every step; `find_cached_run` walks it only looking every step up in
+the stage cache, so the two cannot disagree about the sequence.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 from prefect import flow
 
-from bertflow.config import STAGES, PipelineConfig
-from flows.finetune import finetune_flow
-from flows.ingest import ingest_flow
-from flows.pretrain import pretrain_flow
-from flows.pretraining_data import pretraining_data_flow
-from flows.tokenizer import tokenizer_flow
-from storage.home import DataHome
-from tasks.baseline import STAGE as RANDOM_INIT
-from tasks.baseline import STAGE_VERSION as RANDOM_INIT_VERSION
-from tasks.baseline import initialise_random_model
+from flows.baseline import initialise_random_model
 from flows.caching import cached_stage
-from tasks.report import publish_run_summary
+from flows.finetune import finetune_flow, finetune_trial_inputs
+from flows.ingest import ingest_flow
+from flows.pipeline_config import STAGES, PipelineConfig
+from flows.pretrain import pretrain_flow, pretrain_inputs
+from flows.pretraining_data import pretraining_data_flow, pretraining_data_inputs
+from flows.summary import publish_run_summary
+from flows.tokenizer import tokenizer_flow, tokenizer_inputs
+from storage.home import DataHome
+from tasks import baseline, finetune, ingest_config, pretrain, pretraining_data, tokenizer
+from tasks.cache_keys import cached_result
+from tasks.ingest_config import ingest_inputs
+from tasks.report import run_summary
 
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a run: enough to compute it, or to find its result in the stage cache."""
+
+    refresh_as: str  # the `--refresh STAGE` that forces it (one of STAGES)
+    stage: str  # the cache identity of its task: STAGE and STAGE_VERSION of its tasks/ module
+    version: str
+    inputs: Callable[[DataHome], dict[str, Any] | None]  # its task's inputs (the cache key); None: no single record
+    run: Callable[[bool], dict[str, Any]]  # refresh → its manifest, computed or served from cache
+
+
+def walk_run(config: PipelineConfig, perform: Callable[[Step], dict[str, Any]]
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every step of a run of `config`, in order, handed to `perform` (which returns the step's
+    manifest); returns the stage manifests and the fine-tuning entries of the run summary."""
+    stages = config.stage_configs()
+
+    # 1. Ingest: raw sources → corpus.
+    corpus = perform(Step("ingest", ingest_config.STAGE, ingest_config.STAGE_VERSION,
+                          inputs=partial(ingest_inputs, stages.ingest),
+                          run=lambda refresh: ingest_flow(stages.ingest, refresh=refresh)))
+
+    # 2. Tokenizer: WordPiece trained on the corpus.
+    vocabulary = perform(Step("tokenizer", tokenizer.STAGE, tokenizer.STAGE_VERSION,
+                              inputs=partial(tokenizer_inputs, stages.tokenizer),
+                              run=lambda refresh: tokenizer_flow(stages.tokenizer, refresh=refresh)))
+
+    # 3. Pretraining data: sentence pairs and masks.
+    data = perform(Step("pretraining_data", pretraining_data.STAGE, pretraining_data.STAGE_VERSION,
+                        inputs=partial(pretraining_data_inputs, stages.pretraining_data),
+                        run=lambda refresh: pretraining_data_flow(stages.pretraining_data, refresh=refresh)))
+
+    # 4. Pretrain: BERT on the pretraining data (resumes from its last checkpoint).
+    data_name = stages.pretraining_data.name
+    model = perform(Step("pretrain", pretrain.STAGE, pretrain.STAGE_VERSION,
+                         inputs=lambda home: pretrain_inputs(stages.pretrain, data_name, home),
+                         run=lambda refresh: pretrain_flow(stages.pretrain, data=data_name, refresh=refresh)))
+
+    # 5. Fine-tune and evaluate each task, from the pretrained model and from random weights.
+    finetunes = []
+    for task, task_config in stages.finetune:
+        pretrained = perform(_finetune_step(task_config))
+        random_init = None
+        if task.compare_random_init:
+            random_model = perform(_random_init_step(config.random_model_name, _ref(model), stages.pretrain.seed))
+            random_init = perform(_finetune_step(task_config.model_copy(update={
+                "model": random_model["name"], "name": config.finetune_name(task, random_init=True)})))
+        finetunes.append({"task": task.name, "pretrained": pretrained, "random_init": random_init})
+    return [corpus, vocabulary, data, model], finetunes
+
+
+def _finetune_step(config: Any) -> Step:
+    def inputs(home: DataHome) -> dict[str, Any] | None:
+        if config.sweep is not None:
+            return None  # a selection over trials: its result is the flow's to compute
+        [trial], _ = finetune_trial_inputs(config)
+        return trial
+
+    return Step("finetune", finetune.STAGE, finetune.STAGE_VERSION, inputs=inputs,
+                run=lambda refresh: finetune_flow(config, refresh=refresh))
+
+
+def _random_init_step(name: str, model: dict[str, Any], seed: int) -> Step:
+    """The pretrained model's architecture with fresh weights: it goes with pretraining, so
+    `--refresh pretrain` draws it again."""
+    inputs = {"name": name, "model": model, "seed": seed}
+
+    def run(refresh: bool) -> dict[str, Any]:
+        initialise = cached_stage(initialise_random_model, stage=baseline.STAGE, version=baseline.STAGE_VERSION,
+                                  home=DataHome.from_env(), refresh=refresh)
+        return initialise(**inputs)
+
+    return Step("pretrain", baseline.STAGE, baseline.STAGE_VERSION, inputs=lambda home: inputs, run=run)
+
+
+def _ref(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: manifest[k] for k in ("id", "name", "fingerprint", "path")}
+
+
+# -- running -----------------------------------------------------------------------------------
 
 def stages_to_refresh(refresh: list[str] | None) -> set[str]:
     """A refreshed stage forces every stage after it."""
@@ -41,86 +130,36 @@ def pipeline_flow(config: PipelineConfig, refresh: list[str] | None = None) -> d
 
 
 def _run_stages(config: PipelineConfig, refresh: list[str] | None) -> dict[str, Any]:
-    stages = config.stage_configs()
     forced = stages_to_refresh(refresh)
 
-    # 1. Ingest: raw sources → corpus.
-    corpus = ingest_flow(stages.ingest, refresh="ingest" in forced)
-
-    # 2. Tokenizer: WordPiece trained on the corpus.
-    tokenizer = tokenizer_flow(stages.tokenizer, refresh="tokenizer" in forced)
-
-    # 3. Pretraining data: sentence pairs and masks.
-    data = pretraining_data_flow(stages.pretraining_data, refresh="pretraining_data" in forced)
-
-    # 4. Pretrain: BERT on the pretraining data (resumes from its last checkpoint).
-    model = pretrain_flow(stages.pretrain, data=stages.pretraining_data.name, refresh="pretrain" in forced)
-
-    # 5. Fine-tune and evaluate each task, from the pretrained model and from random weights.
-    finetunes = []
-    for task, task_config in stages.finetune:
-        pretrained = finetune_flow(task_config, refresh="finetune" in forced)
-        baseline = None
-        if task.compare_random_init:
-            random_model = cached_stage(initialise_random_model, stage=RANDOM_INIT, version=RANDOM_INIT_VERSION,
-                                        home=DataHome.from_env(), refresh="pretrain" in forced)(
-                config.random_model_name, _ref(model), stages.pretrain.seed)
-            baseline_config = task_config.model_copy(update={
-                "model": random_model["name"], "name": config.finetune_name(task, random_init=True)})
-            baseline = finetune_flow(baseline_config, refresh="finetune" in forced)
-        finetunes.append({"task": task.name, "pretrained": pretrained, "random_init": baseline})
+    # Stages 1-5: each step's sub-flow or task.
+    stage_manifests, finetunes = walk_run(config, lambda step: step.run(step.refresh_as in forced))
 
     # 6. Summary: artifacts and the metrics table, as a Prefect artifact and a return value.
-    return publish_run_summary(config.name, [corpus, tokenizer, data, model], finetunes)
+    return publish_run_summary(config.name, stage_manifests, finetunes)
+
+
+# -- looking up ----------------------------------------------------------------------------------
+
+class _NotCached(Exception):
+    """A step of the run would compute."""
 
 
 def find_cached_run(config: PipelineConfig) -> dict[str, Any] | None:
     """The summary a run of `config` would end with when every stage is served from cache,
-    found without Prefect (no server, no flow run: seconds instead of tens); None as soon as
-    one stage would compute. Walks the stages exactly as `_run_stages` does."""
-    from flows.finetune import finetune_trial_inputs
-    from flows.pretrain import pretrain_inputs
-    from flows.pretraining_data import pretraining_data_inputs
-    from flows.tokenizer import tokenizer_inputs
-    from tasks import finetune, ingest, pretrain, pretraining_data, tokenizer
-    from tasks.cache_keys import cached_result
-    from tasks.ingest_config import ingest_inputs
-    from tasks.report import run_summary
-
+    found without running a flow (no server, no flow run: seconds instead of tens); None as
+    soon as one step would compute."""
     home = DataHome.from_env()
-    stages = config.stage_configs()
 
-    def cached(module: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        return cached_result(module.STAGE, module.STAGE_VERSION, inputs, home)
+    def look_up(step: Step) -> dict[str, Any]:
+        inputs = step.inputs(home)
+        result = None if inputs is None else cached_result(step.stage, step.version, inputs, home)
+        if result is None:
+            raise _NotCached(step.stage)
+        return result
 
-    def finetuned(task_config: Any) -> dict[str, Any] | None:
-        if task_config.sweep is not None:
-            return None  # selection over trials: left to the flow
-        [inputs], _ = finetune_trial_inputs(task_config)
-        return cached(finetune, inputs)
-
-    corpus = cached(ingest, ingest_inputs(stages.ingest, home))
-    tokenizer_manifest = corpus and cached(tokenizer, tokenizer_inputs(stages.tokenizer, home))
-    data = tokenizer_manifest and cached(pretraining_data, pretraining_data_inputs(stages.pretraining_data, home))
-    model = data and cached(pretrain, pretrain_inputs(stages.pretrain, stages.pretraining_data.name, home))
-    if not model:
+    try:
+        stage_manifests, finetunes = walk_run(config, look_up)
+    except _NotCached:
         return None
-    finetunes = []
-    for task, task_config in stages.finetune:
-        pretrained = finetuned(task_config)
-        if pretrained is None:
-            return None
-        baseline = None
-        if task.compare_random_init:
-            random_model = cached_result(RANDOM_INIT, RANDOM_INIT_VERSION, {
-                "name": config.random_model_name, "model": _ref(model), "seed": stages.pretrain.seed}, home)
-            baseline = random_model and finetuned(task_config.model_copy(update={
-                "model": random_model["name"], "name": config.finetune_name(task, random_init=True)}))
-            if baseline is None:
-                return None
-        finetunes.append({"task": task.name, "pretrained": pretrained, "random_init": baseline})
-    return run_summary(config.name, [corpus, tokenizer_manifest, data, model], finetunes)
-
-
-def _ref(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {k: manifest[k] for k in ("id", "name", "fingerprint", "path")}
+    return run_summary(config.name, stage_manifests, finetunes)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger, task
 
+from flows.caching import cached_stage, current_cache_key
 from storage.artifacts import ArtifactStore
 from storage.home import DataHome
-from flows.caching import cached_stage
-from tasks.pretraining_data import STAGE, STAGE_VERSION, PretrainingDataConfig, build_pretraining_data
+from tasks import pretraining_data
+from tasks.pretraining_data import STAGE, STAGE_VERSION, PretrainingDataConfig, format_summary
 
 
 def pretraining_data_inputs(config: PretrainingDataConfig, home: DataHome) -> dict[str, Any]:
@@ -23,6 +24,17 @@ def pretraining_data_inputs(config: PretrainingDataConfig, home: DataHome) -> di
                      "path": tokenizer.path, "vocab_size": tokenizer.manifest["vocab_size"],
                      "special_ids": tokenizer.manifest["special_ids"]}
     return {"config": config, "corpus": corpus_ref, "tokenizer": tokenizer_ref}
+
+
+@task(name="build-pretraining-data", task_run_name="build-pretraining-data[{config.name}]")
+def build_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], tokenizer: dict[str, Any]
+                           ) -> dict[str, Any]:
+    """The pretraining-data stage under the stage cache policy."""
+    logger = get_run_logger()
+    manifest = pretraining_data.run_pretraining_data(config, corpus, tokenizer, cache_key=current_cache_key(),
+                                                     log=logger.info, warn=logger.warning)
+    logger.info(format_summary(manifest))
+    return manifest
 
 
 @flow(name="pretraining-data", log_prints=True)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger, task
 
+from flows.caching import cached_stage, current_cache_key
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_value
 from storage.home import DataHome
-from flows.caching import cached_stage
-from tasks.tokenizer import STAGE, STAGE_VERSION, TokenizerConfig, train_tokenizer
+from tasks import tokenizer
+from tasks.tokenizer import STAGE, STAGE_VERSION, TokenizerConfig, format_summary
 
 
 def _file_fingerprint(path: str | None) -> str | None:
@@ -27,6 +28,16 @@ def tokenizer_inputs(config: TokenizerConfig, home: DataHome) -> dict[str, Any]:
     corpus_ref = {"id": corpus.id, "name": corpus.name, "fingerprint": corpus.fingerprint,
                   "path": corpus.path, "stats": {"sentences": corpus.manifest["stats"]["sentences"]}}
     return {"config": config, "corpus": corpus_ref, "vocab_fingerprint": _file_fingerprint(config.vocab)}
+
+
+@task(name="train-tokenizer", task_run_name="train-tokenizer[{config.name}]")
+def train_tokenizer(config: TokenizerConfig, corpus: dict[str, Any], vocab_fingerprint: str | None = None
+                    ) -> dict[str, Any]:
+    """The tokenizer stage under the stage cache policy. `vocab_fingerprint` is there for the
+    cache key only: an adopted vocab.txt that changes must rebuild the tokenizer."""
+    manifest = tokenizer.run_tokenizer(config, corpus, cache_key=current_cache_key())
+    get_run_logger().info(format_summary(manifest))
+    return manifest
 
 
 @flow(name="tokenizer", log_prints=True)

@@ -7,10 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from flows.caching import current_cache_key
-
 STAGE = "random-init"
 STAGE_VERSION = "1"
 
@@ -28,6 +24,7 @@ def initialise_like(model_dir: str, seed: int) -> Any:
 
 def run_random_init(name: str, model: dict[str, Any], seed: int, *, cache_key: str | None = None
                     ) -> dict[str, Any]:
+    """A model artifact `name`: the same architecture and tokenizer as `model`, random weights."""
     from transformers import AutoTokenizer
 
     from storage.artifacts import ArtifactStore
@@ -48,9 +45,3 @@ def run_random_init(name: str, model: dict[str, Any], seed: int, *, cache_key: s
             cache_key=cache_key, stage_version=STAGE_VERSION)
     return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
             "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": artifact.manifest["stats"]}
-
-
-@task(name="initialise-random-model", task_run_name="initialise-random-model[{name}]")
-def initialise_random_model(name: str, model: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Prefect task: the same architecture and tokenizer as `model`, random weights."""
-    return run_random_init(name, model, seed, cache_key=current_cache_key())

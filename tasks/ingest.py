@@ -25,12 +25,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from bertflow.errors import BertflowError
-from tasks.processes import skip_pyarrow_pandas_probe
-from flows.caching import current_cache_key
 from tasks.cleaning import MINHASH_SCHEME, CleanBatch, CleaningOptions, clean_documents
 from tasks.ingest_config import (  # noqa: F401
     REMOVAL_STEPS,
@@ -43,6 +39,7 @@ from tasks.ingest_config import (  # noqa: F401
     summary_markdown,
 )
 from tasks.parallel import map_in_order
+from tasks.processes import skip_pyarrow_pandas_probe
 from tasks.text import may_change_under
 
 # --- the stream (runs in the task's process) ------------------------------------------------
@@ -169,7 +166,7 @@ def resolve_workers(requested: int) -> int:
     return requested or (os.cpu_count() or 1) + 1
 
 
-# --- the Prefect task --------------------------------------------------------------------
+# --- the stage ---------------------------------------------------------------------------
 
 def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key: str | None = None
                ) -> dict[str, Any]:
@@ -214,14 +211,3 @@ def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key
         )
     return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
             "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": summary}
-
-
-@task(name="ingest-corpus", task_run_name="ingest-corpus[{config.name}]")
-def ingest_corpus(config: IngestConfig, sources: list[dict[str, Any]]) -> dict[str, Any]:
-    """Prefect task: the ingest stage under the stage cache policy (see tasks/caching.py)."""
-    manifest = run_ingest(config, sources, cache_key=current_cache_key())
-    get_run_logger().info(format_summary(manifest))
-    create_markdown_artifact(key=f"corpus-{config.name.lower().replace('_', '-').replace('.', '-')}",
-                             markdown=summary_markdown(manifest),
-                             description=f"ingest summary of corpus {config.name}")
-    return manifest

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
-from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from bertflow.errors import BertflowError
-from flows.caching import current_cache_key
 
 STAGE = "pretraining-data"
 STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes
@@ -46,10 +44,12 @@ class PretrainingDataConfig(BaseModel):
     dupe_factor: int = Field(5, ge=1, le=100, description="passes over the corpus (different pairs and masks)")
     masked_lm_prob: float = Field(0.15, gt=0.0, lt=1.0, description="share of maskable tokens predicted")
     max_predictions: int = Field(20, ge=1, le=32767, description="cap on masked tokens per instance")
-    objective: Literal["nsp", "sop", "none"] = Field("nsp", description="second pretraining objective")
-    masking: Literal["token", "whole-word", "span"] = Field("token", description="unit of masking")
+    objective: Literal["nsp", "sop", "none"] = Field(
+        "nsp", description="second objective: next-sentence (nsp), sentence order (sop) or none")
+    masking: Literal["token", "whole-word", "span"] = Field(
+        "token", description="what is masked together: single tokens, whole words or spans of words")
     dynamic: bool = Field(False, description="store pairs only; masks drawn at load time, per epoch")
-    seed: int = Field(12345, ge=0, description="random seed")
+    seed: int = Field(12345, ge=0, description="random seed (the default is Google's)")
     workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
     shard_mb: float = Field(2.0, gt=0, description="MB (million characters) of corpus text per unit/shard")
 
@@ -108,8 +108,10 @@ def resolve_workers(requested: int, units: int) -> int:
 
 
 def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], tokenizer: dict[str, Any],
-                         *, cache_key: str | None = None, log: Any = None) -> dict[str, Any]:
-    """Build the instances of every corpus unit and write the artifact; returns its manifest."""
+                         *, cache_key: str | None = None, log: Callable[[str], None] | None = None,
+                         warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the instances of every corpus unit and write the artifact; returns its manifest.
+    `log` receives a line per finished unit, `warn` what the user should know about the corpus."""
     from storage.artifacts import ArtifactStore
     from storage.pretraining_store import id_dtype_for, plan_corpus_units, shard_name
     from tasks.pretraining_instances import SpecialIds
@@ -146,18 +148,18 @@ def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], 
         for stats in run_units(jobs, workers):
             unit_stats.append(stats)
             if log is not None:
-                log.info(f"build-instances: shard {len(unit_stats)}/{len(jobs)}:"
-                         f" {stats['instances']:,} instances in {stats['seconds']:.1f} s")
+                log(f"build-instances: shard {len(unit_stats)}/{len(jobs)}:"
+                    f" {stats['instances']:,} instances in {stats['seconds']:.1f} s")
         summary = summarise(unit_stats, config)
         if summary["instances"] == 0:
             raise BertflowError(f"corpus '{corpus['name']}' produced no instances: its sentences are too short"
                                 f" to pair (one token each) for the {config.objective} objective; check the"
                                 " corpus with `bertflow show`")
         # Without pairs (objective none) segments run across sentences: nothing to warn about.
-        if summary["single_sentence_documents"] and config.objective != "none" and log is not None:
-            log.warning(f"{summary['single_sentence_documents']:,} of {summary['documents']:,} documents have"
-                        " one sentence only: their pairs split that sentence at a random token"
-                        " (or take a random B under nsp)")
+        if summary["single_sentence_documents"] and config.objective != "none" and warn is not None:
+            warn(f"{summary['single_sentence_documents']:,} of {summary['documents']:,} documents have"
+                 " one sentence only: their pairs split that sentence at a random token"
+                 " (or take a random B under nsp)")
         seconds = time.perf_counter() - started
         summary.update({
             "shards": sum(1 for s in unit_stats if "shard" in s), "workers": workers,
@@ -183,16 +185,6 @@ def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], 
         )
     return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
             "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": summary}
-
-
-@task(name="build-pretraining-data", task_run_name="build-pretraining-data[{config.name}]")
-def build_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], tokenizer: dict[str, Any]
-                           ) -> dict[str, Any]:
-    """Prefect task: the pretraining-data stage under the stage cache policy."""
-    log = get_run_logger()
-    manifest = run_pretraining_data(config, corpus, tokenizer, cache_key=current_cache_key(), log=log)
-    log.info(format_summary(manifest))
-    return manifest
 
 
 def format_summary(manifest: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
-"""Run summaries: the metrics table printed after `bertflow run`, its Prefect artifacts, and the
-self-contained HTML report of `bertflow report` (plots embedded as PNG data URIs)."""
+"""Run summaries: the metrics table printed after `bertflow run`, the artifact list shown in the
+Prefect UI, and the self-contained HTML report of `bertflow report` (plots embedded as PNG data
+URIs)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import html
 import io
 import json
 from typing import Any
-
-from prefect import task
 
 # Metrics shown first in the comparison table, per task type (whichever the run reported).
 HEADLINE = ("accuracy", "f1", "macro_f1", "micro_f1", "exact_match", "precision", "recall")
@@ -60,23 +59,11 @@ def run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list
     return summary
 
 
-@task(name="summarise-run", task_run_name="summarise-run[{run}]")
-def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]]
-                        ) -> dict[str, Any]:
-    """The run summary, also as Prefect table + markdown artifacts (shown in the UI)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    summary = run_summary(run, stage_manifests, finetunes)
-    rows, artifacts = summary["metrics"], summary["artifacts"]
-    key = "".join(ch if ch.isalnum() else "-" for ch in run.lower())
-    if rows:
-        create_table_artifact(key=f"{key}-metrics", table=rows,
-                              description=f"run {run}: fine-tuning metrics, pretrained vs random initialisation")
-    lines = [f"### run `{run}`", "", "| kind | name | fingerprint |", "|---|---|---|"]
-    lines += [f"| {a['kind']} | {a['name']} | {a['fingerprint']} |" for a in artifacts]
-    create_markdown_artifact(key=f"{key}-artifacts", markdown="\n".join(lines),
-                             description=f"run {run}: artifacts")
-    return summary
+def artifacts_markdown(summary: dict[str, Any]) -> str:
+    """The run's artifacts as a Markdown table (a Prefect artifact in the UI)."""
+    lines = [f"### run `{summary['run']}`", "", "| kind | name | fingerprint |", "|---|---|---|"]
+    lines += [f"| {a['kind']} | {a['name']} | {a['fingerprint']} |" for a in summary["artifacts"]]
+    return "\n".join(lines)
 
 
 # --- the HTML report ---------------------------------------------------------------------------

@@ -14,11 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-from flows.caching import current_cache_key
 
 STAGE = "tokenizer"
 STAGE_VERSION = "2"  # bump when the output of the same inputs and parameters changes
@@ -35,7 +32,8 @@ class TokenizerConfig(BaseModel):
     corpus: str = Field(description="name of the corpus artifact to train on")
     name: str = Field(description="artifact name of the tokenizer")
     vocab_size: int = Field(30522, ge=32, le=1_000_000, description="entries, special tokens included")
-    lowercase: bool = Field(True, description="uncased: lower-case and strip accents")
+    lowercase: bool = Field(True, description="uncased: lower-case and strip accents",
+                            json_schema_extra={"cli": "--cased"})
     min_frequency: int = Field(2, ge=1, description="occurrences a merge needs to enter the vocabulary")
     limit_alphabet: int = Field(1000, ge=1, description="most frequent initial characters kept")
     vocab: str | None = Field(None, description="path of a vocab.txt to adopt instead of training")
@@ -215,16 +213,6 @@ def run_tokenizer(config: TokenizerConfig, corpus: dict[str, Any], *, cache_key:
         )
     return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name,
             "fingerprint": artifact.fingerprint, "path": artifact.path, "stats": stats}
-
-
-@task(name="train-tokenizer", task_run_name="train-tokenizer[{config.name}]")
-def train_tokenizer(config: TokenizerConfig, corpus: dict[str, Any], vocab_fingerprint: str | None = None
-                    ) -> dict[str, Any]:
-    """Prefect task: the tokenizer stage under the stage cache policy. `vocab_fingerprint` is
-    there for the cache key only: an adopted vocab.txt that changes must rebuild the tokenizer."""
-    manifest = run_tokenizer(config, corpus, cache_key=current_cache_key())
-    get_run_logger().info(format_summary(manifest))
-    return manifest
 
 
 def format_summary(manifest: dict[str, Any]) -> str:

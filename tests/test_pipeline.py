@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bertflow.config import load_pipeline_config
+from flows.pipeline_config import load_pipeline_config
 from bertflow.errors import BertflowError
 from storage.demo_data import export_demo_sources
 from storage.home import DataHome
@@ -51,6 +51,19 @@ def tiny_config(home: Path, tmp_path: Path) -> Path:
     return path
 
 
+def replace_stage_function(monkeypatch, module_name: str, function: str, replacement) -> None:
+    """`module_name.function` replaced, also where a flow module imported it by name."""
+    import importlib
+    import sys
+
+    import flows.pipeline  # noqa: F401 (every flow module loaded)
+
+    original = getattr(importlib.import_module(module_name), function)
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("tasks", "flows") and getattr(module, function, None) is original:
+            monkeypatch.setattr(module, function, replacement)
+
+
 @pytest.fixture
 def stage_calls(monkeypatch):
     """How many times each stage really computed (a cached stage does not call its function)."""
@@ -58,15 +71,30 @@ def stage_calls(monkeypatch):
 
     calls = {stage: 0 for stage in STAGE_FUNCTIONS}
     for stage, (module_name, function) in STAGE_FUNCTIONS.items():
-        module = importlib.import_module(module_name)
-        original = getattr(module, function)
+        original = getattr(importlib.import_module(module_name), function)
 
         def counted(*args, _stage=stage, _original=original, **kwargs):
             calls[_stage] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(module, function, counted)
+        replace_stage_function(monkeypatch, module_name, function, counted)
     return calls
+
+
+def record_lookups(monkeypatch) -> list[str]:
+    """The cache keys `find_cached_run` looks up, in order."""
+    import flows.pipeline
+    from tasks.cache_keys import stage_cache_key
+
+    keys: list[str] = []
+    real = flows.pipeline.cached_result
+
+    def recorded(stage, version, inputs, home):
+        keys.append(stage_cache_key(stage, version, inputs))
+        return real(stage, version, inputs, home)
+
+    monkeypatch.setattr(flows.pipeline, "cached_result", recorded)
+    return keys
 
 
 def run_pipeline(config: Path, *extra: str) -> dict:
@@ -100,9 +128,16 @@ def test_pipeline_runs_caches_and_recomputes_only_what_changed(flow_home, tmp_pa
     # the same config again: every stage served from cache, answered from the catalog (no flow run)
     for stage in stage_calls:
         stage_calls[stage] = 0
+    looked_up = record_lookups(monkeypatch)
     again = run_pipeline(config)
     assert set(stage_calls.values()) == {0}
     assert again == summary and len(flow_runs) == 1
+    # ... and the lookup asked for exactly the stages the flow computed, in the same order, with
+    # the same cache keys (the flow's tasks stored theirs with the artifacts they wrote)
+    from storage.artifacts import ArtifactStore
+
+    computed = [entry.cache_key for entry in reversed(ArtifactStore().catalog.list(all_versions=True))]
+    assert looked_up == computed and len(computed) == 7
 
     # ... unless an artifact is gone: then the flow runs and recomputes it
     from flows.pipeline import find_cached_run
@@ -143,12 +178,12 @@ def test_failed_stage_fixed_and_rerun_keeps_finished_stages(flow_home, tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure in pretraining")
 
-    monkeypatch.setattr(tasks.pretrain, "run_pretrain", broken)
+    replace_stage_function(monkeypatch, "tasks.pretrain", "run_pretrain", broken)
     with pytest.raises(RuntimeError, match="injected failure"):
         run_pipeline(config)
     assert stage_calls["ingest"] == stage_calls["tokenizer"] == stage_calls["pretraining_data"] == 1
 
-    monkeypatch.setattr(tasks.pretrain, "run_pretrain", counting)  # "fixed"
+    replace_stage_function(monkeypatch, "tasks.pretrain", "run_pretrain", counting)  # "fixed"
     summary = run_pipeline(config)
     assert stage_calls == {"ingest": 1, "tokenizer": 1, "pretraining_data": 1, "pretrain": 1,
                            "random_init": 1, "finetune": 2}

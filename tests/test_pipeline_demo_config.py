@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bertflow.commands.demo import DEMO_CONFIG
-from bertflow.config import load_pipeline_config
+from flows.pipeline_config import load_pipeline_config
 
 
 def _source_path(source) -> str:

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 def _config_from_file(args: argparse.Namespace, model: type) -> object:
     from pathlib import Path
 
-    from bertflow.config import load_yaml_mapping
+    from flows.pipeline_config import load_yaml_mapping
 
     path = Path(args.config)
     values = load_yaml_mapping(path, "a mapping of ingest settings")

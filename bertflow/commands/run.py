@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bertflow.config import STAGES
+from flows.pipeline_config import STAGES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_pipeline(config_path: str, refresh: list[str], overrides: list[str]) -> dict[str, Any]:
     """Validate, run, and print what ran, where the artifacts are and the metrics table."""
-    from bertflow.config import load_pipeline_config
+    from flows.pipeline_config import load_pipeline_config
     from bertflow.runtime import run_flow
 
     config = load_pipeline_config(config_path, overrides)  # every error before any work

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     # Cheapest checks first: the config check imports every stage (torch included).
     validated_schedule(args.cron, args.timezone)
     url = require_server()
-    from bertflow.config import load_pipeline_config
+    from flows.pipeline_config import load_pipeline_config
 
     config = load_pipeline_config(args.config, args.overrides)
     name = args.name or Path(args.config).stem
