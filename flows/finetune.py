@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
 
+from flows.caching import cached_stage, current_cache_key, stage_cache_key
+from flows.reporting import slug, training_reporters
+from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, finetune_run_dir
 from storage.finetune_store import file_reference, resolve_model
 from storage.home import DataHome
-from flows.caching import cached_stage
-from tasks.finetune import STAGE, STAGE_VERSION, FinetuneConfig, finetune_model, select_and_test, trial_inputs
+from tasks.finetune import STAGE, STAGE_VERSION, FinetuneConfig, format_summary, run_finetune, trial_inputs
+from tasks.finetune_sweep import run_select_and_test
 
 
 def finetune_trial_inputs(config: FinetuneConfig) -> tuple[list[dict[str, Any]], dict[str, dict | None]]:
@@ -21,14 +25,47 @@ def finetune_trial_inputs(config: FinetuneConfig) -> tuple[list[dict[str, Any]],
     return [{"config": c, "model": model, "data": d} for c, d in trial_inputs(config, data)], data
 
 
+@task(name="finetune-model", task_run_name="finetune[{config.name}]")
+def finetune_model(config: FinetuneConfig, model: dict[str, Any], data: dict[str, dict | None]) -> dict[str, Any]:
+    """One fine-tuning run (one sweep setting) under the stage cache policy; an interrupted run
+    resumes from its newest checkpoint."""
+    logger = get_run_logger()
+    reporters = training_reporters(stage="finetune", name=config.name, log=logger.info,
+                                   run_dir=finetune_run_dir(config.name), catalog_run=None, eval_split="dev",
+                                   selecting=config.metric_name)
+    manifest = run_finetune(config, model, data, cache_key=current_cache_key(), log=logger.info, callbacks=reporters)
+    logger.info(format_summary(manifest))
+    return manifest
+
+
+@task(name="select-and-test", task_run_name="select-and-test[{config.name}]")
+def select_and_test(config: FinetuneConfig, trials: list[dict[str, Any]], data: dict[str, dict | None]
+                    ) -> dict[str, Any]:
+    """Pick the sweep's best setting on dev, evaluate it once on test."""
+    logger = get_run_logger()
+    manifest = run_select_and_test(config, trials, data, cache_key=current_cache_key(), log=logger.info)
+    create_table_artifact(table=manifest["stats"]["sweep"], key=f"finetune-sweep-{slug(config.name)}",
+                          description=f"Sweep of finetune run {config.name}: dev score per setting")
+    logger.info(format_summary(manifest))
+    return manifest
+
+
 @flow(name="finetune", log_prints=True)
-def finetune_flow(config: FinetuneConfig, refresh: bool = False) -> dict[str, Any]:
+def finetune_flow(config: FinetuneConfig, refresh: bool = False, restart: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
     trial_tasks, data = finetune_trial_inputs(config)
 
-    # Trials: one cached fine-tuning run per sweep setting (just one without --sweep).
-    train = cached_stage(finetune_model, stage=STAGE, version=STAGE_VERSION, home=home, refresh=refresh)
-    trials = [train(**inputs) for inputs in trial_tasks]
+    # Trials: one cached fine-tuning run per sweep setting (just one without --sweep), each
+    # resuming from its checkpoints; a killed run's stale cache lock must not block it.
+    train = cached_stage(finetune_model, stage=STAGE, version=STAGE_VERSION, home=home, refresh=refresh or restart)
+    trials = []
+    for inputs in trial_tasks:
+        name = inputs["config"].name
+        with exclusive_run(name, home, stage="finetune"):
+            clear_dead_stage_lock(home.lock_dir, stage_cache_key(STAGE, STAGE_VERSION, inputs))
+            if restart:
+                discard_run(name, home, stage="finetune")
+            trials.append(train(**inputs))
     if config.sweep is None:
         return trials[0]
 

@@ -17,6 +17,7 @@ from tasks.finetune_data import (IGNORE_INDEX, QAExample, TokenExample, check_sq
                                  decode_token_predictions, detect_tag_scheme, encode_text_examples,
                                  encode_token_examples, infer_labels, parse_sweep, prepare_qa_features,
                                  spans_to_tags)
+from tasks.training import Callback
 from tests.conftest import run_cli, shared_path
 
 WORDS = ("the a good bad movie film great awful fine john smith lives in london paris who where is was "
@@ -52,7 +53,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_bert: Path):
-    from tasks.finetune import load_tokenizer
+    from tasks.finetune_inference import load_tokenizer
 
     return load_tokenizer(str(tiny_bert))
 
@@ -298,14 +299,16 @@ def test_sweep_grid_and_errors():
             parse_sweep(bad)
 
 
-def test_lr_schedule():
-    from tasks.finetune import linear_warmup_decay
+def test_lr_schedule_is_the_training_cores():
+    """Fine-tuning warms up as pretraining does: the first step already trains at 1/warmup of the peak."""
+    from tasks.training.setup import lr_factor, warmup_steps
 
-    assert [linear_warmup_decay(s, 2, 10) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    assert warmup_steps(0.2, 10) == 2
+    assert [lr_factor(s, warmup=2, total=10) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_sweep_selection_picks_best_dev_and_first_on_ties():
-    from tasks.finetune import best_trial
+    from tasks.finetune_sweep import best_trial
 
     trials = [{"stats": {"dev_score": s}} for s in (0.7, 0.9, 0.9, 0.8)]
     assert best_trial(trials) == 1
@@ -488,8 +491,9 @@ def test_minilm_sst2_slice_and_embed(flow_home, tmp_path, capsys):
 # --- the training loop ------------------------------------------------------------------------
 
 def _loop_setup(tiny_bert, tokenizer, **overrides):
-    from tasks.finetune import FinetuneConfig, build_model
+    from tasks.finetune import FinetuneConfig
     from tasks.finetune_data import TextExample
+    from tasks.finetune_inference import build_model
 
     examples = [TextExample(text, None, label) for text, label in SENTIMENT]
     features, _ = encode_text_examples(examples, tokenizer, max_seq_len=16, label2id={"0": 0, "1": 1})
@@ -503,6 +507,7 @@ def test_early_stopping_restores_the_best_weights(tiny_bert, tokenizer):
     import torch
 
     from tasks.finetune import train_model
+    from tasks.training import Evaluation
 
     config, model, features = _loop_setup(tiny_bert, tokenizer, epochs=5, eval_every=1, early_stopping=2)
     scores = iter([0.5, 0.9, 0.8, 0.7, 0.95])
@@ -510,12 +515,11 @@ def test_early_stopping_restores_the_best_weights(tiny_bert, tokenizer):
 
     def evaluate(current):
         snapshots.append(current.classifier.weight.detach().clone())
-        return next(scores), {}, []
+        return Evaluation(0, {"accuracy": next(scores)})
 
-    result = train_model(model, features, config=config, pad_id=0, device=torch.device("cpu"), evaluate=evaluate,
-                         log=lambda line: None)
+    result = train_model(model, features, config=config, pad_id=0, evaluate=evaluate)
     assert result.stopped_early and result.steps == 4 and result.best.step == 2
-    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    assert [h["step"] for h in result.evals] == [1, 2, 3, 4]
     assert torch.equal(model.classifier.weight, snapshots[1])
     assert not torch.equal(snapshots[1], snapshots[3])
 
@@ -524,12 +528,12 @@ def test_training_is_deterministic_and_feature_mode_freezes_the_encoder(tiny_ber
     import torch
 
     from tasks.finetune import train_model
+    from tasks.training import Evaluation
 
     def trained(mode: str):
         config, model, features = _loop_setup(tiny_bert, tokenizer, epochs=2, mode=mode)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        train_model(model, features, config=config, pad_id=0, device=torch.device("cpu"),
-                    evaluate=lambda m: (0.0, {}, []), log=lambda line: None)
+        train_model(model, features, config=config, pad_id=0, evaluate=lambda m: Evaluation(0, {"accuracy": 0.0}))
         return before, model.state_dict()
 
     _, first = trained("finetune")
@@ -538,3 +542,125 @@ def test_training_is_deterministic_and_feature_mode_freezes_the_encoder(tiny_ber
     before, after = trained("feature")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("classifier.", "bert.pooler.")) for k in changed)
+
+
+# --- resuming -----------------------------------------------------------------------------------
+
+class CrashAfterEval(Callback):
+    """A subscriber that stands in for a crash after the `n`-th checkpoint (one per dev evaluation)."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def on_checkpoint(self, step, history):
+        self.seen += 1
+        if self.seen == self.n:
+            raise KeyboardInterrupt(f"simulated crash after checkpoint {self.n} (step {step})")
+
+
+def _finetune_refs(tiny_bert, train_path):
+    from storage.finetune_store import file_reference, resolve_model
+
+    ref = file_reference(train_path)
+    return resolve_model(str(tiny_bert)), {"train": ref, "dev": ref, "test": None}
+
+
+def test_interrupted_finetuning_resumes_on_the_uninterrupted_trajectory(home, tiny_bert, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from storage.artifacts import ArtifactStore
+    from storage.checkpoints import RunCheckpoints, finetune_run_dir
+    from tasks.finetune import FinetuneConfig, run_finetune
+
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    model, data = _finetune_refs(tiny_bert, train)
+    options = dict(model=str(tiny_bert), train=str(train), dev=str(train), epochs=6, batch_size=4, lr=1e-2,
+                   warmup_ratio=0.2, eval_every=3, device="cpu")
+    straight = run_finetune(FinetuneConfig(name="straight", **options), model, data, log=lambda line: None)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(FinetuneConfig(name="crashy", **options), model, data, log=lambda line: None,
+                     callbacks=[CrashAfterEval(2)])
+    assert [p.name for p in RunCheckpoints(finetune_run_dir("crashy")).list()] == [
+        "step-00000003.pt", "step-00000006.pt"]
+    resumed = run_finetune(FinetuneConfig(name="crashy", **options), model, data, log=lambda line: None)
+
+    assert resumed["stats"]["resumed_from_step"] == 6 and straight["stats"]["resumed_from_step"] == 0
+    store = ArtifactStore()
+    a, b = (json.loads((Path(m["path"]) / "metrics.json").read_text()) for m in (straight, resumed))
+    assert a["history"] == b["history"] and a["dev"] == b["dev"]  # the same losses, scores and best step
+
+    wa, wb = (load_file(str(Path(store.resolve(n, kind="finetune").path) / "model.safetensors"))
+              for n in ("straight", "crashy"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not RunCheckpoints(finetune_run_dir("crashy")).list()  # removed once the artifact is committed
+
+
+def test_finetuning_refuses_checkpoints_of_other_settings(home, tiny_bert, tmp_path):
+    from tasks.finetune import FinetuneConfig, run_finetune
+
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    model, data = _finetune_refs(tiny_bert, train)
+    options = dict(model=str(tiny_bert), train=str(train), dev=str(train), epochs=4, batch_size=4, eval_every=2,
+                   device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(FinetuneConfig(name="changed", **options), model, data, log=lambda line: None,
+                     callbacks=[CrashAfterEval(1)])
+    with pytest.raises(BertflowError, match="other settings"):
+        run_finetune(FinetuneConfig(name="changed", **{**options, "lr": 1e-3}), model, data, log=lambda line: None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_during_finetuning_then_same_command_resumes(flow_home, tiny_bert, tmp_path):
+    """`bertflow finetune` killed with SIGKILL after its first checkpoints; the same command
+    resumes from the newest instead of starting over, and ends with the weights of a run that
+    was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from prefect.settings import PREFECT_API_URL
+    from safetensors.torch import load_file
+
+    from storage.artifacts import ArtifactStore
+    from storage.checkpoints import checkpoint_step, finetune_run_dir, list_checkpoints
+
+    rows = [(f"{text} {i % 7}", label) for i in range(40) for text, label in SENTIMENT]  # 320 examples
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    dev = write_tsv(tmp_path / "dev.tsv", SENTIMENT)
+
+    def argv(name):
+        return [sys.executable, "-m", "bertflow.cli", "finetune", "--model", str(tiny_bert), "--task-type",
+                "classification", "--train", str(train),
+                "--dev", str(dev), "--name", name, "--epochs", "40", "--batch-size", "8", "--lr", "1e-3",
+                "--eval-every", "40", "--device", "cpu"]
+
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    run_dir = finetune_run_dir("killed")
+    first = subprocess.Popen(argv("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None and not list_checkpoints(run_dir):
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed"
+    assert list_checkpoints(run_dir), "no checkpoint was written in time"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = checkpoint_step(list_checkpoints(run_dir)[-1])
+
+    second = subprocess.run(argv("killed"), env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    straight = subprocess.run(argv("straight"), env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    store = ArtifactStore()
+    resumed, reference = (store.resolve(n, kind="finetune") for n in ("killed", "straight"))
+    assert resumed.manifest["stats"]["resumed_from_step"] >= killed_at > 0
+    assert resumed.manifest["stats"]["steps"] == reference.manifest["stats"]["steps"] == 1600
+    wa, wb = (load_file(str(Path(a.path) / "model.safetensors")) for a in (resumed, reference))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
