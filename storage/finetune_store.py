@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bertflow.errors import BertflowError
-from tasks.finetune_data import QAExample, TextExample, TokenExample, spans_to_tags
+from storage.finetune_examples import QAExample, TextExample, TokenExample, spans_to_tags
 
 # Column names tried, in order, when no column option is given (GLUE, ChnSentiCorp, common CSVs).
 TEXT_COLUMNS = ("sentence", "text", "text_a", "#1 String", "sentence1", "question1", "review", "content")
