@@ -41,7 +41,9 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/bertflow demo
 
+# The import contracts first (pyproject.toml [tool.importlinter]: layers, no Prefect below flows/).
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
