@@ -16,8 +16,8 @@
    whose name contains 'zh'/'chinese' in $BERTFLOW_HOME) versus the same architecture from random
    initialisation; skipped with a note when no such model exists.
 
-Run: `.venv/bin/python benchmarks/finetune_quality.py` (defaults: ~25 min on 2 otherwise idle CPU cores
-with one SST-2 round; `--rounds 2`, the default, adds one more pass of both SST-2 halves).
+Run: `.venv/bin/python benchmarks/finetune_quality.py` (`--rounds 2`, the default, runs both SST-2
+halves twice).
 """
 
 from __future__ import annotations
@@ -64,12 +64,14 @@ def file_ref(path: Path) -> dict:
 
 def ours(config, model_path: str, train: Path, dev: Path, test: Path | None = None) -> tuple[dict, float]:
     """Our stage's function, as the Prefect task calls it (no flow overhead measured)."""
+    from flows.reporting import LogLines
     from tasks.finetune import run_finetune
 
     started = time.perf_counter()
     manifest = run_finetune(config, model_ref(model_path),
                             {"train": file_ref(train), "dev": file_ref(dev), "test": file_ref(test) if test else None},
-                            log=lambda line: say("    " + line))
+                            log=lambda line: say("    " + line),
+                            callbacks=[LogLines(lambda line: say("    " + line), selecting=config.metric_name)])
     return manifest, time.perf_counter() - started
 
 
@@ -164,7 +166,7 @@ def sst2(args: argparse.Namespace, work: Path) -> None:
                                             task_type="classification", train=str(train_file), dev=str(dev_file),
                                             epochs=1, lr=args.lr, batch_size=args.batch_size, max_seq_len=64,
                                             warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=1.0, seed=args.seed,
-                                            device="cpu")
+                                            device="cpu", precision=args.precision)
                     manifest, _ = ours(config, model_path, train_file, dev_file)
                     accuracy = manifest["stats"]["dev"]["accuracy"]
                 else:
@@ -189,8 +191,8 @@ def sst2(args: argparse.Namespace, work: Path) -> None:
 
 def warm_up(model_path: str, train_file: Path) -> None:
     """Untimed: import both stacks and run one training step, so that neither timed half pays the
-    process's one-off costs (imports, first oneDNN kernels): in a run without it, our round-1 half
-    (the process's first) took 23% more CPU seconds than the identical round-2 half."""
+    process's one-off costs (imports, first oneDNN kernels): without it, the first half would
+    pay them."""
     import torch
     import transformers  # noqa: F401 - the Trainer side's imports
     from datasets import Dataset  # noqa: F401
@@ -253,7 +255,7 @@ def conll(args: argparse.Namespace, work: Path) -> None:
     config = FinetuneConfig(name="bench-conll", model=model_path, task_type="token", train=str(train_file),
                             dev=str(TASKS / "conll2003" / "eng.testa"), test=str(TASKS / "conll2003" / "eng.testb"),
                             epochs=args.conll_epochs, lr=args.lr, batch_size=args.batch_size, max_seq_len=128,
-                            seed=args.seed, device="cpu")
+                            seed=args.seed, device="cpu", precision=args.precision)
     say(f"\n== CoNLL-2003 (IOB1): MiniLM-L6, first {args.conll_train:,} training sentences, {args.conll_epochs}"
         f" epoch(s), batch {args.batch_size}, lr {args.lr:g}, max_seq_len 128 ==")
     manifest, seconds = ours(config, model_path, train_file, Path(config.dev), Path(config.test))
@@ -289,7 +291,7 @@ def squad(args: argparse.Namespace, work: Path) -> None:
     questions = sum(len(p["qas"]) for a in held_out for p in a["paragraphs"])
     config = FinetuneConfig(name="bench-squad", model=model_path, task_type="qa", train=str(train_file),
                             dev=str(eval_file), epochs=args.squad_epochs, lr=args.qa_lr, batch_size=16,
-                            max_seq_len=args.squad_seq_len, doc_stride=args.squad_seq_len // 4, seed=args.seed, device="cpu")
+                            max_seq_len=args.squad_seq_len, doc_stride=args.squad_seq_len // 4, seed=args.seed, device="cpu", precision=args.precision)
     say(f"\n== SQuAD v1.1 (dev file split by article: {len(train_articles)} for training, {len(held_out)} held out with {questions:,}"
         f" questions): MiniLM-L6, first {args.squad_train:,} training questions, {args.squad_epochs} epoch(s),"
         f" batch 16, lr {args.qa_lr:g}, max_seq_len {args.squad_seq_len}, doc_stride {args.squad_seq_len // 4} ==")
@@ -347,7 +349,7 @@ def chnsenticorp(args: argparse.Namespace, work: Path) -> None:
         config = FinetuneConfig(name=f"bench-chn-{label.split()[0]}", model=path, task_type="classification",
                                 train=str(train_file), dev=str(dev), test=str(test), epochs=args.chn_epochs,
                                 lr=args.chn_lr, batch_size=args.batch_size, max_seq_len=128, seed=args.seed,
-                                device="cpu")
+                                device="cpu", precision=args.precision)
         manifest, seconds = ours(config, path, train_file, dev, test)
         s = manifest["stats"]
         say(f"  {label:<11} dev accuracy {100 * s['dev']['accuracy']:.2f}  test accuracy"
@@ -374,6 +376,8 @@ def main() -> None:
     parser.add_argument("--qa-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                        help="our side's precision (Trainer's side runs fp32; auto: bf16 on CPUs with AMX)")
     args = parser.parse_args()
     if not TASKS.exists():
         sys.exit(f"{TASKS} is absent: the benchmark needs ../shared/data/tasks")

@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.bert_model import PRESETS, MaskedGatherPretrainingModel, bert_config, new_hf_model  # noqa: E402
-from tasks.pretrain import param_groups, resolve_precision, without_full_attention_mask  # noqa: E402
+from tasks.pretrain import without_full_attention_mask  # noqa: E402
+from tasks.training.setup import param_groups, resolve_precision  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), from NVIDIA's data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,

@@ -248,7 +248,7 @@ def test_kill_9_during_pretraining_then_same_command_resumes(flow_home, tmp_path
 
     from prefect.settings import PREFECT_API_URL
 
-    from storage.checkpoints import list_checkpoints, pretrain_run_dir
+    from storage.checkpoints import checkpoint_step, list_checkpoints, pretrain_run_dir
 
     config = tiny_config(flow_home, tmp_path)
     argv = [sys.executable, "-m", "bertflow.cli", "run", "--config", str(config),
@@ -264,7 +264,7 @@ def test_kill_9_during_pretraining_then_same_command_resumes(flow_home, tmp_path
     assert list_checkpoints(run_dir), "no checkpoint was written in time"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    killed_at = int(list_checkpoints(run_dir)[-1].name.split("-")[1])
+    killed_at = checkpoint_step(list_checkpoints(run_dir)[-1])
 
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
