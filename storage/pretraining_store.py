@@ -1,4 +1,4 @@
-"""Pretraining-data artifacts on disk: Parquet shards, one row per instance (see README).
+"""Pretraining-data artifacts on disk: Parquet shards, one row per instance (docs/pretraining-data.md).
 
 Columns: `input_ids` (list<uint16> or list<int32>, unpadded `[CLS] A [SEP] B [SEP]`),
 `token_type_ids` (list<int8>), `masked_positions` (list<int16>, sorted; empty for --dynamic),
@@ -86,8 +86,8 @@ def write_pretraining_shard(path: Path, columns: InstanceColumns, id_dtype: str)
     table = pa.Table.from_arrays(arrays, schema=schema)
     # zstd level 1: heavier levels gain little on token ids and cost time. Byte-stream-split
     # integer lists: Parquet stores 8- and 16-bit values as 32-bit ones, and split into byte
-    # planes their always-zero high bytes cost zstd next to nothing (measured on a 2 MB unit's
-    # shard: writing ~30% less CPU, the file 15% smaller; pyarrow >= 16 and DuckDB read it).
+    # planes their always-zero high bytes cost zstd next to nothing: less CPU to write, a
+    # smaller file (pyarrow >= 16 and DuckDB read it).
     # Row groups of 32,768 rows (a 2 MB unit's shard is one or two) and no dictionaries keep the
     # writer's buffers small (a worker's peak memory); min/max statistics of token lists help
     # no reader.
@@ -179,7 +179,7 @@ def plan_corpus_units(corpus_dir: str | Path, unit_chars: int) -> list[CorpusUni
 
     units: list[CorpusUnit] = []
     for shard in corpus_shards(corpus_dir):
-        # to_pylist, not to_numpy: pyarrow's numpy conversion imports pandas (0.3 s) first.
+        # to_pylist, not to_numpy: pyarrow's numpy conversion imports pandas first.
         n_chars = pq.ParquetFile(shard).read(columns=["n_chars"]).column(0).to_pylist()
         start, chars = 0, 0
         shard_units: list[CorpusUnit] = []

@@ -106,8 +106,8 @@ def clean_documents(texts: pa.Array, source: str, config: CleaningOptions) -> Cl
     keep = np.flatnonzero(passed)[enough]
 
     kept_texts = pc.take(texts, pa.array(keep))
-    # Built from integer codes: a numpy string array would make pyarrow import pandas (0.3 s,
-    # under the import lock, in the middle of the first batch).
+    # Built from integer codes: a numpy string array would make pyarrow import pandas (under the
+    # import lock, in the middle of the first batch).
     if config.language != "auto":
         language = pa.DictionaryArray.from_arrays(np.zeros(len(keep), np.int8), [config.language])
     else:

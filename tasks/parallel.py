@@ -147,7 +147,7 @@ def map_in_order(fn: Callable[[J], R], jobs: Iterable[J], *, workers: int,
     finally:
         for future in pending:
             future.cancel()
-        # After the last result, idle local workers exit (and free their memory, ~0.2 s) while
+        # After the last result, idle local workers exit (and free their memory) while
         # the caller goes on; Python still joins them before it exits. On an error, wait.
         local_pool = parallel.runner == "local"
         executor.shutdown(wait=not (finished and local_pool))

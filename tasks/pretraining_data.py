@@ -9,8 +9,9 @@ only on (seed, unit index), so any number of workers produces the same bytes. Ra
 segments B come from another document of the same unit (Google draws from the whole corpus,
 which forces every document into memory); a unit holds hundreds of documents, and memory stays
 at one unit per worker whatever the corpus size.
-The algorithms live in `tasks/pretraining_instances.py`, the per-unit job in
-`tasks/pretraining_worker.py`, the format in `storage/pretraining_store.py`.
+The algorithms live in `tasks/pretraining_instances.py` (their readable specification in
+`tasks/pretraining_reference.py`), the per-unit job in `tasks/pretraining_worker.py`, the
+format in `storage/pretraining_store.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from bertflow.errors import BertflowError
 
 STAGE = "pretraining-data"
 STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes
-# (2: Parquet layout; 3: token masking by Floyd's sampling (other masks), byte-stream-split lists)
 
 MIN_SEQ_LEN = 8
 

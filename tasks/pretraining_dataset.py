@@ -1,5 +1,5 @@
 """PyTorch access to a pretraining-data artifact: a map-style Dataset, a collate function and a
-DataLoader helper (the contract the pretraining stage builds on; see README).
+DataLoader helper (the contract the pretraining stage builds on; docs/pretraining-data.md).
 
 The shards are read once into flat numpy arrays with row offsets (a few bytes per token, no
 Python object per instance). Data built with `--dynamic` holds pairs only: each `__getitem__`
@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from storage.pretraining_store import read_pretraining_data
 from tasks.pretraining_instances import (MaskingRule, SpecialIds, create_masked_lm_predictions,
+from tasks.training.batch import IGNORE_INDEX
                                          random_replacement_ids)
 
 MANIFEST_FILE = "manifest.json"
-IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 
 
 class PretrainingDataset(Dataset):

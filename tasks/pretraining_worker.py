@@ -2,7 +2,7 @@
 shard → one output shard of instances.
 
 Kept apart from `tasks/pretraining_data.py` so spawned workers import only numpy, pyarrow and
-`tokenizers` (not Prefect, whose import costs ~1 s per process). The unit's output depends on
+`tokenizers` (not Prefect, a slow import for every process). The unit's output depends on
 (seed, unit index) and its own documents only, never on which worker runs it, so
 the artifact is identical for any number of workers.
 """
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-try:  # pyarrow.compute makes a Python wrapper for each of its ~600 kernels when imported (~50 ms
-    # per worker process); the few kernels a unit needs are called by name through the Cython
+try:  # pyarrow.compute makes a Python wrapper for each of its hundreds of kernels when imported,
+    # in every worker process; the few kernels a unit needs are called by name through the Cython
     # module those wrappers call.
     from pyarrow._compute import MatchSubstringOptions, call_function
 except ImportError:  # a pyarrow that moved its internals: the public module has the same names
@@ -83,7 +83,7 @@ def jieba_continuation(sentence: str, offsets: list[tuple[int, int]]) -> np.ndar
     import jieba
 
     jieba.setLogLevel(30)  # its dictionary-loading chatter is DEBUG/INFO noise on stderr
-    words = jieba.lcut(sentence, HMM=False)  # dictionary words only: the HMM guesser costs 2x
+    words = jieba.lcut(sentence, HMM=False)  # dictionary words only: the HMM guesser is slow
     word_of_char = np.repeat(np.arange(len(words)), [len(w) for w in words])
     starts = np.minimum([start for start, _ in offsets], len(sentence) - 1)
     word = word_of_char[starts] if len(offsets) else np.zeros(0, dtype=np.int64)
@@ -115,7 +115,7 @@ class WordCache:
     whitespace-separated chunks, and all of them go to the tokenizer."""
 
     MAX_ENTRIES = 150_000  # distinct words kept (~25 MB); bounds memory on text with few repeats
-    WORDS_PER_CALL = 50_000  # new words per tokenizer call (the whole tokenizer costs ~15 µs per word)
+    WORDS_PER_CALL = 50_000  # new words per call of the whole tokenizer (bounds one call's encoding)
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -511,7 +511,7 @@ def mask_rows_one_by_one(batch: AssembledInstances, rule: MaskingRule, rng: np.r
 def cycle_collector_paused() -> Iterator[None]:
     """A unit allocates some 10^5 short-lived containers (the word cache's tuples and lists) and
     makes no reference cycles to speak of, yet Python's cycle collector would run every few
-    hundred allocations (~1% of a unit's CPU). Paused for the unit, collecting as usual after."""
+    hundred allocations, finding nothing. Paused for the unit, collecting as usual after."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -533,7 +533,7 @@ def _build_pretraining_shard(job: ShardJob) -> dict[str, Any]:
     from storage.pretraining_store import read_corpus_slice, write_pretraining_shard
 
     started = time.perf_counter()
-    skip_pyarrow_pandas_probe()  # 0.3 s of importing pandas otherwise; cheap after the first job
+    skip_pyarrow_pandas_probe()  # pyarrow would import pandas otherwise; cheap after the first job
     tokenizer, is_continuation, cache = _tokenizer_and_flags(job.tokenizer_dir)
     documents, languages = read_corpus_slice(job.corpus_shard, job.row_start, job.row_count)
     need_words = job.masking != "token"

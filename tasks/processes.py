@@ -8,7 +8,7 @@ from typing import Any
 
 # Native thread pools of a worker process: one thread each. A worker is one core's share of
 # the work, and its numpy makes no BLAS calls, yet OpenBLAS starts (and spins up) a thread per
-# core at import, ~0.1 s of CPU per worker; Arrow sizes its own pool by OMP_NUM_THREADS too.
+# core at import, CPU time spent for nothing; Arrow sizes its own pool by OMP_NUM_THREADS too.
 WORKER_THREAD_LIMITS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -28,7 +28,7 @@ class _PandasProbe:
 
 
 def skip_pyarrow_pandas_probe() -> None:
-    """pyarrow imports pandas (0.3 s) on a process's first conversion, only to check whether an
+    """pyarrow imports pandas (slow) on a process's first conversion, only to check whether an
     input is a pandas object; ours never are. Make that one probe fail fast. pyarrow imports
     pandas for real when `to_pandas()` is called, and then knows pandas objects again."""
     import sys

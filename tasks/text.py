@@ -242,7 +242,7 @@ _ABBREVIATION_PERIOD = (
     + r")|\pL)\."
 )
 # Starts at the Chinese terminal: Latin marks before it would only be copied back unchanged, and
-# a pattern that can start anywhere makes RE2 try every position (a third slower).
+# a pattern that can start anywhere makes RE2 try every position.
 _CJK_BOUNDARY = rf"([。！？；…][.!?。！？；…]*[{_CLOSERS}]*)"
 _LATIN_BOUNDARY = rf"([.!?]+[{_CLOSERS}]*)\s+([{_OPENERS}]?[A-Z0-9\x{{4e00}}-\x{{9fff}}])"
 

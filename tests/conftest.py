@@ -59,7 +59,7 @@ _prefect_console_follows_sys_stderr()
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One temporary Prefect API for the whole session (~10 s to start)."""
+    """One temporary Prefect API for the whole session (slow to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

@@ -21,7 +21,7 @@ def test_demo_config_validates(home: Path):
     assert [task.name for task, _ in stages.finetune] == ["segmentation"]
     assert stages.pretrain.dropout == 0.0 and stages.pretraining_data.max_seq_len == 32
     # The demo corpus has 4,552 CJK characters seen at least twice; a smaller initial alphabet
-    # turns common review characters into [UNK] (7.9% of word pieces at the default 1,000).
+    # turns common review characters into [UNK].
     assert stages.tokenizer.limit_alphabet >= 4552
 
 

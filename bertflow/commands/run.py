@@ -39,7 +39,7 @@ def run_pipeline(config_path: str, refresh: list[str], overrides: list[str]) -> 
 
     started_at = datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
     started = time.perf_counter()
-    # Every stage cached: answer from the catalog; starting Prefect would take most of a minute.
+    # Every stage cached: answer from the catalog; starting Prefect would cost more than the answer.
     summary = None if refresh else find_cached_run(config)
     if summary is not None:
         print(f"cached: every stage of run {config.name} is up to date (served from the catalog; no flow"
