@@ -19,8 +19,7 @@ import numpy as np
 
 # The examples are the types storage's readers return (spans_to_tags: how they read entity spans).
 from storage.finetune_examples import QAExample, TextExample, TokenExample, spans_to_tags  # noqa: F401
-from tasks.training.batch import IGNORE_INDEX  # noqa: F401 (re-exported for the readers of features)
-
+from tasks.training.batch import IGNORE_INDEX
 
 
 @dataclass

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from storage.pretraining_store import read_pretraining_data
 from tasks.pretraining_instances import (MaskingRule, SpecialIds, create_masked_lm_predictions,
-from tasks.training.batch import IGNORE_INDEX
                                          random_replacement_ids)
+from tasks.training.batch import IGNORE_INDEX
 
 MANIFEST_FILE = "manifest.json"
 

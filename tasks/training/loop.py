@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from bertflow.errors import BertflowError
+from tasks.training.batch import Batch
 from tasks.training.events import Callback, Evaluation, RunStart, Subscribers, TrainResult
 from tasks.training.setup import (Processes, autocast_for, lr_factor, param_groups, place_on_device,
                                   resolve_precision, rng_state, set_rng_state)
 
-Batch = dict[str, Any]
 Objective = Callable[[torch.nn.Module, Batch], torch.Tensor]  # (model, micro-batch on device) → loss
 Evaluate = Callable[[torch.nn.Module], Evaluation]  # evaluation.step is filled in by the loop
 

@@ -18,8 +18,6 @@ import torch
 
 from bertflow.errors import BertflowError
 
-IGNORE_INDEX = -100  # label value torch's cross-entropy skips
-
 
 # --- processes and devices -----------------------------------------------------------------
 
