@@ -13,13 +13,15 @@ from bertflow.runtime import configure_environment
 
 def build_parser() -> argparse.ArgumentParser:
     from bertflow.commands import COMMAND_MODULES
+    from bertflow.options import CommandParser
 
     parser = argparse.ArgumentParser(
         prog="bertflow",
         description="Raw text corpus → tokenizer → pretraining data → BERT → fine-tuned, evaluated"
         " models, as cached Prefect flows. Artifacts live in $BERTFLOW_HOME (default ./.bertflow).")
     parser.add_argument("--version", action="version", version=f"bertflow {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                       parser_class=CommandParser)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(subparsers)
     return parser

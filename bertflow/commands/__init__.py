@@ -16,4 +16,5 @@ COMMAND_MODULES = [
     "bertflow.commands.finetune",
     "bertflow.commands.server",
     "bertflow.commands.serve",
+    "bertflow.commands.completion",
 ]

@@ -8,68 +8,28 @@ import os
 from pathlib import Path
 
 from bertflow.errors import BertflowError
+from bertflow.options import ConfigOptions, add_command, add_stage_parser
 from bertflow.runtime import run_flow
-from tasks.validation import validated
 
 PRESET_NAMES = "tiny, mini, small, medium, base, large"
+OPTIONS = ConfigOptions("tasks.pretrain:PretrainConfig", exclusive=(("steps", "epochs"),))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "pretrain", help="pretraining data → a BERT model artifact (MLM + NSP/SOP), resumable",
-        description="Pretrain BERT on a pretraining-data artifact (CUDA when available, else CPU; DDP under"
-        " torchrun). Checkpoints go to <home>/runs/pretrain/NAME; re-running the same command resumes."
-        " The result is a Hugging Face model directory with its tokenizer.")
+    p = add_stage_parser(
+        subparsers, "pretrain", OPTIONS, run, restart=True, refresh="retrain even if a finished run is cached",
+        help="pretraining data → a BERT model artifact (MLM + NSP/SOP), resumable")
     p.add_argument("--data", required=True, help="pretraining-data artifact name")
-    p.add_argument("--name", required=True, help="artifact name for the model")
-    p.add_argument("--model", default="mini", help=f"preset ({PRESET_NAMES}) or a BERT config.json (default mini)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per process (default 32)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--warmup", type=float, default=0.01,
-                   help="warm-up: a fraction of the steps when < 1, else a number of steps (default 0.01)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = off")
-    p.add_argument("--dropout", type=float, default=None,
-                   help="hidden and attention dropout (default: the model's own, 0.1 for presets)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on GPUs and CPUs that support it (AMX), fp16 on older GPUs, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations (default 500)")
-    p.add_argument("--eval-instances", type=int, default=1000, help="held-out instances (at most 10%% of the data)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines (default 50)")
-    p.add_argument("--bucket-batches", type=int, default=50,
-                   help="batches per length-sorted bucket (1 = no length bucketing)")
-    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default 4 on CUDA, 0 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--refresh", action="store_true", help="retrain even if a finished run is cached")
-    p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(run=run)
 
-    q = subparsers.add_parser(
-        "params", help="parameter count of a model or preset, broken down by part",
-        description="Print the parameter count of a preset, a BERT config.json, a model artifact or a Hugging Face"
-        " directory, part by part (embeddings, attention, feed-forward, LayerNorms, pooler, heads), and check the"
-        " sum against the instantiated model.")
+    q = add_command(subparsers, "params", run_params, help="parameter count of a model or preset, broken down by part")
     q.add_argument("model", metavar="MODEL_OR_PRESET")
     q.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size for a preset (default 30522)")
     q.add_argument("--no-nsp", action="store_true", help="masked-LM head only (data built with --objective none)")
-    q.set_defaults(run=run_params)
 
-    f = subparsers.add_parser(
-        "fill-mask", help="top-k predictions for [MASK] in a sentence",
-        description="Run a model artifact (or Hugging Face directory) on text with [MASK] and print the top-k fillers.")
+    f = add_command(subparsers, "fill-mask", run_fill_mask, help="top-k predictions for [MASK] in a sentence")
     f.add_argument("model", metavar="MODEL", help="model artifact name or a Hugging Face model directory")
     f.add_argument("text", nargs="+", help="text(s) holding the tokenizer's mask token, e.g. \"paris is the [MASK] of france .\"")
     f.add_argument("--top-k", type=int, default=5)
-    f.set_defaults(run=run_fill_mask)
 
 
 def _under_torchrun() -> bool:
@@ -77,16 +37,12 @@ def _under_torchrun() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.pretrain import PretrainConfig, format_summary
+    """Pretrain BERT on a pretraining-data artifact (CUDA when available, else CPU; DDP under
+    torchrun). Checkpoints go to <home>/runs/pretrain/NAME; re-running the same command resumes.
+    The result is a Hugging Face model directory with its tokenizer."""
+    from tasks.pretrain import format_summary
 
-    config = validated(PretrainConfig, dict(
-        name=args.name, model=args.model, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, dropout=args.dropout, precision=args.precision, compile=args.compile, device=args.device,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
-        eval_instances=args.eval_instances, log_every=args.log_every, bucket_batches=args.bucket_batches,
-        workers=args.workers, seed=args.seed,
-    ))
+    config = OPTIONS.config(args)
     if _under_torchrun():
         import torch.distributed as dist
 
@@ -145,6 +101,9 @@ def _model_dir(model: str) -> Path:
 
 
 def run_params(args: argparse.Namespace) -> int:
+    """Print the parameter count of a preset, a BERT config.json, a model artifact or a Hugging Face
+    directory, part by part (embeddings, attention, feed-forward, LayerNorms, pooler, heads),
+    and check the sum against the instantiated model."""
     from tasks.bert_model import PRESETS, bert_config, count_parameters, format_params, new_hf_model, params_breakdown
 
     model = args.model
@@ -166,6 +125,8 @@ def run_params(args: argparse.Namespace) -> int:
 
 
 def run_fill_mask(args: argparse.Namespace) -> int:
+    """Run a model artifact (or Hugging Face directory) on text with [MASK] and print the top-k
+    fillers."""
     import transformers
     from transformers import pipeline
 

@@ -23,23 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from bertflow.errors import BertflowError
+from bertflow.options import add_command
 
 STOP_GRACE_S = 30.0  # seconds the runner gets to pause its schedule and stop after Ctrl-C
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "serve", help="serve the pipeline as a Prefect deployment on a cron schedule (needs `bertflow server`)",
-        description="Register `pipeline/NAME` with a cron schedule and CONFIG as its parameters on the"
-        " Prefect server at $PREFECT_API_URL, and run its scheduled and triggered runs until Ctrl-C."
-        " Runs write to this shell's $BERTFLOW_HOME.")
+    p = add_command(subparsers, "serve", run,
+                    help="serve the pipeline as a Prefect deployment on a cron schedule (needs `bertflow server`)")
     p.add_argument("--config", required=True, metavar="CONFIG.yaml", help="pipeline config (as for `bertflow run`)")
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *" (02:00 every day)')
     p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron expression (default: UTC)")
     p.add_argument("--name", default=None, help="deployment name (default: the config file's stem)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set pretrain.steps=200 (repeatable)")
-    p.set_defaults(run=run)
 
 
 def require_server() -> str:
@@ -136,6 +133,9 @@ def supervise(spec: dict[str, Any], grace: float = STOP_GRACE_S) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Register `pipeline/NAME` with a cron schedule and CONFIG as its parameters on the Prefect server
+    at $PREFECT_API_URL, and run its scheduled and triggered runs until Ctrl-C. Runs write to
+    this shell's $BERTFLOW_HOME."""
     # Cheapest checks first: the config check imports every stage (torch included).
     validated_schedule(args.cron, args.timezone)
     url = require_server()

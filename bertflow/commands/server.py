@@ -1,8 +1,8 @@
 """`bertflow server [--host H] [--port P]`: a local Prefect server with its UI, in the foreground.
 
 The server is `prefect server start` run as a child process of this venv's Python, in its own
-process group, so Ctrl-C reaches us first and we stop it by its PID (Prefect processes have been
-seen to ignore a first SIGTERM for minutes; after a timeout the whole group is killed).
+process group, so Ctrl-C reaches us first and we stop it by its PID (a Prefect process can
+ignore a first SIGTERM for minutes; after a timeout the whole group is killed).
 """
 
 from __future__ import annotations
@@ -21,21 +21,18 @@ from pathlib import Path
 from typing import IO
 
 from bertflow.errors import BertflowError
+from bertflow.options import add_command
 
-# A busy 2-core machine has taken ~30 s from start to a healthy API (migrations on a fresh database).
+# Generous: on a busy machine, a fresh database's migrations keep the API from being healthy for long.
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "server", help="start a local Prefect server with its UI (runs then show up there)",
-        description="Start a Prefect server and UI on HOST:PORT and keep it in the foreground until"
-        " Ctrl-C. Its database lives in $BERTFLOW_HOME/prefect-server/ unless PREFECT_HOME is set."
-        " Point runs at it with `export PREFECT_API_URL=http://HOST:PORT/api`.")
+    p = add_command(
+        subparsers, "server", run, help="start a local Prefect server with its UI (runs then show up there)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=4200, help="port of the API and UI (default: 4200)")
-    p.set_defaults(run=run)
 
 
 def api_url(host: str, port: int) -> str:
@@ -177,6 +174,9 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Start a Prefect server and UI on HOST:PORT and keep it in the foreground until Ctrl-C. Its
+    database lives in $BERTFLOW_HOME/prefect-server/ unless PREFECT_HOME is set. Point runs at
+    it with `export PREFECT_API_URL=http://HOST:PORT/api`."""
     host, port = args.host, args.port
     check_port_free(host, port)
     env = server_environment(host, port)
