@@ -28,16 +28,7 @@ import pyarrow.compute as pc
 
 from bertflow.errors import BertflowError
 from tasks.cleaning import MINHASH_SCHEME, CleanBatch, CleaningOptions, clean_documents
-from tasks.ingest_config import (  # noqa: F401
-    REMOVAL_STEPS,
-    STAGE,
-    STAGE_VERSION,
-    IngestConfig,
-    SourceSpec,
-    format_summary,
-    resolve_source_specs,
-    summary_markdown,
-)
+from tasks.ingest_config import REMOVAL_STEPS, STAGE_VERSION, IngestConfig, resolve_source_specs  # noqa: F401
 from tasks.parallel import map_in_order
 from tasks.processes import skip_pyarrow_pandas_probe
 from tasks.text import may_change_under
