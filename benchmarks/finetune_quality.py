@@ -143,7 +143,7 @@ def sst2(args: argparse.Namespace, work: Path) -> None:
 
     import torch
 
-    from tasks.finetune import FinetuneConfig
+    from tasks.finetune_config import FinetuneConfig
 
     model_path = minilm_path()
     lines = (TASKS / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
@@ -245,7 +245,7 @@ def sst2_trainer(args: argparse.Namespace, model_path: str, train_file: Path, de
 
 
 def conll(args: argparse.Namespace, work: Path) -> None:
-    from tasks.finetune import FinetuneConfig
+    from tasks.finetune_config import FinetuneConfig
 
     model_path = minilm_path()
     text = (TASKS / "conll2003" / "eng.train").read_text(encoding="utf-8")
@@ -269,7 +269,7 @@ def conll(args: argparse.Namespace, work: Path) -> None:
 
 
 def squad(args: argparse.Namespace, work: Path) -> None:
-    from tasks.finetune import FinetuneConfig
+    from tasks.finetune_config import FinetuneConfig
 
     model_path = minilm_path()
     data = json.loads((TASKS / "squad_v1.1" / "dev-v1.1.json").read_text(encoding="utf-8"))
@@ -324,7 +324,7 @@ def chnsenticorp(args: argparse.Namespace, work: Path) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from tasks.finetune import FinetuneConfig
+    from tasks.finetune_config import FinetuneConfig
 
     pretrained = find_zh_model(args.zh_model)
     say("\n== ChnSentiCorp: our pretrained Chinese model vs the same architecture from random initialisation ==")

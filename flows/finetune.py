@@ -12,7 +12,8 @@ from flows.reporting import slug, training_reporters
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, finetune_run_dir
 from storage.finetune_store import file_reference, resolve_model
 from storage.home import DataHome
-from tasks.finetune import STAGE, STAGE_VERSION, FinetuneConfig, format_summary, run_finetune, trial_inputs
+from tasks.finetune import STAGE, STAGE_VERSION, format_summary, run_finetune
+from tasks.finetune_config import FinetuneConfig, trial_inputs
 from tasks.finetune_sweep import run_select_and_test
 
 

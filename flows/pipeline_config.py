@@ -98,9 +98,9 @@ class PipelineConfig(BaseModel):
     # -- the stage configs, built and validated by the stage models -------------------------
 
     def stage_configs(self) -> "StageConfigs":
-        from tasks.finetune import FinetuneConfig
+        from tasks.finetune_config import FinetuneConfig
         from tasks.ingest import IngestConfig
-        from tasks.pretrain import PretrainConfig
+        from tasks.pretrain_config import PretrainConfig
         from tasks.pretraining_data import PretrainingDataConfig
         from tasks.tokenizer import TokenizerConfig
 

@@ -17,7 +17,8 @@ from tasks.metrics import classification_metrics, entity_metrics, qa_metrics
 from tasks.training.setup import autocast_for, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
-    from tasks.finetune import FinetuneConfig, SplitData
+    from tasks.finetune import SplitData
+    from tasks.finetune_config import FinetuneConfig
 
 HEAD_CLASSES = {"classification": "BertForSequenceClassification", "pair": "BertForSequenceClassification",
                 "token": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}
@@ -184,7 +185,8 @@ def load_finetuned(path: str) -> tuple[Any, Any, dict]:
 
 def predict_examples(model: Any, tokenizer: Any, manifest: dict, examples: list) -> list[dict]:
     """Predictions of a loaded fine-tuned model for examples (labels, if any, are ignored)."""
-    from tasks.finetune import FinetuneConfig, encode_split
+    from tasks.finetune import encode_split
+    from tasks.finetune_config import FinetuneConfig
 
     config = FinetuneConfig(name="predict", model="-", task_type=manifest["task_type"],
                             max_seq_len=manifest["max_seq_len"], **manifest["qa"])

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tasks.finetune import STAGE_VERSION, FinetuneConfig, small_manifest, summary_metrics, trial_configs
+from tasks.finetune import STAGE_VERSION, small_manifest, summary_metrics
+from tasks.finetune_config import FinetuneConfig, trial_configs
 from tasks.finetune_inference import evaluate_finetuned
 
 

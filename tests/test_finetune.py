@@ -491,7 +491,7 @@ def test_minilm_sst2_slice_and_embed(flow_home, tmp_path, capsys):
 # --- the training loop ------------------------------------------------------------------------
 
 def _loop_setup(tiny_bert, tokenizer, **overrides):
-    from tasks.finetune import FinetuneConfig
+    from tasks.finetune_config import FinetuneConfig
     from tasks.finetune_data import TextExample
     from tasks.finetune_inference import build_model
 

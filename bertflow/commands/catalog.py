@@ -12,12 +12,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ls = subparsers.add_parser("ls", help="list artifacts in the catalog")
     ls.add_argument("--kind", choices=KINDS)
     ls.add_argument("--all", action="store_true", help="every version, not only the newest per name")
-    ls.add_argument("--json", action="store_true", help="a JSON list (stable; see README)")
+    ls.add_argument("--json", action="store_true", help="a JSON list (stable; see docs/artifacts-and-catalog.md)")
     ls.set_defaults(run=run_ls)
     show = subparsers.add_parser("show", help="one artifact: stats, parents, path")
     show.add_argument("name", help="artifact name (newest version) or full id kind/name/fingerprint")
     show.add_argument("--kind", choices=KINDS)
-    show.add_argument("--json", action="store_true", help="a JSON object (stable; see README)")
+    show.add_argument("--json", action="store_true", help="a JSON object (stable; see docs/artifacts-and-catalog.md)")
     show.set_defaults(run=run_show)
 
 

@@ -11,7 +11,7 @@ from bertflow.errors import BertflowError
 from bertflow.options import ConfigOptions, add_command, add_stage_parser
 from bertflow.runtime import run_flow
 
-OPTIONS = ConfigOptions("tasks.finetune:FinetuneConfig", required=("task_type", "train", "dev"),
+OPTIONS = ConfigOptions("tasks.finetune_config:FinetuneConfig", required=("task_type", "train", "dev"),
                         sections=(("format", "file format"), ("mode", "training")))
 
 

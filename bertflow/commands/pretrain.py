@@ -12,7 +12,7 @@ from bertflow.options import ConfigOptions, add_command, add_stage_parser
 from bertflow.runtime import run_flow
 
 PRESET_NAMES = "tiny, mini, small, medium, base, large"
-OPTIONS = ConfigOptions("tasks.pretrain:PretrainConfig", exclusive=(("steps", "epochs"),))
+OPTIONS = ConfigOptions("tasks.pretrain_config:PretrainConfig", exclusive=(("steps", "epochs"),))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

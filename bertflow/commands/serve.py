@@ -48,7 +48,7 @@ def require_server() -> str:
         raise BertflowError(
             "bertflow serve needs a Prefect server for its schedule: start one with `bertflow server`"
             " and `export PREFECT_API_URL=http://127.0.0.1:4200/api` here; or, without a server,"
-            " put `bertflow run --config CONFIG.yaml` in a system crontab (see README)")
+            " put `bertflow run --config CONFIG.yaml` in a system crontab (see docs/caching-and-prefect.md)")
     from bertflow.commands.server import is_healthy
 
     if not is_healthy(url):
