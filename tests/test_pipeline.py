@@ -215,6 +215,29 @@ def test_config_errors_name_the_key(home, tmp_path, change, message):
     assert message in str(error.value)
 
 
+def test_a_run_is_its_stages_in_order_each_forced_by_its_refresh_stage(home, tmp_path):
+    """The one description of a run (what the flow runs and the cached-run lookup looks up):
+    the random-init model goes with pretraining, so `--refresh pretrain` draws it again."""
+    from flows.pipeline import walk_run
+
+    config = load_pipeline_config(write_config(tmp_path, {**BASE, "finetune": [
+        {"name": "t", "task_type": "classification", "train": "a.tsv", "dev": "b.tsv"},
+        {"name": "u", "task_type": "classification", "train": "a.tsv", "dev": "b.tsv", "compare_random_init": False}]}))
+    steps = []
+
+    def perform(step):
+        steps.append((step.refresh_as, step.stage))
+        return {"id": f"id-{len(steps)}", "name": f"artifact-{len(steps)}", "fingerprint": "f", "path": "p"}
+
+    manifests, finetunes = walk_run(config, perform)
+    assert steps == [("ingest", "ingest"), ("tokenizer", "tokenizer"), ("pretraining_data", "pretraining-data"),
+                     ("pretrain", "pretrain"), ("finetune", "finetune"), ("pretrain", "random-init"),
+                     ("finetune", "finetune"), ("finetune", "finetune")]
+    assert [m["name"] for m in manifests] == ["artifact-1", "artifact-2", "artifact-3", "artifact-4"]
+    assert [(f["task"], f["pretrained"]["name"], (f["random_init"] or {}).get("name")) for f in finetunes] == \
+        [("t", "artifact-5", "artifact-7"), ("u", "artifact-8", None)]
+
+
 def test_overrides_and_cli_errors(home, tmp_path, capsys):
     path = write_config(tmp_path, {**BASE, "pretrain": {"steps": 10}})
     config = load_pipeline_config(path, ["pretrain.steps=20", "tokenizer.vocab_size=900"])
