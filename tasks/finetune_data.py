@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# The examples are the types storage's readers return (spans_to_tags: how they read entity spans).
-from storage.finetune_examples import QAExample, TextExample, TokenExample, spans_to_tags  # noqa: F401
+# The examples are the types storage's readers return.
+from storage.finetune_examples import QAExample, TextExample, TokenExample  # noqa: F401
 from tasks.training.batch import IGNORE_INDEX
 
 

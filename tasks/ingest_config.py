@@ -1,6 +1,6 @@
 """What `bertflow ingest` is asked to do, and what it reports: the stage's config model, its
 cache key and summaries. Free of Prefect, so that a cached re-run
-is answered from the catalog in about a second (`ingest_inputs` → `cached_result`)."""
+is answered from the catalog without starting Prefect (`ingest_inputs` → `cached_result`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from tasks.text import UnicodeForm
 
 STAGE = "ingest"
 STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes
-# (3: Parquet row groups of ~1 MB of text, not ~8 MB: the same rows and values)
 
 REMOVAL_STEPS = ("empty", "too_short", "too_long", "low_letter_fraction", "too_few_sentences",
                  "exact_duplicate", "near_duplicate")
@@ -42,27 +41,28 @@ class IngestConfig(BaseModel):
         min_length=1, description="files, directories or globs; or {path, format, txt_mode, ...}")
     name: str = Field(description="artifact name of the corpus")
     format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets",
-                    "wikiextractor"] = "auto"
+                    "wikiextractor"] = Field("auto", description="auto: from each file's extension")
     txt_mode: Literal["file", "blank-line", "line"] = Field(
         "blank-line", description="txt: one document per file, per blank-line block, or per line")
     text_field: str = Field("text", description="jsonl/json key or csv/tsv/parquet/datasets column")
-    encoding: str = "utf-8"
-    encoding_errors: Literal["strict", "replace"] = "strict"
-    unicode_form: UnicodeForm = "NFC"
+    encoding: str = Field("utf-8", description="text encoding of the files (a Python codec name)")
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="replace: undecodable bytes become U+FFFD instead of stopping with an error")
+    unicode_form: UnicodeForm = Field("NFC", description="Unicode normalisation form (none: text kept as is)")
     language: Literal["auto", "en", "zh"] = Field("auto", description="auto: guessed per document")
-    min_chars: int = Field(20, ge=0, description="characters, after normalisation")
-    max_chars: int = Field(2_000_000, ge=1, description="characters, after normalisation")
+    min_chars: int = Field(20, ge=0, description="drop shorter documents: characters, after normalisation")
+    max_chars: int = Field(2_000_000, ge=1, description="drop longer documents: characters, after normalisation")
     min_letter_fraction: float = Field(0.5, ge=0.0, le=1.0,
-                                       description="letters / non-space characters")
-    min_sentences: int = Field(1, ge=1)
+                                       description="drop documents with a smaller share of letters among non-space characters")
+    min_sentences: int = Field(1, ge=1, description="drop documents with fewer sentences")
     dedupe: bool = Field(True, description="drop exact duplicate documents")
     near_dedupe: float | None = Field(None, gt=0.0, le=1.0,
                                       description="MinHash Jaccard threshold, e.g. 0.8; off when unset")
-    minhash_permutations: int = Field(64, ge=16, le=512)
+    minhash_permutations: int = Field(64, ge=16, le=512, description="MinHash permutations per document (near-dedupe)")
     shingle_chars: int = Field(5, ge=1, le=32, description="character n-gram size for MinHash")
     shard_mb: float = Field(32.0, gt=0, description="MB of text per output shard")
     workers: int = Field(0, ge=0, description="worker threads; 0 = one per CPU core, plus one")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the MinHash permutations (near-dedupe)")
 
     @field_validator("name")
     @classmethod

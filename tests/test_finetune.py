@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from bertflow.errors import BertflowError
+from storage.finetune_examples import spans_to_tags
 from storage.finetune_store import (ReadOptions, check_bert_directory, read_conll, read_entity_jsonl,
                                     read_sentence_examples, read_squad, read_token_examples)
 from tasks.finetune_data import (IGNORE_INDEX, QAExample, TokenExample, check_squad_answers, decode_qa,
                                  decode_token_predictions, detect_tag_scheme, encode_text_examples,
-                                 encode_token_examples, infer_labels, parse_sweep, prepare_qa_features,
-                                 spans_to_tags)
+                                 encode_token_examples, infer_labels, parse_sweep, prepare_qa_features)
 from tasks.training import Callback
 from tests.conftest import run_cli, shared_path
 
