@@ -35,7 +35,10 @@ TMP_PREFIX = ".tmp-"
 
 
 def run_dir(stage: str, name: str, home: DataHome | None = None) -> Path:
-    return (home or DataHome.from_env()).state_dir / "runs" / stage / name
+    """The run's directory; the name is checked first, so no name reaches outside the home."""
+    from storage.artifacts import check_name
+
+    return (home or DataHome.from_env()).state_dir / "runs" / stage / check_name(name)
 
 
 def pretrain_run_dir(name: str, home: DataHome | None = None) -> Path:

@@ -398,3 +398,21 @@ def test_out_of_memory_on_the_first_step_advises_a_smaller_batch_with_accumulati
     data = register_pretraining_data()
     with pytest.raises(BertflowError, match="out of memory on the first step .* --batch-size 4 --grad-accum 2"):
         train_once(data, name="oom", batch_size=8)
+
+
+def test_a_run_name_cannot_reach_outside_the_data_home(home: Path, tmp_path: Path):
+    """`--restart` removes the run's directory: a name that is a path must be refused first."""
+    from bertflow.errors import BertflowError
+    from storage.checkpoints import discard_run, exclusive_run
+
+    victim = tmp_path / "victim"
+    (victim / "runs").mkdir(parents=True)
+    (victim / "keep.txt").write_text("mine")
+    for name in ("../../../victim", str(victim), "victim\n", "..", ""):
+        with pytest.raises(BertflowError, match="not a valid artifact name"):
+            discard_run(name, stage="pretrain")
+        with pytest.raises(BertflowError, match="not a valid artifact name"):
+            with exclusive_run(name, stage="finetune"):
+                pass
+    assert (victim / "keep.txt").read_text() == "mine"
+    assert not list(tmp_path.rglob("*.lock"))
