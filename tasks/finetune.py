@@ -10,8 +10,8 @@ This stage supplies the training core (`tasks/training/`) with its data (the enc
 split, shuffled per epoch as a pure function of (seed, epoch)), the task head's loss and the dev
 evaluation; the core selects the best evaluation's weights, stops early on request, and resumes
 from the run's checkpoints. `--mode feature` freezes the embeddings and encoder layers, so only
-the head (and pooler) train. Prediction and embeddings: `tasks/finetune_inference.py`; sweeps:
-`tasks/finetune_sweep.py`.
+the head (and pooler) train. Reading and encoding the files: `tasks/finetune_splits.py`;
+prediction and embeddings: `tasks/finetune_inference.py`; sweeps: `tasks/finetune_sweep.py`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import torch
 
 from bertflow.errors import BertflowError
 from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
-from tasks.finetune_data import (QAExample, check_squad_answers, collate, detect_tag_scheme, encode_text_examples,
-                                 encode_token_examples, infer_labels, prepare_qa_features,
-                                 unseen_labels)
+from tasks.finetune_data import check_squad_answers, collate, detect_tag_scheme, infer_labels, unseen_labels
 from tasks.finetune_inference import build_model, load_tokenizer, predict_split, score_predictions
+from tasks.finetune_splits import SplitData, encode_split, guess_language, load_examples, read_options
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
 from tasks.training import train as train_loop
 from tasks.training.setup import steps_for, warmup_steps
@@ -39,62 +38,6 @@ STAGE = "finetune"
 STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-# --- data --------------------------------------------------------------------------------
-
-@dataclass
-class SplitData:
-    examples: list
-    features: list[dict]
-    truncated: int = 0
-    skipped_answers: int = 0
-
-
-def read_options(config: FinetuneConfig):
-    from storage.finetune_store import ReadOptions
-
-    return ReadOptions(format=config.format, text_column=config.text_column, text_b_column=config.text_b_column,
-                       label_column=config.label_column, has_header=config.has_header,
-                       token_column=config.token_column, tag_column=config.tag_column,
-                       token_level=config.token_level, text_key=config.text_column or "text",
-                       entities_key=config.entities_key)
-
-
-def load_examples(config: FinetuneConfig, path: str, *, require_labels: bool = True,
-                  limit: int | None = None) -> list:
-    """The examples of one file; with `limit`, the first `limit` only."""
-    from storage import finetune_store as store
-
-    options = read_options(config)
-    if config.task_type in ("classification", "pair"):
-        return store.read_sentence_examples(path, options, pair=config.task_type == "pair",
-                                            require_labels=require_labels)[:limit]
-    if config.task_type == "token":
-        # (entity-span JSONL stops reading at the limit: converting spans to tags is the slow part)
-        return store.read_token_examples(path, options, require_labels=require_labels, limit=limit)
-    return store.read_squad(path)[:limit]
-
-
-def guess_language(examples: Sequence[QAExample]) -> str:
-    text = "".join(ex.context for ex in examples[:200])
-    cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
-    return "zh" if text and cjk / len(text) > 0.2 else "en"
-
-
-def encode_split(config: FinetuneConfig, examples: list, tokenizer: Any, label2id: dict[str, int] | None,
-                 *, with_labels: bool) -> SplitData:
-    if config.task_type in ("classification", "pair"):
-        features, stats = encode_text_examples(examples, tokenizer, max_seq_len=config.seq_len,
-                                               label2id=label2id if with_labels else None)
-    elif config.task_type == "token":
-        features, stats = encode_token_examples(examples, tokenizer, max_seq_len=config.seq_len,
-                                                label2id=label2id if with_labels else None)
-    else:
-        features, stats = prepare_qa_features(examples, tokenizer, max_seq_len=config.seq_len,
-                                              doc_stride=config.doc_stride, max_query_len=config.max_query_len,
-                                              with_labels=with_labels)
-    return SplitData(examples=examples, features=features, truncated=stats.truncated)
 
 
 # --- training ------------------------------------------------------------------------------

@@ -3,22 +3,20 @@ run, predicting raw examples, and contextual embeddings."""
 
 from __future__ import annotations
 
-import re
 import json
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from bertflow.errors import BertflowError
+from tasks.finetune_config import FinetuneConfig
 from tasks.finetune_data import (check_squad_answers, collate, decode_qa, decode_token_predictions,
                                  tags_to_entities, unseen_labels)
+from tasks.finetune_splits import SplitData, encode_split, load_examples
 from tasks.metrics import classification_metrics, entity_metrics, qa_metrics
 from tasks.training.setup import autocast_for, resolve_device, resolve_precision
-
-if TYPE_CHECKING:
-    from tasks.finetune import SplitData
-    from tasks.finetune_config import FinetuneConfig
 
 HEAD_CLASSES = {"classification": "BertForSequenceClassification", "pair": "BertForSequenceClassification",
                 "token": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}
@@ -152,8 +150,6 @@ def score_predictions(task_type: str, rows: list[dict], labels: list[str] | None
 
 def evaluate_finetuned(path: str, file: str, config: FinetuneConfig, manifest: dict) -> tuple[list[dict], dict]:
     """Predictions and metrics of a saved fine-tuned model on a labelled file."""
-    from tasks.finetune import encode_split, load_examples
-
     tokenizer = load_tokenizer(path)
     model = _auto_head(config.task_type).from_pretrained(path)
     model.to(resolve_device(config.device))
@@ -185,9 +181,6 @@ def load_finetuned(path: str) -> tuple[Any, Any, dict]:
 
 def predict_examples(model: Any, tokenizer: Any, manifest: dict, examples: list) -> list[dict]:
     """Predictions of a loaded fine-tuned model for examples (labels, if any, are ignored)."""
-    from tasks.finetune import encode_split
-    from tasks.finetune_config import FinetuneConfig
-
     config = FinetuneConfig(name="predict", model="-", task_type=manifest["task_type"],
                             max_seq_len=manifest["max_seq_len"], **manifest["qa"])
     data = encode_split(config, examples, tokenizer, None, with_labels=False)

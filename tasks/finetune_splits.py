@@ -1,0 +1,64 @@
+"""A fine-tuning task's files as the model sees them: read (through storage) into examples,
+then encoded into features, per split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from tasks.finetune_config import FinetuneConfig
+from tasks.finetune_data import QAExample, encode_text_examples, encode_token_examples, prepare_qa_features
+
+
+@dataclass
+class SplitData:
+    examples: list
+    features: list[dict]
+    truncated: int = 0
+    skipped_answers: int = 0
+
+
+def read_options(config: FinetuneConfig):
+    from storage.finetune_store import ReadOptions
+
+    return ReadOptions(format=config.format, text_column=config.text_column, text_b_column=config.text_b_column,
+                       label_column=config.label_column, has_header=config.has_header,
+                       token_column=config.token_column, tag_column=config.tag_column,
+                       token_level=config.token_level, text_key=config.text_column or "text",
+                       entities_key=config.entities_key)
+
+
+def load_examples(config: FinetuneConfig, path: str, *, require_labels: bool = True,
+                  limit: int | None = None) -> list:
+    """The examples of one file; with `limit`, the first `limit` only."""
+    from storage import finetune_store as store
+
+    options = read_options(config)
+    if config.task_type in ("classification", "pair"):
+        return store.read_sentence_examples(path, options, pair=config.task_type == "pair",
+                                            require_labels=require_labels)[:limit]
+    if config.task_type == "token":
+        # (entity-span JSONL stops reading at the limit: converting spans to tags is the slow part)
+        return store.read_token_examples(path, options, require_labels=require_labels, limit=limit)
+    return store.read_squad(path)[:limit]
+
+
+def guess_language(examples: Sequence[QAExample]) -> str:
+    text = "".join(ex.context for ex in examples[:200])
+    cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
+    return "zh" if text and cjk / len(text) > 0.2 else "en"
+
+
+def encode_split(config: FinetuneConfig, examples: list, tokenizer: Any, label2id: dict[str, int] | None,
+                 *, with_labels: bool) -> SplitData:
+    if config.task_type in ("classification", "pair"):
+        features, stats = encode_text_examples(examples, tokenizer, max_seq_len=config.seq_len,
+                                               label2id=label2id if with_labels else None)
+    elif config.task_type == "token":
+        features, stats = encode_token_examples(examples, tokenizer, max_seq_len=config.seq_len,
+                                                label2id=label2id if with_labels else None)
+    else:
+        features, stats = prepare_qa_features(examples, tokenizer, max_seq_len=config.seq_len,
+                                              doc_stride=config.doc_stride, max_query_len=config.max_query_len,
+                                              with_labels=with_labels)
+    return SplitData(examples=examples, features=features, truncated=stats.truncated)
