@@ -153,13 +153,18 @@ def new_hf_model(config: Any, *, nsp_head: bool, attn_implementation: str = "sdp
 class MaskedGatherPretrainingModel(nn.Module):
     """Wraps a Hugging Face BERT pretraining model; the forward pass scores masked positions only.
 
-    `self.hf` holds every weight, under Hugging Face's names; `export` saves it as is.
+    `self.hf` holds every weight, under Hugging Face's names; `export` returns it to be saved as is.
     """
+
+    loss_weights = {"mlm": 1.0, "nsp": 1.0}  # NSP or SOP: the sentence head's loss
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
         self.has_sentence_head = hasattr(hf_model.cls, "seq_relationship")
+
+    def export(self) -> nn.Module:
+        return self.hf
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 mlm_positions: torch.Tensor, mlm_labels: torch.Tensor,

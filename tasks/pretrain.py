@@ -100,26 +100,59 @@ def pretraining_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 
 def evaluate_heldout(model: torch.nn.Module, batches: torch.utils.data.DataLoader) -> Evaluation:
-    """Held-out MLM loss/accuracy and NSP/SOP accuracy (masks fixed: evals compare across the run)."""
+    """Held-out loss and accuracy of each part of the objective (masks fixed, and ELECTRA's samples
+    drawn from a fixed seed: evals compare across the run).
+
+    The model's forward pass reports, per part (`mlm`, `nsp`, `rtd`, ...), its mean loss, its
+    count and, in eval mode, its correct predictions; the overall loss weighs the parts as the
+    training loss does.
+    """
     device = next(model.parameters()).device
-    sums = {"mlm_loss": 0.0, "mlm_correct": 0, "mlm_count": 0, "nsp_loss": 0.0, "nsp_correct": 0, "nsp_count": 0}
-    for batch in batches:
-        out = model(**{k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in batch.items()})
-        n_mlm, n_nsp = int(out["mlm_count"]), int(out.get("nsp_count", 0))
-        sums["mlm_loss"] += float(out["mlm_loss"]) * n_mlm
-        sums["mlm_correct"] += int(out["mlm_correct"])
-        sums["mlm_count"] += n_mlm
-        if n_nsp:
-            sums["nsp_loss"] += float(out["nsp_loss"]) * n_nsp
-            sums["nsp_correct"] += int(out["nsp_correct"])
-            sums["nsp_count"] += n_nsp
-    result = {"mlm_loss": sums["mlm_loss"] / max(1, sums["mlm_count"]),
-              "mlm_accuracy": sums["mlm_correct"] / max(1, sums["mlm_count"])}
-    if sums["nsp_count"]:
-        result["nsp_loss"] = sums["nsp_loss"] / sums["nsp_count"]
-        result["nsp_accuracy"] = sums["nsp_correct"] / sums["nsp_count"]
-    result["loss"] = result["mlm_loss"] + result.get("nsp_loss", 0.0)
+    sums: dict[str, dict[str, float]] = {}
+    if hasattr(model, "sampling_generator"):
+        model.sampling_generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        for batch in batches:
+            out = model(**{k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in batch.items()})
+            for part in [key[:-len("_count")] for key in out if key.endswith("_count")]:
+                count = int(out[f"{part}_count"])
+                if not count and part != "mlm":
+                    continue
+                total = sums.setdefault(part, {"loss": 0.0, "correct": 0, "count": 0, "replaced": 0})
+                total["loss"] += float(out[f"{part}_loss"]) * count
+                total["correct"] += int(out[f"{part}_correct"])
+                total["count"] += count
+                if f"{part}_replaced" in out:
+                    total["replaced"] += int(out[f"{part}_replaced"])
+    finally:
+        if hasattr(model, "sampling_generator"):
+            model.sampling_generator = None
+    result: dict[str, float] = {}
+    for part, total in sums.items():
+        result[f"{part}_loss"] = total["loss"] / max(1, total["count"])
+        result[f"{part}_accuracy"] = total["correct"] / max(1, total["count"])
+        if part == "rtd":  # the accuracy of calling every token original: what the discriminator must beat
+            result["rtd_baseline"] = 1 - total["replaced"] / max(1, total["count"])
+    result["loss"] = 0.0
+    for part in sums:
+        result["loss"] += model.loss_weights[part] * result[f"{part}_loss"]
     return Evaluation(step=0, metrics=result)
+
+
+def build_model(spec: RunSpec) -> torch.nn.Module:
+    """The training module of the objective: `forward(**batch)` → loss and its parts; `export()` →
+    the Hugging Face model to save."""
+    from transformers import BertConfig
+
+    from tasks.bert_model import MaskedGatherPretrainingModel, new_hf_model
+
+    config = BertConfig(**spec.hf_config)
+    if spec.config.objective == "electra":
+        from tasks.electra_model import ElectraPretrainingModel, electra_configs
+
+        return ElectraPretrainingModel(*electra_configs(config, generator_size=spec.config.generator_size),
+                                       discriminator_weight=spec.config.discriminator_weight)
+    return MaskedGatherPretrainingModel(new_hf_model(config, nsp_head=spec.nsp_head))
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -127,10 +160,7 @@ def evaluate_heldout(model: torch.nn.Module, batches: torch.utils.data.DataLoade
 def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Pretrain with the training core: the data, model, objective and evaluation of this stage.
     The result's model is the Hugging Face model, on the CPU."""
-    from transformers import BertConfig
-
     from storage.checkpoints import RunCheckpoints
-    from tasks.bert_model import MaskedGatherPretrainingModel, new_hf_model
 
     cfg = spec.config
     seed_everything(cfg.seed)  # before the model: its initial weights come from the seed
@@ -158,7 +188,7 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
                                   bucket_batches=cfg.bucket_batches)
 
     batches = EpochBatches(per_epoch, plan=plan_epoch, load=load_epoch)
-    model = MaskedGatherPretrainingModel(new_hf_model(BertConfig(**spec.hf_config), nsp_head=spec.nsp_head))
+    model = build_model(spec)
     heldout_order = eval_idx[np.argsort(-lengths[eval_idx], kind="stable")]
     heldout = [heldout_order[i:i + cfg.batch_size] for i in range(0, len(heldout_order), cfg.batch_size)]
     settings = TrainSettings(
@@ -175,7 +205,7 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         evaluate=(lambda m: evaluate_heldout(m, loader(eval_dataset, heldout))) if len(eval_idx) else None,
         checkpoints=RunCheckpoints(Path(spec.run_dir), keep=cfg.keep_checkpoints), identity=spec.identity,
         callbacks=callbacks, name=cfg.name, description=description)
-    result.model = model.hf.cpu()  # the Hugging Face model, as exported
+    result.model = model.export().cpu()  # the Hugging Face model, as exported
     return result
 
 
@@ -216,7 +246,11 @@ def prepare_run(config: PretrainConfig, data: dict[str, Any]) -> RunSpec:
             f"pretraining-data '{data['name']}': max_seq_len {manifest['max_seq_len']} exceeds the model's"
             f" {hf_config.max_position_embeddings} positions; rebuild the data with --max-seq-len"
             f" {hf_config.max_position_embeddings} or use a config with more max_position_embeddings")
-    nsp_head = manifest.get("objective", "nsp") != "none"
+    nsp_head = manifest.get("objective", "nsp") != "none" and config.objective == "mlm"
+    if config.objective == "electra":
+        from tasks.electra_model import electra_configs
+
+        electra_configs(hf_config, generator_size=config.generator_size)  # a bad generator size fails here
     identity = {"config": config.trajectory_identity(), "data": data["fingerprint"]}
     return RunSpec(config=config, data_dir=data["path"], hf_config=hf_config.to_dict(), nsp_head=nsp_head,
                    pad_id=tokenizer.pad_token_id, run_dir=str(pretrain_run_dir(config.name)), identity=identity)
@@ -278,6 +312,7 @@ def run_pretrain(config: PretrainConfig, data: dict[str, Any], *, cache_key: str
         }
         artifact = writer.commit(
             manifest={"architecture": type(model).__name__, "model": config.model,
+                      "pretraining_objective": config.objective,
                       "objective": data["manifest"].get("objective"), "vocab_size": spec.hf_config["vocab_size"],
                       "max_seq_len": data["manifest"]["max_seq_len"], "tokenizer": data["manifest"]["tokenizer"],
                       "pretraining_data": {k: data[k] for k in ("id", "name", "fingerprint")},

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 # Settings that do not change the trajectory: a run may be resumed with different values.
 OPERATIONAL_FIELDS = frozenset({"save_every", "keep_checkpoints", "eval_every", "log_every", "workers",
                                 "compile"})
+# Fields added after the first release, left out of the dump while at their defaults: cache keys,
+# artifact fingerprints and checkpoint identities of runs that do not use them stay as they were.
+LATER_FIELDS = ("objective", "generator_size", "discriminator_weight")
 
 
 class PretrainConfig(BaseModel):
@@ -20,6 +23,13 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="artifact name of the model")
+    objective: Literal["mlm", "electra"] = Field(
+        "mlm", description="mlm: masked LM (+ the data's NSP/SOP); electra: replaced-token detection by a"
+        " discriminator, with a small generator filling the masks (the discriminator is exported)")
+    generator_size: float = Field(
+        0.25, gt=0, description="electra: generator hidden size as a fraction of the discriminator's (≤ 1)")
+    discriminator_weight: float = Field(
+        50.0, gt=0, description="electra: λ, the weight of the discriminator's loss against the generator's MLM")
     model: str = Field("mini", description="preset (tiny, mini, small, medium, base, large) or a BERT config.json path")
     steps: int | None = Field(None, ge=1, description="optimizer steps (give steps or epochs, not both)")
     epochs: float | None = Field(None, gt=0, description="passes over the training instances (default 1 without --steps)")
@@ -54,6 +64,14 @@ class PretrainConfig(BaseModel):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_later_fields_at_defaults(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in LATER_FIELDS:
+            if key in data and getattr(self, key) == type(self).model_fields[key].default:
+                del data[key]
+        return data
 
     def trajectory_identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in OPERATIONAL_FIELDS}
