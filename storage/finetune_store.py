@@ -269,6 +269,9 @@ def squad_articles(path: str) -> list[dict[str, Any]]:
 
 # --- model directories ---------------------------------------------------------------------
 
+BERT_FAMILY = ("bert", "electra", "albert")  # encoders with BERT's inputs, tokenizer and heads
+
+
 def check_bert_directory(path: str) -> dict[str, Any]:
     """The directory's config.json, if it describes a BERT with weights and a vocabulary."""
     root = Path(path)
@@ -278,9 +281,9 @@ def check_bert_directory(path: str) -> dict[str, Any]:
     if not config_file.is_file():
         raise BertflowError(f"{path}: no config.json; this is not a Hugging Face model directory")
     config = json.loads(config_file.read_text())
-    if config.get("model_type") != "bert":
-        raise BertflowError(f"{path}: config.json says model_type '{config.get('model_type')}', not 'bert';"
-                            " only BERT encoders are supported")
+    if config.get("model_type") not in BERT_FAMILY:
+        raise BertflowError(f"{path}: config.json says model_type '{config.get('model_type')}'; only BERT-family"
+                            f" encoders ({', '.join(BERT_FAMILY)}) are supported")
     if not any((root / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise BertflowError(f"{path}: no model.safetensors or pytorch_model.bin; the weights are missing")
     if not any((root / f).is_file() for f in ("vocab.txt", "tokenizer.json")):

@@ -18,8 +18,6 @@ from tasks.finetune_splits import SplitData, encode_split, load_examples
 from tasks.metrics import classification_metrics, entity_metrics, qa_metrics
 from tasks.training.setup import autocast_for, resolve_device, resolve_precision
 
-HEAD_CLASSES = {"classification": "BertForSequenceClassification", "pair": "BertForSequenceClassification",
-                "token": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}
 AUTO_HEADS = {"classification": "AutoModelForSequenceClassification", "pair": "AutoModelForSequenceClassification",
               "token": "AutoModelForTokenClassification", "qa": "AutoModelForQuestionAnswering"}
 
@@ -54,14 +52,14 @@ def build_model(task_type: str, model_path: str, labels: list[str] | None, *, se
 
     quiet_transformers()
     torch.manual_seed(seed)
-    head = getattr(transformers, HEAD_CLASSES[task_type])
+    head = getattr(transformers, AUTO_HEADS[task_type])  # BERT, ELECTRA or ALBERT: the config says
     kwargs: dict[str, Any] = {}
     if labels is not None:
         kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                   "label2id": {label: i for i, label in enumerate(labels)}}
     model = head.from_pretrained(model_path, **kwargs)
     if mode == "feature":
-        for module in (model.bert.embeddings, model.bert.encoder):
+        for module in (model.base_model.embeddings, model.base_model.encoder):
             for parameter in module.parameters():
                 parameter.requires_grad = False
     return model

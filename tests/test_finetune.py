@@ -190,7 +190,7 @@ def test_squad_reader_skips_answers_whose_offsets_do_not_match(tmp_path):
 def test_model_directory_checks(tmp_path, tiny_bert):
     assert check_bert_directory(str(tiny_bert))["model_type"] == "bert"
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(BertflowError, match="not 'bert'"):
+    with pytest.raises(BertflowError, match="model_type 'gpt2'; only BERT-family"):
         check_bert_directory(str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(BertflowError, match="no config.json"):
@@ -424,7 +424,7 @@ def test_bad_inputs_fail_cleanly_and_register_nothing(flow_home, tiny_bert, tmp_
     cases = [
         (["--model", str(tiny_bert), "--dev", str(dev)], "neutral do not occur in the training file"),
         (["--model", str(tiny_bert), "--dev", str(empty)], "the file is empty"),
-        (["--model", str(not_bert), "--dev", str(train)], "not 'bert'"),
+        (["--model", str(not_bert), "--dev", str(train)], "only BERT-family encoders"),
         (["--model", str(tiny_bert), "--dev", str(train), "--max-seq-len", "512"], "exceeds the model's 128"),
         (["--model", "no-such-model", "--dev", str(train)], "no model named 'no-such-model'"),
         (["--model", str(tiny_bert), "--dev", str(train), "--sweep", "dropout=0.1"], "sweep"),

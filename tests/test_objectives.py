@@ -115,3 +115,27 @@ def test_fields_added_later_leave_earlier_cache_keys_alone():
     plain = PretrainConfig(name="m").model_dump(mode="json")
     assert "objective" not in plain and "generator_size" not in plain
     assert PretrainConfig(name="m", objective="electra").model_dump(mode="json")["objective"] == "electra"
+
+
+def test_an_electra_export_fine_tunes_with_our_stage(flow_home: Path, tmp_path: Path):
+    import json
+
+    from transformers import BertConfig, ElectraForPreTraining
+
+    from storage.artifacts import ArtifactStore
+    from tasks.electra_model import electra_configs
+    from tests.conftest import run_cli
+    from tests.test_finetune import SENTIMENT, write_tiny_bert, write_tsv
+
+    root = write_tiny_bert(tmp_path / "electra")
+    (root / "model.safetensors").unlink()
+    shape = BertConfig.from_pretrained(root)
+    torch.manual_seed(0)
+    ElectraForPreTraining(electra_configs(shape)[0]).save_pretrained(root)
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    assert run_cli("finetune", "--model", str(root), "--task-type", "classification", "--train", str(train),
+                   "--dev", str(train), "--name", "electra-sent", "--epochs", "30", "--batch-size", "4",
+                   "--lr", "1e-2", "--warmup-ratio", "0", "--eval-every", "20") == 0
+    artifact = ArtifactStore().resolve("electra-sent", kind="finetune")
+    assert json.loads((Path(artifact.path) / "config.json").read_text())["model_type"] == "electra"
+    assert json.loads((Path(artifact.path) / "metrics.json").read_text())["dev"]["accuracy"] == 1.0
