@@ -129,7 +129,7 @@ def main() -> None:
     from storage.demo_data import export_demo_sources
     from storage.home import DataHome
 
-    export_demo_sources(DataHome.current())
+    export_demo_sources(DataHome.from_env())
     base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     load = os.getloadavg()[0]
     say(f"data home {home}; {args.threads} threads; load average {load:.2f}; {os.cpu_count()} CPUs")
