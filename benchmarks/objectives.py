@@ -55,44 +55,56 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def seconds_per_step(variant: str, vocab_size: int, steps: int = 12, batch: int = 64, length: int = 32) -> float:
-    """Median seconds of one optimizer step of the variant's training module on synthetic batches
-    of the demo's shape (the real objective code, precision and parameter groups)."""
+def seconds_per_step(variants: list[str], vocab_size: int, rounds: int = 15, batch: int = 64,
+                     length: int = 32) -> dict[str, float]:
+    """Median seconds of one optimizer step of each variant's training module on synthetic batches
+    of the demo's shape (the real objective code, precision and parameter groups).
+
+    The variants' steps are interleaved, one of each per round, so a change in the machine's
+    speed or load during the calibration falls on all of them alike.
+    """
     import torch
-    from transformers import BertConfig
 
     from tasks.bert_model import bert_config
     from tasks.pretrain import RunSpec, build_model
     from tasks.pretrain_config import PretrainConfig
     from tasks.training.setup import autocast_for, param_groups, resolve_precision
 
-    data_overrides, pretrain_overrides = VARIANTS[variant]
-    config = PretrainConfig(name="calibrate", model="tiny", dropout=0.0, **pretrain_overrides)
-    hf = bert_config("tiny", vocab_size=vocab_size)
-    hf.hidden_dropout_prob = hf.attention_probs_dropout_prob = 0.0
-    spec = RunSpec(config=config, data_dir="", hf_config=hf.to_dict(), nsp_head=False, pad_id=0, run_dir="",
-                   identity={})
-    torch.manual_seed(0)
-    model = build_model(spec).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
     precision = resolve_precision("auto", "cpu")
-    masked = max(1, round(length * data_overrides.get("masked_lm_prob", 0.15)))
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(steps):
-        input_ids = torch.randint(5, vocab_size, (batch, length), generator=generator)
-        positions = torch.stack([torch.randperm(length - 2, generator=generator)[:masked] + 1 for _ in range(batch)])
-        labels = torch.gather(input_ids, 1, positions)
-        started = time.perf_counter()
-        with autocast_for(precision, "cpu")():
-            loss = model(input_ids=input_ids, attention_mask=None, token_type_ids=torch.zeros_like(input_ids),
-                         mlm_positions=positions, mlm_labels=labels)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    del BertConfig
-    return statistics.median(times[2:])
+    steps = {}
+    for variant in variants:
+        data_overrides, pretrain_overrides = VARIANTS[variant]
+        config = PretrainConfig(name="calibrate", model="tiny", dropout=0.0, **pretrain_overrides)
+        hf = bert_config("tiny", vocab_size=vocab_size)
+        hf.hidden_dropout_prob = hf.attention_probs_dropout_prob = 0.0
+        spec = RunSpec(config=config, data_dir="", hf_config=hf.to_dict(), nsp_head=False, pad_id=0, run_dir="",
+                       identity={})
+        torch.manual_seed(0)
+        model = build_model(spec).train()
+        optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
+        masked = max(1, round(length * data_overrides.get("masked_lm_prob", 0.15)))
+        generator = torch.Generator().manual_seed(0)
+
+        def step(model=model, optimizer=optimizer, masked=masked, generator=generator) -> float:
+            input_ids = torch.randint(5, vocab_size, (batch, length), generator=generator)
+            positions = torch.stack([torch.randperm(length - 2, generator=generator)[:masked] + 1
+                                     for _ in range(batch)])
+            labels = torch.gather(input_ids, 1, positions)
+            started = time.perf_counter()
+            with autocast_for(precision, "cpu")():
+                loss = model(input_ids=input_ids, attention_mask=None, token_type_ids=torch.zeros_like(input_ids),
+                             mlm_positions=positions, mlm_labels=labels)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - started
+
+        steps[variant] = step
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            times[variant].append(steps[variant]())
+    return {v: statistics.median(t[3:]) for v, t in times.items()}
 
 
 def variant_config(base: dict, variant: str, steps: int, seeds: list[int], random_init: bool) -> dict:
@@ -135,8 +147,8 @@ def main() -> None:
     say(f"data home {home}; {args.threads} threads; load average {load:.2f}; {os.cpu_count()} CPUs")
 
     vocab_size = 5742  # the demo tokenizer's size: the calibration's shape only
-    cost = {v: seconds_per_step(v, vocab_size) for v in args.objectives}
-    reference = cost.get("mlm-15") or seconds_per_step("mlm-15", vocab_size)
+    cost = seconds_per_step(list(dict.fromkeys(["mlm-15", *args.objectives])), vocab_size)
+    reference = cost["mlm-15"]
     steps = {v: max(1, round(DEMO_STEPS * reference / cost[v])) for v in args.objectives}
     for v in args.objectives:
         say(f"  {v:<10} {cost[v] * 1000:7.1f} ms/step (calibration) → {steps[v]:,} steps")
