@@ -14,12 +14,12 @@ the first, then reads its record (state `Cached`). A lock left by a killed proce
 
 from __future__ import annotations
 
-import socket
+import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from prefect import Task
 from prefect.cache_policies import CachePolicy
@@ -28,27 +28,74 @@ from prefect.transactions import get_transaction
 
 from tasks.cache_keys import stage_cache_key  # noqa: F401 (the key, re-exported)
 from storage.home import DataHome
+from storage.liveness import owner_is_dead, this_process_owner
+
+
+# A lock file that names no owner process is stale after this long: ours record their owner
+# within milliseconds of creating the file (Prefect creates it empty, then writes the holder).
+UNOWNED_LOCK_GRACE_S = 30.0
 
 
 class KillSafeLockManager(FileSystemLockManager):
-    """Prefect's file locks record a holder (`host:pid:thread...`) and, here, no expiry: a run
-    killed with SIGKILL would block every later run of its stage forever. A lock whose holder
-    process on this host no longer exists is dropped."""
+    """Prefect's file locks record a holder (a transaction's uuid4) and, here, no expiry: a run
+    killed with SIGKILL would block every later run of its stage forever. Each lock taken here
+    also records its owner process (`host:pid:start-time`); a lock whose owner on this host no
+    longer exists (or whose pid now belongs to a newer process) is dropped."""
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._record_owner(key)
+        return acquired
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        acquired = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._record_owner(key)
+        return acquired
+
+    def _record_owner(self, key: str) -> None:
+        path = Path(self._lock_path_for_key(key))
+        try:
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return
+        record["owner"] = this_process_owner()
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, path)  # readers see the old record or the new one, never half of one
+        if key in self._locks:
+            self._locks[key]["owner"] = record["owner"]
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        info = self._get_lock_info(key, use_cache=use_cache)
-        if info is not None and holder_is_dead(str(info.get("holder", ""))):
+        path = Path(self._lock_path_for_key(key))
+        try:
+            info = self._get_lock_info(key, use_cache=use_cache)
+        except ValueError:  # created, holder not written yet (or a torn file)
+            info = {"path": path}
+        if info is not None and lock_is_stale(info):
             Path(info["path"]).unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False
-        return super().is_locked(key, use_cache=use_cache)
+        try:
+            return super().is_locked(key, use_cache=use_cache)
+        except ValueError:
+            return True
 
 
-def holder_is_dead(holder: str) -> bool:
-    parts = holder.split(":")
-    if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-        return False  # another machine's lock (shared disk): its owner must release it
-    return not psutil.pid_exists(int(parts[1]))
+def lock_is_stale(info: dict[str, Any]) -> bool:
+    """A lock whose owner process is gone; or, naming no owner, one left for longer than a live
+    owner takes to write its name."""
+    owner = info.get("owner")
+    if owner:
+        return owner_is_dead(str(owner))
+    try:
+        age = time.time() - Path(info["path"]).stat().st_mtime
+    except OSError:
+        return False
+    return age > UNOWNED_LOCK_GRACE_S
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from bertflow.errors import BertflowError
 from storage.catalog import Catalog, CatalogEntry, artifact_id
 from storage.fingerprint import FINGERPRINT_CHARS, hash_directory
 from storage.home import DataHome
+from storage.liveness import owner_is_dead, this_process_owner
 
 SUCCESS_MARKER = "_SUCCESS"
 MANIFEST_FILE = "manifest.json"
@@ -54,11 +56,42 @@ class Artifact:
         return Path(self.path)
 
 
+OWNER_FILE = ".owner"  # in a scratch directory: the process writing it (storage/liveness.py)
+UNOWNED_SCRATCH_GRACE_S = 24 * 3600  # a scratch directory naming no owner predates owner files
+
+
+def sweep_abandoned_scratch(scratch_dir: Path) -> list[Path]:
+    """Remove the scratch directories of writers that died (a `kill -9` mid-write): the process
+    named in the directory's owner file no longer runs. Returns what was removed."""
+    removed = []
+    try:
+        candidates = [p for p in scratch_dir.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return removed
+    for directory in candidates:
+        try:
+            owner = (directory / OWNER_FILE).read_text()
+            abandoned = owner_is_dead(owner)
+        except FileNotFoundError:
+            try:
+                abandoned = time.time() - directory.stat().st_mtime > UNOWNED_SCRATCH_GRACE_S
+            except FileNotFoundError:
+                continue  # committed or removed meanwhile
+        except OSError:
+            continue
+        if abandoned:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
 class ArtifactWriter:
     def __init__(self, store: "ArtifactStore", kind: str, name: str):
         self.store, self.kind, self.name = store, kind, name
+        sweep_abandoned_scratch(store.home.scratch_dir)
         self.dir = store.home.scratch_dir / f"{kind}-{name}-{uuid.uuid4().hex[:12]}"
         self.dir.mkdir(parents=True)
+        (self.dir / OWNER_FILE).write_text(this_process_owner())
 
     def commit(self, *, manifest: dict[str, Any], parents: list[str] | None = None,
                params: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
@@ -66,6 +99,7 @@ class ArtifactWriter:
                file_digests: dict[str, str] | None = None) -> Artifact:
         """Fingerprint, move into place, mark, register. `file_digests`: the `file_digest` of
         data files, by relative path, where the stage already computed them."""
+        (self.dir / OWNER_FILE).unlink(missing_ok=True)
         # The fingerprint covers the data files only: the manifest carries timings that differ
         # between identical runs.
         fingerprint = hash_directory(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}),

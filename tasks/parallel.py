@@ -117,7 +117,9 @@ def _executor(parallel: ParallelConfig, local: Literal["threads", "processes"], 
     from tasks.processes import start_worker_process
 
     # spawn, not fork: the parent runs Prefect's threads, which fork would copy mid-flight.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=start_worker_process)
+    # The workers exit when this process dies, even by SIGKILL (see start_worker_process).
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=start_worker_process,
+                               initargs=(os.getpid(),))
 
 
 def map_in_order(fn: Callable[[J], R], jobs: Iterable[J], *, workers: int,

@@ -12,11 +12,34 @@ from typing import Any
 WORKER_THREAD_LIMITS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def start_worker_process() -> None:
+PARENT_POLL_S = 1.0  # how soon a worker notices that its parent died
+
+
+def start_worker_process(parent_pid: int | None = None) -> None:
     """Initializer of our worker processes: runs before their first job, so before numpy or
-    pyarrow are loaded (settings the user made win)."""
+    pyarrow are loaded (settings the user made win). With `parent_pid`, the worker exits as
+    soon as that process is gone."""
     for name, value in WORKER_THREAD_LIMITS.items():
         os.environ.setdefault(name, value)
+    if parent_pid is not None:
+        exit_when_parent_dies(parent_pid)
+
+
+def exit_when_parent_dies(parent_pid: int) -> None:
+    """A parent killed with SIGKILL cannot stop its workers, and a pool worker blocked on its job
+    queue would wait (holding its memory) forever: watch the parent from a daemon thread.
+
+    Not PR_SET_PDEATHSIG: it fires when the parent *thread* that started the worker ends, and
+    pools start workers from whichever thread submits first."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # the parent is gone: its results have nowhere to go
+
+    threading.Thread(target=watch, name="bertflow-parent-watch", daemon=True).start()
 
 
 class _PandasProbe:

@@ -1,0 +1,164 @@
+"""Faults: a `kill -9` anywhere leaves a state the same command recovers from, unaided.
+
+Each stage is killed with SIGKILL while it holds its cache lock and its worker processes run;
+the workers must exit with it, and the same command, run again, must finish without manual
+clean-up and give the fingerprint of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from storage.artifacts import OWNER_FILE, ArtifactStore, sweep_abandoned_scratch
+from storage.home import DataHome
+from storage.liveness import this_process_owner
+from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dead_owner() -> str:
+    done = subprocess.run([sys.executable, "-c", "from storage.liveness import this_process_owner as o; print(o())"],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    return done.stdout.strip()
+
+
+def test_scratch_of_a_dead_writer_is_swept_and_a_live_ones_kept(home: Path):
+    scratch = DataHome.from_env().scratch_dir
+    dead, live, unowned = (scratch / n for n in ("corpus-a-1", "corpus-b-2", "corpus-c-3"))
+    for directory in (dead, live, unowned):
+        directory.mkdir(parents=True)
+        (directory / "shard-00000.parquet").write_bytes(b"half written")
+    (dead / OWNER_FILE).write_text(dead_owner())
+    (live / OWNER_FILE).write_text(this_process_owner())
+    assert sweep_abandoned_scratch(scratch) == [dead]
+    assert live.exists() and unowned.exists()  # a fresh directory naming no owner may be mid-creation
+    old = time.time() - 2 * 24 * 3600
+    os.utime(unowned, (old, old))
+    assert sweep_abandoned_scratch(scratch) == [unowned]
+
+
+def test_a_writer_sweeps_before_it_writes_and_its_owner_file_is_not_committed(home: Path):
+    store = ArtifactStore()
+    stale = store.home.scratch_dir / "corpus-x-123"
+    stale.mkdir(parents=True)
+    (stale / OWNER_FILE).write_text(dead_owner())
+    with store.create("corpus", "x") as writer:
+        assert not stale.exists()
+        (writer.dir / "data.txt").write_text("x")
+        artifact = writer.commit(manifest={})
+    assert sorted(p.name for p in Path(artifact.path).iterdir()) == ["_SUCCESS", "data.txt", "manifest.json"]
+    assert not list(store.home.scratch_dir.iterdir())
+
+
+def _big_corpus(root: Path) -> Path:
+    src = root / "src"
+    src.mkdir()
+    for part in range(4):
+        (src / f"part-{part}.jsonl").write_text("".join(
+            json.dumps({"text": f"Document {part}-{i} is about topic {i % 97}. It has a second sentence, and"
+                                f" a third one that mentions {i % 13}."}) + "\n" for i in range(40_000)))
+    return src
+
+
+def _workers_of(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [c for c in process.children(recursive=True) if "multiprocessing" in " ".join(c.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _kill_mid_stage(argv: list[str], env: dict[str, str], lock_dir: Path, *,
+                    workers_expected: bool) -> list[psutil.Process]:
+    """Start the command, wait until it holds its stage's cache lock (and its worker processes
+    run), then SIGKILL the command's own process (not its group: the workers must notice by
+    themselves)."""
+    command = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    process = psutil.Process(command.pid)
+    deadline = time.monotonic() + 240
+    workers: list[psutil.Process] = []
+    while time.monotonic() < deadline and command.poll() is None:
+        workers = _workers_of(process)
+        if (workers or not workers_expected) and lock_dir.is_dir() and any(lock_dir.glob("*.lock")):
+            break
+        time.sleep(0.05)
+    assert command.poll() is None, "the stage ended before it could be killed; give it more work"
+    assert workers or not workers_expected, "no worker process was seen in time"
+    time.sleep(0.5)  # into the work
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    return workers
+
+
+def _assert_workers_exit(workers: list[psutil.Process], within_s: float = 15) -> None:
+    gone, alive = psutil.wait_procs(workers, timeout=within_s)
+    for process in alive:
+        process.kill()
+    assert not alive, f"{len(alive)} worker process(es) outlived the killed command by {within_s} s"
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bertflow.cli", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_during_ingest_then_the_same_command_finishes(flow_home: Path, tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL
+
+    src = _big_corpus(tmp_path)
+    argv = _cli("ingest", str(src), "--name", "killed", "--workers", "2")
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    home = DataHome.from_env(str(flow_home))
+    _kill_mid_stage(argv, env, home.lock_dir, workers_expected=False)  # ingest's workers are threads
+
+    started = time.monotonic()
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert time.monotonic() - started < 240  # it did not wait for a lock nobody holds
+    assert not list(home.scratch_dir.iterdir()), "the killed run's scratch directory was left behind"
+
+    other = tmp_path / "straight"
+    straight = subprocess.run(argv, env=dict(env, BERTFLOW_HOME=str(other)), capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    resumed = ArtifactStore(home).resolve("killed", kind="corpus")
+    reference = ArtifactStore(DataHome.from_env(str(other))).resolve("killed", kind="corpus")
+    assert resumed.fingerprint == reference.fingerprint
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_during_pretraining_data_then_the_same_command_finishes(flow_home: Path, tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL
+
+    src = _big_corpus(tmp_path)
+    assert run_cli("ingest", str(src), "--name", "corpus") == 0
+    assert run_cli("tokenizer", "--corpus", "corpus", "--name", "tok", "--vocab-size", "400") == 0
+    argv = _cli("pretraining-data", "--corpus", "corpus", "--tokenizer", "tok", "--name", "killed",
+                "--workers", "2", "--dupe-factor", "3", "--shard-mb", "1")
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    home = DataHome.from_env(str(flow_home))
+    for lock in home.lock_dir.glob("*.lock"):  # nothing of the stages before may be mistaken for it
+        lock.unlink()
+    _assert_workers_exit(_kill_mid_stage(argv, env, home.lock_dir, workers_expected=True))
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(home.scratch_dir.iterdir()), "the killed run's scratch directory was left behind"
+    straight = subprocess.run(_cli("pretraining-data", "--corpus", "corpus", "--tokenizer", "tok", "--name",
+                                   "straight", "--workers", "2", "--dupe-factor", "3", "--shard-mb", "1"),
+                              env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    store = ArtifactStore(home)
+    assert store.resolve("killed", kind="pretraining-data").fingerprint == \
+        store.resolve("straight", kind="pretraining-data").fingerprint
