@@ -162,15 +162,26 @@ class MaskedGatherPretrainingModel(nn.Module):
     positions only.
 
     `self.hf` holds every weight the export keeps, under Hugging Face's names; `export` returns it
-    to be saved (for ALBERT's partial sharing, a copy with the shared blocks untied).
+    to be saved (for ALBERT's partial sharing, a copy with the shared blocks untied). With
+    `span_boundary`, `self.sbo` is SpanBERT's span-boundary head, a pretraining-only part.
     """
 
-    def __init__(self, hf_model: nn.Module, *, share_layers: str | None = None):
+    def __init__(self, hf_model: nn.Module, *, span_boundary: bool = False, share_layers: str | None = None):
         super().__init__()
         self.hf = hf_model
         self.share_layers = share_layers
         self.loss_weights = {"mlm": 1.0, "nsp": 1.0}  # NSP or SOP: the sentence head's loss
         self.has_sentence_head = self._sentence_head() is not None
+        if span_boundary:
+            from tasks.span_boundary import SpanBoundaryHead
+
+            config = hf_model.config
+            self.sbo = SpanBoundaryHead(config.hidden_size, self._mlm_head().decoder.in_features,
+                                        layer_norm_eps=config.layer_norm_eps,
+                                        initializer_range=config.initializer_range)
+            self.loss_weights["sbo"] = 1.0
+        else:
+            self.sbo = None
 
     # BERT keeps its heads under `cls`, ALBERT at the top; methods, not attributes, so that the
     # state dict names each weight once.
@@ -209,6 +220,16 @@ class MaskedGatherPretrainingModel(nn.Module):
         if not self.training:  # accuracy is for evaluation; an argmax over the vocabulary is not free
             result["mlm_correct"] = (logits.argmax(-1) == labels).sum()
         loss = mlm_loss
+        if self.sbo is not None:
+            from tasks.span_boundary import span_boundary_inputs
+
+            left, right, place = span_boundary_inputs(hidden, attention_mask, rows, positions)
+            sbo_logits = mlm_head.decoder(self.sbo(left, right, place))  # (masked tokens, vocab)
+            sbo_loss = nn.functional.cross_entropy(sbo_logits.float(), labels)
+            loss = loss + sbo_loss
+            result.update(sbo_loss=sbo_loss, sbo_count=labels.new_tensor(labels.numel()))
+            if not self.training:
+                result["sbo_correct"] = (sbo_logits.argmax(-1) == labels).sum()
         if self.has_sentence_head and next_sentence_label is not None:
             sentence_logits = self._sentence_head()(outputs.pooler_output)  # (batch, 2)
             nsp_loss = nn.functional.cross_entropy(sentence_logits.float(), next_sentence_label)

@@ -160,7 +160,7 @@ def build_model(spec: RunSpec) -> torch.nn.Module:
                               nsp_head=spec.nsp_head, share_layers=cfg.share_layers)
     else:
         hf = new_hf_model(config, nsp_head=spec.nsp_head)
-    return MaskedGatherPretrainingModel(hf, share_layers=cfg.share_layers)
+    return MaskedGatherPretrainingModel(hf, span_boundary=cfg.span_boundary, share_layers=cfg.share_layers)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -259,7 +259,8 @@ def prepare_run(config: PretrainConfig, data: dict[str, Any]) -> RunSpec:
         from tasks.electra_model import electra_configs
 
         given = [flag for flag, on in (("--embedding-size", config.embedding_size is not None),
-                                       ("--share-layers", config.share_layers is not None)) if on]
+                                       ("--share-layers", config.share_layers is not None),
+                                       ("--span-boundary", config.span_boundary)) if on]
         if given:
             raise BertflowError(f"{' and '.join(given)} apply to --objective mlm, not electra; drop"
                                 f" {'them' if len(given) > 1 else 'it'} or pass --objective mlm")

@@ -14,7 +14,8 @@ OPERATIONAL_FIELDS = frozenset({"save_every", "keep_checkpoints", "eval_every", 
                                 "compile"})
 # Fields added after the first release, left out of the dump while at their defaults: cache keys,
 # artifact fingerprints and checkpoint identities of runs that do not use them stay as they were.
-LATER_FIELDS = ("objective", "generator_size", "discriminator_weight", "embedding_size", "share_layers")
+LATER_FIELDS = ("objective", "generator_size", "discriminator_weight", "embedding_size", "share_layers",
+                "span_boundary")
 
 
 class PretrainConfig(BaseModel):
@@ -36,6 +37,9 @@ class PretrainConfig(BaseModel):
     share_layers: Literal["none", "attention", "ffn", "all"] | None = Field(
         None, description="mlm: ALBERT's cross-layer sharing: the attention block, the feed-forward block or the"
         " whole layer shared by every layer; none: an ALBERT without sharing (default: a BERT)")
+    span_boundary: bool = Field(
+        False, description="mlm: add SpanBERT's span-boundary objective, each masked token predicted from the two"
+        " tokens around its masked span (a pretraining-only head, not exported)")
     model: str = Field("mini", description="preset (tiny, mini, small, medium, base, large) or a BERT config.json path")
     steps: int | None = Field(None, ge=1, description="optimizer steps (give steps or epochs, not both)")
     epochs: float | None = Field(None, gt=0, description="passes over the training instances (default 1 without --steps)")

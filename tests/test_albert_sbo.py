@@ -1,4 +1,4 @@
-"""ALBERT's parameter reductions on the masked-LM objective."""
+"""ALBERT's parameter reductions and SpanBERT's span-boundary objective, on the masked-LM objective."""
 
 from __future__ import annotations
 
@@ -155,6 +155,8 @@ def test_bad_albert_settings_fail_before_training(home: Path):
         prepare_run(PretrainConfig(name="m", model="tiny", embedding_size=200), data)
     with pytest.raises(BertflowError, match="--share-layers apply to --objective mlm, not electra"):
         prepare_run(PretrainConfig(name="m", model="tiny", objective="electra", share_layers="all"), data)
+    with pytest.raises(BertflowError, match="--span-boundary apply to --objective mlm"):
+        prepare_run(PretrainConfig(name="m", model="tiny", objective="electra", span_boundary=True), data)
 
 
 def test_params_cli_shows_an_alberts_saving(home: Path, capsys):
@@ -172,6 +174,78 @@ def test_later_fields_stay_out_of_the_dump_at_their_defaults():
     from tasks.pretrain_config import PretrainConfig
 
     plain = PretrainConfig(name="m").model_dump(mode="json")
-    assert not {"embedding_size", "share_layers"} & set(plain)
+    assert not {"embedding_size", "share_layers", "span_boundary"} & set(plain)
     assert not PretrainConfig(name="m").albert
-    assert PretrainConfig(name="m", share_layers="none").model_dump(mode="json")["share_layers"] == "none"
+    changed = PretrainConfig(name="m", share_layers="none", span_boundary=True).model_dump(mode="json")
+    assert (changed["share_layers"], changed["span_boundary"]) == ("none", True)
+
+
+# --- SpanBERT: the span-boundary objective ------------------------------------------------------
+
+def test_spans_are_runs_of_masked_positions_with_their_boundaries():
+    from tasks.span_boundary import span_boundaries
+
+    # [CLS] a [M] [M] b [M] [M] [M] [SEP]: two spans; [CLS] [M] [M] [SEP] [PAD]: the span between
+    # the special tokens; [M] a [M]: spans at both edges take the edge token as their boundary.
+    masked = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1, 0],
+                           [0, 1, 1, 0, 0, 0, 0, 0, 0],
+                           [1, 0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    lengths = torch.tensor([9, 4, 3])
+    left, right, place = span_boundaries(masked, lengths)
+    at = masked
+    assert left[0][at[0]].tolist() == [1, 1, 4, 4, 4] and right[0][at[0]].tolist() == [4, 4, 8, 8, 8]
+    assert place[0][at[0]].tolist() == [0, 1, 0, 1, 2]
+    assert left[1][at[1]].tolist() == [0, 0] and right[1][at[1]].tolist() == [3, 3]  # [CLS] and [SEP]
+    assert left[2][at[2]].tolist() == [0, 1] and right[2][at[2]].tolist() == [1, 2]  # clamped to the edges
+    assert place[2][at[2]].tolist() == [0, 0]
+    # Adjacent spans are one run: positions 2-4 masked in one draw or two give one span.
+    left, right, place = span_boundaries(torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.bool), torch.tensor([6]))
+    assert (left[0, 2:5].tolist(), right[0, 2:5].tolist(), place[0, 2:5].tolist()) == ([1] * 3, [5] * 3, [0, 1, 2])
+
+
+def test_span_boundary_adds_its_loss_and_is_not_exported():
+    from tasks.bert_model import MaskedGatherPretrainingModel, bert_config, new_hf_model
+
+    torch.manual_seed(0)
+    model = MaskedGatherPretrainingModel(new_hf_model(bert_config("tiny", vocab_size=len(VOCAB)), nsp_head=True),
+                                         span_boundary=True).eval()
+    out = model(**random_batch())
+    assert int(out["sbo_count"]) == int(out["mlm_count"]) == 6 and 0 <= int(out["sbo_correct"]) <= 6
+    torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["sbo_loss"] + out["nsp_loss"])
+    assert model.loss_weights == {"mlm": 1.0, "nsp": 1.0, "sbo": 1.0}
+    assert any(name.startswith("sbo.") for name in model.state_dict())
+    exported = model.export()
+    assert type(exported).__name__ == "BertForPreTraining"
+    assert not any("sbo" in name for name in exported.state_dict())
+    # With ALBERT, the head feeds the E-wide decoder.
+    albert = MaskedGatherPretrainingModel(tiny_albert("all")[1], span_boundary=True, share_layers="all").eval()
+    assert albert.sbo.dense2.out_features == 32 and torch.isfinite(albert(**random_batch())["sbo_loss"])
+
+
+def test_span_boundary_learns_on_repeated_words(home: Path):
+    """Every token of an instance is one word: the boundary tokens say which word was masked."""
+    data = register_repeated_word_data()
+    result = train_once(data, name="sbo", span_boundary=True, steps=20, batch_size=16, lr=2e-3, warmup=5,
+                        dropout=0.0, eval_every=5, save_every=1000, eval_instances=20)
+    first, last = result.evals[0], result.evals[-1]
+    assert last["sbo_loss"] < first["sbo_loss"]
+    assert last["sbo_accuracy"] > max(0.9, first["sbo_accuracy"] + 0.2), result.evals
+    assert type(result.model).__name__ == "BertForMaskedLM"
+
+
+def test_span_boundary_resumes_exactly_after_an_interruption(home: Path):
+    data = register_pretraining_data()
+    reference = train_once(data, name="straight", span_boundary=True)
+    from storage.checkpoints import RunCheckpoints, pretrain_run_dir
+
+    checkpoint = RunCheckpoints(pretrain_run_dir("straight")).load_latest(on_damaged=print)
+    assert any(name.startswith("sbo.") for name in checkpoint["model"])  # the head resumes too
+    with pytest.raises(KeyboardInterrupt):
+        train_once(data, callbacks=[CrashAt(6)], name="crashy", span_boundary=True)
+    resumed = train_once(data, name="crashy", span_boundary=True)
+    assert resumed.resumed_from == 4
+    assert [h["loss"] for h in resumed.history if h["kind"] == "train"] == \
+        [h["loss"] for h in reference.history if h["kind"] == "train"]
+    assert [e["sbo_accuracy"] for e in resumed.evals] == [e["sbo_accuracy"] for e in reference.evals]
+    for (name, a), (_, b) in zip(reference.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
