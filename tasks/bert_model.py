@@ -120,10 +120,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def format_params(name: str, config: Any, lines: list[ParamLine], instantiated: int) -> str:
+def format_params(name: str, config: Any, lines: list[ParamLine], instantiated: int, *,
+                  bert_total: int | None = None, header: str = "") -> str:
+    """The breakdown as printed by `bertflow params`; `bert_total`: the count of the BERT of the same
+    shape, to show an ALBERT's saving against."""
     total = sum(line.count for line in lines)
     out = [f"{name}: L={config.num_hidden_layers} H={config.hidden_size} heads={config.num_attention_heads}"
-           f" I={config.intermediate_size} V={config.vocab_size} P={config.max_position_embeddings}"]
+           f" I={config.intermediate_size} V={config.vocab_size} P={config.max_position_embeddings}{header}"]
     group = None
     for line in lines:
         if line.group != group:
@@ -134,6 +137,10 @@ def format_params(name: str, config: Any, lines: list[ParamLine], instantiated: 
     out.append(f"  {'total (formula)':<36}{total:>14,}  ({total / 1e6:.2f} M)")
     verdict = "matches" if instantiated == total else "DOES NOT MATCH"
     out.append(f"  {'instantiated model':<36}{instantiated:>14,}  {verdict}")
+    if bert_total is not None:
+        saving = bert_total - total
+        out.append(f"  {'BERT of the same shape':<36}{bert_total:>14,}  ({bert_total / 1e6:.2f} M)")
+        out.append(f"  {'saving':<36}{saving:>14,}  ({saving / bert_total:.1%} of BERT)")
     return "\n".join(out)
 
 
@@ -151,40 +158,80 @@ def new_hf_model(config: Any, *, nsp_head: bool, attn_implementation: str = "sdp
 
 
 class MaskedGatherPretrainingModel(nn.Module):
-    """Wraps a Hugging Face BERT pretraining model; the forward pass scores masked positions only.
+    """Wraps a Hugging Face BERT or ALBERT pretraining model; the forward pass scores masked
+    positions only.
 
-    `self.hf` holds every weight, under Hugging Face's names; `export` returns it to be saved as is.
+    `self.hf` holds every weight the export keeps, under Hugging Face's names; `export` returns it
+    to be saved (for ALBERT's partial sharing, a copy with the shared blocks untied). With
+    `span_boundary`, `self.sbo` is SpanBERT's span-boundary head, a pretraining-only part.
     """
 
-    loss_weights = {"mlm": 1.0, "nsp": 1.0}  # NSP or SOP: the sentence head's loss
-
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, *, span_boundary: bool = False, share_layers: str | None = None):
         super().__init__()
         self.hf = hf_model
-        self.has_sentence_head = hasattr(hf_model.cls, "seq_relationship")
+        self.share_layers = share_layers
+        self.loss_weights = {"mlm": 1.0, "nsp": 1.0}  # NSP or SOP: the sentence head's loss
+        self.has_sentence_head = self._sentence_head() is not None
+        if span_boundary:
+            from tasks.span_boundary import SpanBoundaryHead
+
+            config = hf_model.config
+            self.sbo = SpanBoundaryHead(config.hidden_size, self._mlm_head().decoder.in_features,
+                                        layer_norm_eps=config.layer_norm_eps,
+                                        initializer_range=config.initializer_range)
+            self.loss_weights["sbo"] = 1.0
+        else:
+            self.sbo = None
+
+    # BERT keeps its heads under `cls`, ALBERT at the top; methods, not attributes, so that the
+    # state dict names each weight once.
+    def _encoder(self) -> nn.Module:
+        return getattr(self.hf, self.hf.base_model_prefix)
+
+    def _mlm_head(self) -> nn.Module:
+        return self.hf.cls.predictions if hasattr(self.hf, "cls") else self.hf.predictions
+
+    def _sentence_head(self) -> nn.Module | None:
+        if hasattr(self.hf, "cls"):
+            return getattr(self.hf.cls, "seq_relationship", None)
+        return getattr(self.hf, "sop_classifier", None)
 
     def export(self) -> nn.Module:
-        return self.hf
+        if self.share_layers is None:
+            return self.hf
+        from tasks.albert_model import untied_copy
+
+        return untied_copy(self.hf, self.share_layers)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 mlm_positions: torch.Tensor, mlm_labels: torch.Tensor,
                 next_sentence_label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        outputs = self.hf.bert(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids, return_dict=True)
+        outputs = self._encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids, return_dict=True)
         hidden = outputs.last_hidden_state  # (batch, seq, hidden)
         # Padded prediction slots (label -100) are dropped before the head, not after.
         valid = mlm_labels != -100  # (batch, max_predictions)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mlm_positions)
-        gathered = hidden[rows[valid], mlm_positions[valid]]  # (masked tokens, hidden)
-        logits = self.hf.cls.predictions(gathered)  # (masked tokens, vocab)
-        labels = mlm_labels[valid]
+        rows, positions, labels = rows[valid], mlm_positions[valid], mlm_labels[valid]
+        mlm_head = self._mlm_head()
+        logits = mlm_head(hidden[rows, positions])  # (masked tokens, vocab)
         mlm_loss = nn.functional.cross_entropy(logits.float(), labels)
         result = {"mlm_loss": mlm_loss, "mlm_count": labels.new_tensor(labels.numel())}
         if not self.training:  # accuracy is for evaluation; an argmax over the vocabulary is not free
             result["mlm_correct"] = (logits.argmax(-1) == labels).sum()
         loss = mlm_loss
+        if self.sbo is not None:
+            from tasks.span_boundary import span_boundary_inputs
+
+            left, right, place = span_boundary_inputs(hidden, attention_mask, rows, positions)
+            sbo_logits = mlm_head.decoder(self.sbo(left, right, place))  # (masked tokens, vocab)
+            sbo_loss = nn.functional.cross_entropy(sbo_logits.float(), labels)
+            loss = loss + sbo_loss
+            result.update(sbo_loss=sbo_loss, sbo_count=labels.new_tensor(labels.numel()))
+            if not self.training:
+                result["sbo_correct"] = (sbo_logits.argmax(-1) == labels).sum()
         if self.has_sentence_head and next_sentence_label is not None:
-            sentence_logits = self.hf.cls.seq_relationship(outputs.pooler_output)  # (batch, 2)
+            sentence_logits = self._sentence_head()(outputs.pooler_output)  # (batch, 2)
             nsp_loss = nn.functional.cross_entropy(sentence_logits.float(), next_sentence_label)
             loss = loss + nsp_loss
             result.update(nsp_loss=nsp_loss, nsp_correct=(sentence_logits.argmax(-1) == next_sentence_label).sum(),

@@ -152,7 +152,15 @@ def build_model(spec: RunSpec) -> torch.nn.Module:
 
         return ElectraPretrainingModel(*electra_configs(config, generator_size=spec.config.generator_size),
                                        discriminator_weight=spec.config.discriminator_weight)
-    return MaskedGatherPretrainingModel(new_hf_model(config, nsp_head=spec.nsp_head))
+    cfg = spec.config
+    if cfg.albert:
+        from tasks.albert_model import albert_config, new_albert_model
+
+        hf = new_albert_model(albert_config(config, embedding_size=cfg.embedding_size, share_layers=cfg.share_layers),
+                              nsp_head=spec.nsp_head, share_layers=cfg.share_layers)
+    else:
+        hf = new_hf_model(config, nsp_head=spec.nsp_head)
+    return MaskedGatherPretrainingModel(hf, span_boundary=cfg.span_boundary, share_layers=cfg.share_layers)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -250,7 +258,18 @@ def prepare_run(config: PretrainConfig, data: dict[str, Any]) -> RunSpec:
     if config.objective == "electra":
         from tasks.electra_model import electra_configs
 
+        given = [flag for flag, on in (("--embedding-size", config.embedding_size is not None),
+                                       ("--share-layers", config.share_layers is not None),
+                                       ("--span-boundary", config.span_boundary)) if on]
+        if given:
+            raise BertflowError(f"{' and '.join(given)} apply to --objective mlm, not electra; drop"
+                                f" {'them' if len(given) > 1 else 'it'} or pass --objective mlm")
         electra_configs(hf_config, generator_size=config.generator_size)  # a bad generator size fails here
+    if config.albert:
+        from tasks.albert_model import albert_config
+
+        # An embedding size beyond the hidden size fails here.
+        albert_config(hf_config, embedding_size=config.embedding_size, share_layers=config.share_layers)
     identity = {"config": config.trajectory_identity(), "data": data["fingerprint"]}
     return RunSpec(config=config, data_dir=data["path"], hf_config=hf_config.to_dict(), nsp_head=nsp_head,
                    pad_id=tokenizer.pad_token_id, run_dir=str(pretrain_run_dir(config.name)), identity=identity)

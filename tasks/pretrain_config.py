@@ -14,7 +14,8 @@ OPERATIONAL_FIELDS = frozenset({"save_every", "keep_checkpoints", "eval_every", 
                                 "compile"})
 # Fields added after the first release, left out of the dump while at their defaults: cache keys,
 # artifact fingerprints and checkpoint identities of runs that do not use them stay as they were.
-LATER_FIELDS = ("objective", "generator_size", "discriminator_weight")
+LATER_FIELDS = ("objective", "generator_size", "discriminator_weight", "embedding_size", "share_layers",
+                "span_boundary")
 
 
 class PretrainConfig(BaseModel):
@@ -30,6 +31,15 @@ class PretrainConfig(BaseModel):
         0.25, gt=0, description="electra: generator hidden size as a fraction of the discriminator's (≤ 1)")
     discriminator_weight: float = Field(
         50.0, gt=0, description="electra: λ, the weight of the discriminator's loss against the generator's MLM")
+    embedding_size: int | None = Field(
+        None, ge=1, description="mlm: ALBERT's factorised embeddings, E (tokens are embedded in E dimensions and"
+        " projected to the hidden size; default: no factorisation, a BERT)")
+    share_layers: Literal["none", "attention", "ffn", "all"] | None = Field(
+        None, description="mlm: ALBERT's cross-layer sharing: the attention block, the feed-forward block or the"
+        " whole layer shared by every layer; none: an ALBERT without sharing (default: a BERT)")
+    span_boundary: bool = Field(
+        False, description="mlm: add SpanBERT's span-boundary objective, each masked token predicted from the two"
+        " tokens around its masked span (a pretraining-only head, not exported)")
     model: str = Field("mini", description="preset (tiny, mini, small, medium, base, large) or a BERT config.json path")
     steps: int | None = Field(None, ge=1, description="optimizer steps (give steps or epochs, not both)")
     epochs: float | None = Field(None, gt=0, description="passes over the training instances (default 1 without --steps)")
@@ -64,6 +74,11 @@ class PretrainConfig(BaseModel):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
         return self
+
+    @property
+    def albert(self) -> bool:
+        """The model is an ALBERT (factorised embeddings or cross-layer sharing asked for)."""
+        return self.embedding_size is not None or self.share_layers is not None
 
     @model_serializer(mode="wrap")
     def _omit_later_fields_at_defaults(self, handler: Any) -> dict[str, Any]:

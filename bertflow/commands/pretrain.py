@@ -25,6 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("model", metavar="MODEL_OR_PRESET")
     q.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size for a preset (default 30522)")
     q.add_argument("--no-nsp", action="store_true", help="masked-LM head only (data built with --objective none)")
+    q.add_argument("--embedding-size", type=int, default=None,
+                   help="ALBERT: factorised embeddings of size E (default: a BERT, or the ALBERT directory's own)")
+    q.add_argument("--share-layers", choices=["none", "attention", "ffn", "all"], default=None,
+                   help="ALBERT: cross-layer sharing (default: a BERT, or the ALBERT directory's own)")
 
     f = add_command(subparsers, "fill-mask", run_fill_mask, help="top-k predictions for [MASK] in a sentence")
     f.add_argument("model", metavar="MODEL", help="model artifact name or a Hugging Face model directory")
@@ -103,11 +107,14 @@ def _model_dir(model: str) -> Path:
 def run_params(args: argparse.Namespace) -> int:
     """Print the parameter count of a preset, a BERT config.json, a model artifact or a Hugging Face
     directory, part by part (embeddings, attention, feed-forward, LayerNorms, pooler, heads),
-    and check the sum against the instantiated model."""
+    and check the sum against the instantiated model. With --embedding-size or --share-layers
+    (or an ALBERT directory), the count is an ALBERT's, with the saving against the BERT of the
+    same shape."""
     from tasks.bert_model import PRESETS, bert_config, count_parameters, format_params, new_hf_model, params_breakdown
 
     model = args.model
     nsp_head = not args.no_nsp
+    albert = None  # an ALBERT config read from a directory
     if model in PRESETS or model.lower().endswith(".json"):
         config = bert_config(model, vocab_size=args.vocab_size)
     else:
@@ -115,13 +122,38 @@ def run_params(args: argparse.Namespace) -> int:
 
         directory = _model_dir(model)
         config = AutoConfig.from_pretrained(directory)
-        if config.model_type != "bert":
-            raise BertflowError(f"{directory}/config.json: model_type '{config.model_type}' is not BERT")
-        nsp_head = "BertForPreTraining" in (config.architectures or ["BertForPreTraining"])
-    instantiated = count_parameters(new_hf_model(config, nsp_head=nsp_head))
-    lines = params_breakdown(config, nsp_head=nsp_head)
-    print(format_params(model, config, lines, instantiated))
+        if config.model_type not in ("bert", "albert"):
+            raise BertflowError(f"{directory}/config.json: model_type '{config.model_type}' is not BERT or ALBERT")
+        nsp_head = any(name in (config.architectures or ["BertForPreTraining"])
+                       for name in ("BertForPreTraining", "AlbertForPreTraining"))
+        if config.model_type == "albert":
+            albert, config = config, _bert_shape(config)
+    if albert is None and args.embedding_size is None and args.share_layers is None:
+        instantiated = count_parameters(new_hf_model(config, nsp_head=nsp_head))
+        lines = params_breakdown(config, nsp_head=nsp_head)
+        print(format_params(model, config, lines, instantiated))
+        return 0 if instantiated == sum(line.count for line in lines) else 1
+
+    from tasks.albert_model import albert_config, albert_params_breakdown, new_albert_model, share_mode
+
+    share = args.share_layers or (share_mode(albert) if albert is not None else "none")
+    embedding_size = args.embedding_size or (albert.embedding_size if albert is not None else None)
+    config = albert_config(config, embedding_size=embedding_size, share_layers=share)
+    instantiated = count_parameters(new_albert_model(config, nsp_head=nsp_head, share_layers=share))
+    lines = albert_params_breakdown(config, nsp_head=nsp_head, share_layers=share)
+    bert_total = sum(line.count for line in params_breakdown(_bert_shape(config), nsp_head=nsp_head))
+    print(format_params(model, config, lines, instantiated, bert_total=bert_total,
+                        header=f" E={config.embedding_size} sharing={share}"))
     return 0 if instantiated == sum(line.count for line in lines) else 1
+
+
+def _bert_shape(albert_config):
+    """The BERT of an ALBERT config's shape (E = H, no sharing)."""
+    from transformers import BertConfig
+
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size", "pad_token_id")
+    return BertConfig(**{key: getattr(albert_config, key) for key in keys})
 
 
 def run_fill_mask(args: argparse.Namespace) -> int:
