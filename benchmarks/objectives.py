@@ -44,6 +44,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "mlm-30": ({"masked_lm_prob": 0.30}, {}),
     "mlm-40": ({"masked_lm_prob": 0.40}, {}),
     "electra": ({}, {"objective": "electra"}),
+    # ALBERT: factorised embeddings (E = H/2) and one layer shared by all (the tiny model's 2).
+    "albert": ({}, {"embedding_size": 64, "share_layers": "all"}),
+    # SpanBERT: span masking plus the span-boundary objective.
+    "span-sbo": ({"masking": "span"}, {"span_boundary": True}),
 }
 SENTIMENT = {"task_type": "classification", "train": "{home}/demo/sources/zh/reviews_train.tsv",
              "dev": "{home}/demo/sources/zh/reviews_dev.tsv", "test": "{home}/demo/sources/zh/reviews_test.tsv",

@@ -12,14 +12,17 @@ STAGE_VERSION = "1"
 
 
 def initialise_like(model_dir: str, seed: int) -> Any:
-    """A BertForPreTraining with `model_dir`'s config and weights drawn fresh under `seed`."""
+    """The pretraining model of `model_dir`'s family and config (BertForPreTraining,
+    AlbertForPreTraining with its factorised embeddings and sharing, ElectraForPreTraining),
+    weights drawn fresh under `seed`."""
     import torch
-    from transformers import AutoConfig, BertForPreTraining
+    from transformers import AutoConfig, AutoModelForPreTraining
 
     config = AutoConfig.from_pretrained(model_dir)
-    config.architectures = ["BertForPreTraining"]
     torch.manual_seed(seed)
-    return BertForPreTraining(config)
+    model = AutoModelForPreTraining.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    return model
 
 
 def run_random_init(name: str, model: dict[str, Any], seed: int, *, cache_key: str | None = None
@@ -37,9 +40,9 @@ def run_random_init(name: str, model: dict[str, Any], seed: int, *, cache_key: s
         vocab = Path(model["path"]) / "vocab.txt"  # keep the plain vocabulary beside tokenizer.json
         if vocab.exists() and not (writer.dir / "vocab.txt").exists():
             shutil.copy2(vocab, writer.dir / "vocab.txt")
-        parameters = sum(p.numel() for p in net.parameters())
+        parameters = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
         artifact = writer.commit(
-            manifest={"architecture": "BertForPreTraining", "initialised_like": model, "seed": seed},
+            manifest={"architecture": type(net).__name__, "initialised_like": model, "seed": seed},
             parents=[model["id"]], params={"seed": seed, "like": model["id"]},
             stats={"parameters": parameters, "pretraining_steps": 0},
             cache_key=cache_key, stage_version=STAGE_VERSION)

@@ -117,25 +117,59 @@ def test_fields_added_later_leave_earlier_cache_keys_alone():
     assert PretrainConfig(name="m", objective="electra").model_dump(mode="json")["objective"] == "electra"
 
 
-def test_an_electra_export_fine_tunes_with_our_stage(flow_home: Path, tmp_path: Path):
-    import json
-
+def _electra_export(root: Path) -> None:
     from transformers import BertConfig, ElectraForPreTraining
 
-    from storage.artifacts import ArtifactStore
     from tasks.electra_model import electra_configs
+
+    ElectraForPreTraining(electra_configs(BertConfig.from_pretrained(root))[0]).save_pretrained(root)
+
+
+def _albert_export(root: Path) -> None:
+    from transformers import BertConfig
+
+    from tasks.albert_model import albert_config, new_albert_model
+
+    config = albert_config(BertConfig.from_pretrained(root), embedding_size=16, share_layers="all")
+    new_albert_model(config, nsp_head=True, share_layers="all").save_pretrained(root)
+
+
+@pytest.mark.parametrize("family, write_export", [("electra", _electra_export), ("albert", _albert_export)])
+def test_an_export_of_another_family_fine_tunes_with_our_stage(flow_home: Path, tmp_path: Path, family: str,
+                                                               write_export):
+    import json
+
+    from storage.artifacts import ArtifactStore
     from tests.conftest import run_cli
     from tests.test_finetune import SENTIMENT, write_tiny_bert, write_tsv
 
-    root = write_tiny_bert(tmp_path / "electra")
+    root = write_tiny_bert(tmp_path / family)
     (root / "model.safetensors").unlink()
-    shape = BertConfig.from_pretrained(root)
     torch.manual_seed(0)
-    ElectraForPreTraining(electra_configs(shape)[0]).save_pretrained(root)
+    write_export(root)
     train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
     assert run_cli("finetune", "--model", str(root), "--task-type", "classification", "--train", str(train),
-                   "--dev", str(train), "--name", "electra-sent", "--epochs", "30", "--batch-size", "4",
+                   "--dev", str(train), "--name", f"{family}-sent", "--epochs", "30", "--batch-size", "4",
                    "--lr", "1e-2", "--warmup-ratio", "0", "--eval-every", "20") == 0
-    artifact = ArtifactStore().resolve("electra-sent", kind="finetune")
-    assert json.loads((Path(artifact.path) / "config.json").read_text())["model_type"] == "electra"
+    artifact = ArtifactStore().resolve(f"{family}-sent", kind="finetune")
+    assert json.loads((Path(artifact.path) / "config.json").read_text())["model_type"] == family
     assert json.loads((Path(artifact.path) / "metrics.json").read_text())["dev"]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("family, write_export", [("electra", _electra_export), ("albert", _albert_export)])
+def test_the_random_init_baseline_keeps_the_family_and_shape(tmp_path: Path, family: str, write_export):
+    from transformers import AutoModel
+
+    from tasks.baseline import initialise_like
+    from tests.test_finetune import write_tiny_bert
+
+    root = write_tiny_bert(tmp_path / family)
+    (root / "model.safetensors").unlink()
+    torch.manual_seed(0)
+    write_export(root)
+    pretrained = AutoModel.from_pretrained(root)
+    fresh = initialise_like(str(root), seed=1)
+    assert fresh.config.model_type == family and fresh.config.architectures == [type(fresh).__name__]
+    assert sum(p.numel() for p in fresh.base_model.parameters()) == sum(p.numel() for p in pretrained.parameters())
+    assert not torch.equal(fresh.base_model.embeddings.word_embeddings.weight,
+                           pretrained.embeddings.word_embeddings.weight)
