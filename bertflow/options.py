@@ -178,7 +178,12 @@ class ConfigOptions:
 
         options = {name: getattr(args, name) for name in self.fields()
                    if not (name in self.optional and getattr(args, name) is None)}
-        return validated(self.model_class(), {**options, **values})
+        config = validated(self.model_class(), {**options, **values})
+        if isinstance(getattr(config, "name", None), str):
+            from storage.artifacts import check_name
+
+            check_name(config.name)  # before any work: a name becomes a path in the data home
+        return config
 
 
 def _default(info: Any) -> Any:

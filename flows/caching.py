@@ -23,11 +23,13 @@ from typing import Any
 
 from prefect import Task
 from prefect.cache_policies import CachePolicy
+from prefect.logging import get_logger
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import get_transaction
 
 from tasks.cache_keys import stage_cache_key  # noqa: F401 (the key, re-exported)
 from storage.home import DataHome
+from storage.cache_records import forget_record, untrusted_record
 from storage.liveness import owner_is_dead, this_process_owner
 
 
@@ -112,9 +114,13 @@ class StageCachePolicy(CachePolicy):
         from storage.artifacts import ArtifactStore
 
         store = ArtifactStore(DataHome(self.home_url))
+        records = Path(str(self.key_storage))
         if store.find_valid_by_cache_key(key) is None:
-            for directory in (Path(str(self.key_storage)), Path(str(self.key_storage)) / "results"):
-                (directory / key).unlink(missing_ok=True)
+            forget_record(records, key)
+        elif (problem := untrusted_record(records, key)) is not None:
+            get_logger("bertflow").warning(f"cache record {records / key} {problem}: not loaded; the stage is"
+                                           " computed again")
+            forget_record(records, key)
         return key
 
 

@@ -34,7 +34,7 @@ KINDS = ("corpus", "tokenizer", "pretraining-data", "model", "finetune")
 def check_name(name: str, what: str = "--name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):  # fullmatch: "$" lets a final newline in
         raise BertflowError(
-            f"{what} '{name}' is not a valid artifact name; use letters, digits, '.', '_' or '-'"
+            f"{what} {name!r} is not a valid artifact name; use letters, digits, '.', '_' or '-'"
             " (at most 100 characters, starting with a letter or digit)"
         )
     return name

@@ -31,10 +31,13 @@ def cached_result(stage: str, version: str, inputs: dict[str, Any], home: DataHo
     import json
 
     from storage.artifacts import ArtifactStore
+    from storage.cache_records import untrusted_record
 
     key = stage_cache_key(stage, version, inputs)
     if ArtifactStore(home).find_valid_by_cache_key(key) is None:
         return None
+    if untrusted_record(home.cache_records_dir, key) is not None:
+        return None  # the flow says why, and computes the stage again
     try:
         result = json.loads((home.cache_records_dir / "results" / key).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -138,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
     this shell's $BERTFLOW_HOME."""
     # Cheapest checks first: the config check imports every stage (torch included).
     validated_schedule(args.cron, args.timezone)
+    if args.name is not None:
+        from storage.artifacts import check_name
+
+        check_name(args.name)  # Prefect's own check would come later, as a traceback
     url = require_server()
     from flows.pipeline_config import load_pipeline_config
 
