@@ -39,12 +39,24 @@ class _DropUserErrorTracebacks(logging.Filter):
         return True
 
 
+class _UserErrorsOnTheTerminalOnce(logging.Filter):
+    """On the terminal, a BertflowError is the CLI's one `error:` line: Prefect's own records of
+    it (the exception, the failed task and flow states) stay in the run's logs (the UI) only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BertflowError):
+            return False
+        return "BertflowError" not in record.getMessage()
+
+
 def _quiet_user_errors() -> None:
-    flt = _DropUserErrorTracebacks()
+    tracebacks, terminal = _DropUserErrorTracebacks(), _UserErrorsOnTheTerminalOnce()
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
-            if not any(isinstance(f, _DropUserErrorTracebacks) for f in handler.filters):
+            on_terminal = type(handler).__name__ in ("PrefectConsoleHandler", "StreamHandler")
+            flt = terminal if on_terminal else tracebacks
+            if not any(type(f) is type(flt) for f in handler.filters):
                 handler.addFilter(flt)
 
 

@@ -21,12 +21,13 @@ from typing import Any, Iterator
 
 from bertflow.errors import BertflowError
 from storage.catalog import Catalog, CatalogEntry, artifact_id
-from storage.fingerprint import FINGERPRINT_CHARS, hash_directory
+from storage.fingerprint import FINGERPRINT_CHARS, directory_files, file_digest, hash_files
 from storage.home import DataHome
 from storage.liveness import owner_is_dead, this_process_owner
 
 SUCCESS_MARKER = "_SUCCESS"
 MANIFEST_FILE = "manifest.json"
+FILES_KEY = "files"  # in a manifest: relative path → {bytes, digest} of every data file
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 KINDS = ("corpus", "tokenizer", "pretraining-data", "model", "finetune")
 
@@ -102,15 +103,16 @@ class ArtifactWriter:
         (self.dir / OWNER_FILE).unlink(missing_ok=True)
         # The fingerprint covers the data files only: the manifest carries timings that differ
         # between identical runs.
-        fingerprint = hash_directory(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}),
-                                     known=file_digests)
-        fingerprint = fingerprint[:FINGERPRINT_CHARS]
+        files = directory_files(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}), known=file_digests)
+        fingerprint = hash_files(files)[:FINGERPRINT_CHARS]
         id_ = artifact_id(self.kind, self.name, fingerprint)
         final = self.store.artifact_dir(self.kind, self.name, fingerprint)
         full_manifest = {
             "id": id_, "kind": self.kind, "name": self.name, "fingerprint": fingerprint,
             "path": final, "parents": parents or [], "params": params or {},
             "stats": stats or {}, "stage_version": stage_version, **manifest,
+            # What was written: checked (sizes) whenever the artifact is used, in full by `bertflow verify`.
+            FILES_KEY: files,
         }
         (self.dir / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, default=str))
         self.store.move_into_place(self.dir, final)
@@ -147,9 +149,9 @@ class ArtifactStore:
 
     def move_into_place(self, scratch: Path, final: str) -> None:
         fs = self.home.fs
-        if self.exists(final):
+        if self.exists(final) and self.damage(final) is None:
             return  # identical content is already committed: the fingerprint says so
-        if fs.exists(final):  # a crashed earlier write: no marker, so never trusted
+        if fs.exists(final):  # a crashed earlier write (no marker) or a damaged one: never trusted
             fs.rm(final, recursive=True)
         fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         if self.home.is_local:
@@ -162,6 +164,28 @@ class ArtifactStore:
     def exists(self, path: str) -> bool:
         return self.home.fs.exists(f"{path}/{SUCCESS_MARKER}")
 
+    def damage(self, path: str, *, full: bool = False, manifest: dict[str, Any] | None = None) -> str | None:
+        """What is wrong with the committed artifact at `path`, or None when it is as written:
+        every file the manifest lists exists with its size (and, `full`, its digest)."""
+        fs = self.home.fs
+        if manifest is None:
+            try:
+                with fs.open(f"{path}/{MANIFEST_FILE}") as handle:
+                    manifest = json.load(handle)
+            except (OSError, ValueError) as exc:
+                return f"its {MANIFEST_FILE} is unreadable ({type(exc).__name__})"
+        for relative, expected in (manifest.get(FILES_KEY) or {}).items():
+            file_path = f"{path}/{relative}"
+            try:
+                size = fs.size(file_path)
+            except (OSError, FileNotFoundError):
+                return f"{relative} is missing"
+            if size != expected["bytes"]:
+                return f"{relative} is {size:,} bytes where {expected['bytes']:,} were written"
+            if full and self.home.is_local and file_digest(Path(file_path)) != expected["digest"]:
+                return f"{relative} differs from what was written (its digest changed)"
+        return None
+
     def load(self, entry: CatalogEntry) -> Artifact:
         if not self.exists(entry.path):
             raise BertflowError(
@@ -170,6 +194,10 @@ class ArtifactStore:
             )
         with self.home.fs.open(f"{entry.path}/{MANIFEST_FILE}") as handle:
             manifest = json.load(handle)
+        if (problem := self.damage(entry.path, manifest=manifest)) is not None:
+            raise BertflowError(
+                f"{entry.kind} '{entry.name}' at {entry.path} is damaged: {problem}; re-run the stage that"
+                " produced it (the same command recomputes it), and `bertflow verify` checks the rest")
         return Artifact(id=entry.id, kind=entry.kind, name=entry.name,
                         fingerprint=entry.fingerprint, path=entry.path, manifest=manifest)
 
@@ -193,6 +221,6 @@ class ArtifactStore:
 
     def find_valid_by_cache_key(self, cache_key: str) -> CatalogEntry | None:
         for entry in self.catalog.find_by_cache_key(cache_key):
-            if self.exists(entry.path):
-                return entry
+            if self.exists(entry.path) and self.damage(entry.path) is None:
+                return entry  # a damaged artifact is no cache hit: the stage computes it again
         return None

@@ -26,16 +26,29 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
+def directory_files(root: Path, exclude: frozenset[str] = frozenset(),
+                    known: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every file's relative path → its size (`bytes`) and `file_digest`, in sorted order.
+    `known` maps relative paths to their digest, already computed by whoever wrote the file (a
+    worker process, in parallel); those files are not read again."""
+    known = known or {}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude)
+    return {path.relative_to(root).as_posix(): {"bytes": path.stat().st_size,
+                                                 "digest": known.get(path.relative_to(root).as_posix())
+                                                 or file_digest(path)}
+            for path in files}
+
+
+def hash_files(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """The directory digest: every file's relative path and digest, in sorted order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for relative in sorted(files):
+        digest.update(relative.encode() + b"\0")
+        digest.update(bytes.fromhex(files[relative]["digest"]))
+    return digest.hexdigest()
+
+
 def hash_directory(root: Path, exclude: frozenset[str] = frozenset(),
                    known: Mapping[str, str] | None = None) -> str:
-    """Digest of every file's relative path and bytes, in sorted order. `known` maps relative
-    paths to their `file_digest`, already computed by whoever wrote the file (a worker process,
-    in parallel); those files are not read again."""
-    known = known or {}
-    digest = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude)
-    for path in files:
-        relative = path.relative_to(root).as_posix()
-        digest.update(relative.encode() + b"\0")
-        digest.update(bytes.fromhex(known.get(relative) or file_digest(path)))
-    return digest.hexdigest()
+    """Digest of every file's relative path and bytes, in sorted order (see `directory_files`)."""
+    return hash_files(directory_files(root, exclude, known))

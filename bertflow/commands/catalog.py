@@ -1,9 +1,11 @@
-"""`bertflow ls` and `bertflow show`: what is in the catalog."""
+"""`bertflow ls`, `bertflow show` and `bertflow verify`: what is in the catalog, and whether it is
+still as written."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from storage.artifacts import KINDS
 
@@ -19,6 +21,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--kind", choices=KINDS)
     show.add_argument("--json", action="store_true", help="a JSON object (stable; see docs/artifacts-and-catalog.md)")
     show.set_defaults(run=run_show)
+    verify = subparsers.add_parser("verify", help="check artifacts against what was written (every file's size and"
+                                   " digest); exit 1 if any is damaged")
+    verify.add_argument("name", nargs="?", help="artifact name or id (default: every version of every artifact)")
+    verify.add_argument("--kind", choices=KINDS)
+    verify.set_defaults(run=run_verify)
 
 
 def run_ls(args: argparse.Namespace) -> int:
@@ -35,7 +42,7 @@ def run_ls(args: argparse.Namespace) -> int:
     rows = [("KIND", "NAME", "FINGERPRINT", "CREATED", "STATUS")]
     for e in entries:
         rows.append((e.kind, e.name, e.fingerprint, e.created_at[:19],
-                     "ok" if store.exists(e.path) else "missing"))
+                     ("ok" if store.damage(e.path) is None else "damaged") if store.exists(e.path) else "missing"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -63,4 +70,26 @@ def run_show(args: argparse.Namespace) -> int:
     print("  stats:")
     for line in json.dumps(entry.stats, indent=2, ensure_ascii=False).splitlines()[1:-1]:
         print("  " + line)
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Re-read every file of the artifacts (or of NAME) and compare its size and digest with the
+    ones recorded when the artifact was committed. The cheap size check runs on every use;
+    this is the full one."""
+    from storage.artifacts import ArtifactStore
+
+    store = ArtifactStore()
+    entries = [store.find_one(args.name, args.kind)] if args.name else store.catalog.list(kind=args.kind,
+                                                                                          all_versions=True)
+    damaged = 0
+    for entry in entries:
+        problem = store.damage(entry.path, full=True) if store.exists(entry.path) else "missing or incomplete"
+        damaged += problem is not None
+        print(f"{'ok' if problem is None else 'DAMAGED':<8} {entry.id}" + (f": {problem}" if problem else ""))
+    if damaged:
+        print(f"error: {damaged} of {len(entries)} artifact(s) damaged; re-run the stages that produced them"
+              " (the same commands recompute them)", file=sys.stderr)
+        return 1
+    print(f"{len(entries)} artifact(s) intact")
     return 0
