@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from bertflow import __version__
-from bertflow.errors import BertflowError
+from bertflow.errors import BertflowError, is_out_of_space, out_of_space_message
 from bertflow.runtime import configure_environment
 
 
@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except BertflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        print(f"error: {out_of_space_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,3 +7,19 @@ class BertflowError(Exception):
     The message is printed as one line by the CLI (no traceback), so it must say what is
     wrong, where (file, line, field), and what to do about it.
     """
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """A full disk (or quota): the user's to fix, not a bug."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space_message(exc: OSError) -> str:
+    import os
+
+    where = exc.filename or os.environ.get("BERTFLOW_HOME") or "the data home"
+    return (f"no space left on the device writing {where}; nothing was registered. Free some space (`bertflow ls`"
+            " shows the artifacts, `du -sh $BERTFLOW_HOME/*` their sizes) or set BERTFLOW_HOME to a bigger disk,"
+            " then run the same command again")

@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from bertflow.errors import BertflowError
+from bertflow.errors import BertflowError, is_out_of_space
 
 
 def configure_environment() -> None:
@@ -44,9 +44,10 @@ class _UserErrorsOnTheTerminalOnce(logging.Filter):
     it (the exception, the failed task and flow states) stay in the run's logs (the UI) only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], BertflowError):
+        if record.exc_info and (isinstance(record.exc_info[1], BertflowError) or is_out_of_space(record.exc_info[1])):
             return False
-        return "BertflowError" not in record.getMessage()
+        message = record.getMessage()
+        return "BertflowError" not in message and "No space left on device" not in message
 
 
 def _quiet_user_errors() -> None:

@@ -192,3 +192,40 @@ def test_a_shard_damaged_behind_the_catalogs_back_is_found_and_recomputed(flow_h
     assert shard.read_bytes() == intact  # the same artifact, written again
     assert run_cli("verify") == 0
     assert run_cli("tokenizer", "--corpus", "c", "--name", "t", "--vocab-size", "200") == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 10 MB tmpfs (root only: mount needs it)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing_registered(prefect_server, small_disk: Path,
+                                                                     tmp_path: Path, monkeypatch, capsys):
+    home = small_disk / "home"
+    monkeypatch.setenv("BERTFLOW_HOME", str(home))
+    src = tmp_path / "big.jsonl"
+    rng = __import__("random").Random(0)
+    # random words of random letters: Parquet cannot compress them away
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(50_000)]
+    with open(src, "w") as handle:
+        for i in range(60_000):
+            handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120)) + "."}) + "\n")
+    capsys.readouterr()
+    assert run_cli("ingest", str(src), "--name", "big") == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if " | INFO    | " not in line]
+    assert len(err) == 1 and err[0].startswith("error: no space left on the device writing"), err
+    store = ArtifactStore(DataHome.from_env(str(home)))
+    assert store.catalog.list(all_versions=True) == []
+    assert not list(store.home.scratch_dir.iterdir())
+    assert not (home / "artifacts" / "corpus").exists() or not list((home / "artifacts" / "corpus").iterdir())
