@@ -280,15 +280,36 @@ def check_bert_directory(path: str) -> dict[str, Any]:
     config_file = root / "config.json"
     if not config_file.is_file():
         raise BertflowError(f"{path}: no config.json; this is not a Hugging Face model directory")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise BertflowError(f"{config_file}: not valid JSON ({exc}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise BertflowError(f"{config_file}: not a JSON object; restore the model's config.json")
     if config.get("model_type") not in BERT_FAMILY:
         raise BertflowError(f"{path}: config.json says model_type '{config.get('model_type')}'; only BERT-family"
                             f" encoders ({', '.join(BERT_FAMILY)}) are supported")
     if not any((root / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise BertflowError(f"{path}: no model.safetensors or pytorch_model.bin; the weights are missing")
+    check_safetensors(root / "model.safetensors")
     if not any((root / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
         raise BertflowError(f"{path}: no vocab.txt or tokenizer.json; the tokenizer is missing")
     return config
+
+
+def check_safetensors(path: Path) -> None:
+    """A weights file whose header does not read, or whose tensors reach past its end (a
+    truncated copy), is refused before any work. Reads the header only."""
+    if not path.is_file():
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except Exception as exc:  # SafetensorError, or an OSError from the file
+        raise BertflowError(f"{path}: the weights do not load ({type(exc).__name__}: {exc}); the file is damaged or"
+                            " incomplete: copy or export the model again") from None
 
 
 def model_reference(path: str) -> dict[str, Any]:

@@ -167,8 +167,11 @@ def resolve_sources(patterns: list[str], fmt: Format = "auto", options: ReadOpti
                 paths.append(path)
     files = []
     for path in dict.fromkeys(os.path.abspath(p) for p in paths):
-        resolved, compression = detect_format(path, fmt)
-        stat = os.stat(path)
+        with _file_errors(path, _compression_of(path)[0]):
+            resolved, compression = detect_format(path, fmt)
+            stat = os.stat(path)
+            if not os.path.isdir(path) and not os.access(path, os.R_OK):
+                raise PermissionError(path)
         size = stat.st_size if not os.path.isdir(path) else sum(
             f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         files.append(SourceFile(path=path, format=resolved, compression=compression,
@@ -340,26 +343,34 @@ def _read_json(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument
 def _read_csv(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
     delimiter = "\t" if source.format == "tsv" else ","
     lines = (line + "\n" for _, line in iter_lines(source, options))
-    reader = csv.reader(lines, delimiter=delimiter)
+    # strict: a quote never closed is an error, not the rest of the file merged into one field
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    row_starts = reader.line_num + 1
     try:
         header = next(reader)
+        header = [h.lstrip("\ufeff").strip() for h in header]
+        if options.text_field not in header:
+            raise BertflowError(f"{source.path}: no column '{options.text_field}' (columns: {', '.join(header)});"
+                                " pass --text-field")
+        column = header.index(options.text_field)
+        row_starts = reader.line_num + 1
+        for row in reader:
+            if row:
+                if column >= len(row):
+                    raise BertflowError(f"{source.path}:{reader.line_num}: the row has {len(row)} columns,"
+                                        f" the header {len(header)}; fix the row")
+                yield RawDocument(row[column], source.path)
+            row_starts = reader.line_num + 1
     except StopIteration:
         return
-    header = [h.lstrip("\ufeff").strip() for h in header]
-    if options.text_field not in header:
-        raise BertflowError(f"{source.path}: no column '{options.text_field}' (columns: {', '.join(header)});"
-                            " pass --text-field")
-    column = header.index(options.text_field)
-    try:
-        for row in reader:
-            if not row:
-                continue
-            if column >= len(row):
-                raise BertflowError(f"{source.path}:{reader.line_num}: the row has {len(row)} columns,"
-                                    f" the header {len(header)}; fix the row")
-            yield RawDocument(row[column], source.path)
     except csv.Error as exc:
-        raise BertflowError(f"{source.path}:{reader.line_num}: malformed {source.format.upper()} ({exc})") from None
+        if "unexpected end of data" in str(exc):
+            raise BertflowError(
+                f"{source.path}:{row_starts}: a quoted field opened in this row is never closed (the file ends"
+                f" inside it, line {reader.line_num}); close the quote, or pass --format txt to read the file as"
+                " plain text") from None
+        raise BertflowError(f"{source.path}:{reader.line_num}: malformed {source.format.upper()} ({exc}); fix the"
+                            " row") from None
 
 
 def _open_parquet(source: SourceFile, options: ReadOptions) -> Any:
@@ -411,16 +422,30 @@ READERS = {
 @contextmanager
 def _read_errors(source: SourceFile) -> Iterator[None]:
     """I/O and decompression failures as one-line errors naming the file."""
+    with _file_errors(source.path, source.compression):
+        yield
+
+
+@contextmanager
+def _file_errors(path: str, compression: str | None) -> Iterator[None]:
     try:
         yield
     except (OSError, EOFError, lzma.LZMAError) as exc:
         if isinstance(exc, FileNotFoundError):
-            raise BertflowError(f"{source.path}: no such file; check the path") from None
-        raise BertflowError(f"{source.path}: cannot read ({exc}); is the file complete and"
-                            f" really {source.compression or 'uncompressed'}?") from None
+            if os.path.islink(path):
+                raise BertflowError(f"{path}: a broken symbolic link (its target {os.readlink(path)} does not"
+                                    " exist); fix or remove the link") from None
+            raise BertflowError(f"{path}: no such file; check the path") from None
+        if isinstance(exc, PermissionError):
+            raise BertflowError(f"{path}: permission denied; make it readable (chmod +r) or leave it out") from None
+        if isinstance(exc, IsADirectoryError):
+            raise BertflowError(f"{path}: a directory where a file was expected; check the path") from None
+        raise BertflowError(f"{path}: cannot read ({exc}); is the file complete and"
+                            f" really {compression or 'uncompressed'}?") from None
     except Exception as exc:
         if type(exc).__name__ == "ZstdError":
-            raise BertflowError(f"{source.path}: cannot decompress ({exc})") from None
+            raise BertflowError(f"{path}: cannot decompress ({exc}); is it really zstd-compressed? (rename it if"
+                                " not)") from None
         raise
 
 

@@ -88,6 +88,19 @@ def _digest_bytes(digests: pa.ChunkedArray) -> list[bytes]:
     return data[array.offset * width:(array.offset + len(array)) * width].view(f"V{width}").tolist()
 
 
+# What to change when a filter removed everything (the option that sets it).
+FILTER_FIXES = {
+    "empty": "the documents are blank: check --format, --txt-mode and --text-field",
+    "too_short": "lower --min-chars (or check --txt-mode: one line per document makes short documents)",
+    "too_long": "raise --max-chars, or split the text into documents (--txt-mode; a file without line breaks"
+                " is one document)",
+    "low_letter_fraction": "lower --min-letter-fraction (tables, code and numbers have few letters)",
+    "too_few_sentences": "lower --min-sentences",
+    "exact_duplicate": "pass --no-dedupe to keep duplicates",
+    "near_duplicate": "raise --near-dedupe or leave it off",
+}
+
+
 def ingest_stream(raw_batches: Iterable[Any], config: IngestConfig, stats: IngestStats, *,
                   workers: int = 1) -> Iterator[pa.Table]:
     """Clean, filter and de-duplicate raw batches; yields the kept documents of each batch as a
@@ -189,7 +202,7 @@ def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key
             worst = stats.removed_docs.most_common(1)[0][0]
             raise BertflowError(
                 f"no text is left after filtering ({stats.input_documents} documents in, most removed by"
-                f" '{worst}'); relax the filters (--min-chars, --min-letter-fraction, --min-sentences)")
+                f" '{worst}'); {FILTER_FIXES.get(worst, 'relax the filters')}")
         seconds = time.perf_counter() - started
         summary = stats.to_json()
         summary["shards"] = len(shards.shards)

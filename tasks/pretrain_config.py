@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 # Settings that do not change the trajectory: a run may be resumed with different values.
 OPERATIONAL_FIELDS = frozenset({"save_every", "keep_checkpoints", "eval_every", "log_every", "workers",
@@ -68,6 +68,14 @@ class PretrainConfig(BaseModel):
     bucket_batches: int = Field(50, ge=1, description="batches per length-sorted bucket; 1 = no bucketing")
     workers: int | None = Field(None, ge=0, description="data-loader processes; default 4 on CUDA, 0 on CPU")
     seed: int = Field(0, description="random seed: initial weights, data order, dynamic masks and dropout")
+
+    @field_validator("generator_size")
+    @classmethod
+    def _generator_not_larger(cls, value: float) -> float:
+        if value > 1:
+            raise ValueError("the generator must not be larger than the discriminator; pass a fraction in"
+                             " (0, 1] (the paper: 1/4 to 1/2)")
+        return value
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "PretrainConfig":

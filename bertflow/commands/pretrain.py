@@ -94,6 +94,9 @@ def _model_dir(model: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BertflowError(f"{model}: no config.json in this directory; pass a model artifact or a Hugging Face model directory")
+        from storage.finetune_store import check_bert_directory
+
+        check_bert_directory(str(path))
         return path
     from storage.artifacts import ArtifactStore
 
