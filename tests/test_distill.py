@@ -198,7 +198,7 @@ def rule_teacher(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         train = write_tsv(root / "train.tsv", rule_sentences(320, seed=1))
         dev = write_tsv(root / "dev.tsv", rule_sentences(120, seed=2))
         config = FinetuneConfig(name="rule", model=str(base), train=str(train), dev=str(dev), epochs=8, batch_size=16,
-                                lr=3e-3, warmup_ratio=0.1, device="cpu", precision="fp32", seed=0)
+                                lr=3e-3, warmup_ratio=0.1, max_seq_len=16, device="cpu", precision="fp32", seed=0)
         manifest = run_finetune(config, resolve_model(str(base)), {"train": file_reference(train),
                                                                    "dev": file_reference(dev), "test": None},
                                 log=lambda line: None)
