@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Settings that do not change the trajectory: a run may be resumed with different values.
 OPERATIONAL_FIELDS = frozenset({"save_every", "keep_checkpoints", "eval_every", "log_every", "eval_batch_size",
@@ -90,10 +90,15 @@ class DistillConfig(BaseModel):
     speed_repeats: int = Field(5, ge=1, description="timed passes (the median is reported), after one warm-up")
     speed_threads: int | None = Field(None, ge=1, description="torch threads when timing (default: torch's)")
 
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"--temperature {value}: must be > 0 (DistilBERT uses 2)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature {self.temperature}: must be > 0 (DistilBERT uses 2)")
         weights = MODE_WEIGHTS[self.mode]
         if not any(getattr(self, w) > 0 for w in weights):
             flags = ", ".join("--" + w.replace("_", "-") for w in weights)

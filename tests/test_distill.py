@@ -294,3 +294,37 @@ def test_general_distillation_through_the_cli_exports_a_model_and_is_cached(flow
     assert store.resolve("small-bert", kind="model").id == artifact.id
     assert len(store.catalog.list(kind="model", all_versions=True)) == 1
     assert len(store.catalog.metrics("model/small-bert")) == len(logged)  # nothing logged twice
+
+
+# --- the pipeline's distill: section -----------------------------------------------------------------
+
+def test_pipeline_distill_section_links_the_run_and_comes_last(home: Path, tmp_path: Path):
+    import yaml
+
+    from bertflow.errors import BertflowError
+    from flows.pipeline import walk_run
+    from flows.pipeline_config import load_pipeline_config
+
+    def config(distill: dict) -> Path:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"name": "v", "ingest": {"sources": ["x.txt"]}, "distill": distill, "finetune": [
+            {"name": "t", "task_type": "classification", "train": "a.tsv", "dev": "b.tsv", "compare_random_init": False}]}))
+        return path
+
+    general = load_pipeline_config(config({"student": "tiny", "steps": 10})).stage_configs().distill
+    assert (general.name, general.teacher, general.data, general.mode) == ("v-distilled", "v-bert", "v-data", "general")
+    task = load_pipeline_config(config({"mode": "task", "teacher": "t"})).stage_configs().distill
+    assert task.teacher == "v-t" and task.data is None
+    with pytest.raises(BertflowError, match="distill.name: set by the pipeline"):
+        load_pipeline_config(config({"name": "mine"}))
+    with pytest.raises(BertflowError, match="'distill.temperature'"):
+        load_pipeline_config(config({"temperature": -1}))
+
+    steps = []
+
+    def perform(step):
+        steps.append((step.refresh_as, step.stage))
+        return {"id": "i", "name": f"artifact-{len(steps)}", "fingerprint": "f", "path": "p"}
+
+    _, _, distilled = walk_run(load_pipeline_config(config({"student": "tiny"})), perform)
+    assert steps[-1] == ("distill", "distill") and distilled["name"] == f"artifact-{len(steps)}"
