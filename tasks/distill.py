@@ -229,6 +229,9 @@ def build_general_model(spec: GeneralSpec) -> Any:
 
     cfg = spec.config
     teacher, has_head = load_teacher_mlm(spec.teacher_path)
+    if not has_head and not (cfg.mlm_weight or cfg.cos_weight):
+        raise BertflowError(f"--teacher {spec.teacher_path}: no masked-LM head, so the KL term is off, and"
+                            " --mlm-weight and --cos-weight are 0; give one of them a positive weight")
     student = new_hf_model(BertConfig(**spec.student), nsp_head=False)
     if cfg.init_from_teacher:
         init_from_teacher(student, teacher)
