@@ -126,8 +126,8 @@ def main() -> int:
     dev = head_rows(SST2 / "dev.tsv", work / "dev.tsv", 0, args.dev)
     say(f"SST-2: {args.train} gold + {args.unlabelled} unlabelled training sentences, dev {args.dev or 'all'};"
         f" teacher {args.teacher_epochs} epoch(s), student {args.student_epochs} epoch(s); max_seq_len"
-        f" {args.max_seq_len}; torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs, {platform.processor()"
-        f" or platform.machine()}; data home {home}")
+        f" {args.max_seq_len}; torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs,"
+        f" {platform.processor() or platform.machine()}; data home {home}")
     log = LogLines(lambda line: say("    " + line))
 
     # 1. The teacher: MiniLM fine-tuned by our fine-tuning stage.

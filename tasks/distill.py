@@ -153,14 +153,15 @@ def load_teacher_mlm(path: str) -> tuple[torch.nn.Module, bool]:
     return model, True
 
 
-def _speed(model: torch.nn.Module, sequences: Sequence[Sequence[int]], tokenizer: Any, config: DistillConfig,
-           positions: int) -> dict[str, Any]:
+def _speeds(models: dict[str, torch.nn.Module], sequences: Sequence[Sequence[int]], tokenizer: Any,
+            config: DistillConfig, positions: int) -> dict[str, dict[str, Any]]:
+    """Inference examples/s of each model, on the same fixed-length inputs, taking turns."""
     from tasks.inference_speed import fixed_length_batches, measure_throughput
 
     batches = fixed_length_batches(sequences, examples=config.speed_examples, seq_len=min(config.speed_seq_len, positions),
                                    batch_size=config.speed_batch_size, cls_id=tokenizer.cls_token_id,
                                    sep_id=tokenizer.sep_token_id, special_ids=tokenizer.all_special_ids)
-    return measure_throughput(model, batches, repeats=config.speed_repeats, threads=config.speed_threads)
+    return measure_throughput(models, batches, repeats=config.speed_repeats, threads=config.speed_threads)
 
 
 def _copy_tokenizer(tokenizer: Any, source: str, target: Path) -> None:
@@ -307,14 +308,14 @@ def run_general(config: DistillConfig, teacher: dict[str, Any], data: dict[str, 
     heldout = {k: v for k, v in (result.evals[-1] if result.evals else {}).items() if k not in ("kind", "step")}
     sample = [[int(t) for t in ids] for ids in _data_sample(spec.data_dir)]
     positions = min(student.config.max_position_embeddings, module.teacher.config.max_position_embeddings)
+    speed = _speeds({"teacher": module.teacher.base_model, "student": student.bert}, sample, tokenizer, config,
+                    positions)
     report = {
         "mode": "general", "metric": "mlm_accuracy", "kl_term": module.teacher_has_head,
         "teacher": {"name": teacher["name"], "mlm_accuracy": heldout.get("teacher_mlm_accuracy"),
-                    "parameters": count_parameters(module.teacher.base_model),
-                    "speed": _speed(module.teacher.base_model, sample, tokenizer, config, positions)},
+                    "parameters": count_parameters(module.teacher.base_model), "speed": speed["teacher"]},
         "student": {"name": config.name, "mlm_accuracy": heldout.get("mlm_accuracy"),
-                    "parameters": count_parameters(student.bert),
-                    "speed": _speed(student.bert, sample, tokenizer, config, positions)},
+                    "parameters": count_parameters(student.bert), "speed": speed["student"]},
         "heldout": heldout,
         "weights": dict(module.loss_weights), "temperature": config.temperature,
     }
@@ -571,8 +572,8 @@ def run_task(config: DistillConfig, teacher: dict[str, Any], student_ref: dict[s
     metric = ft.metric_name
     sequences = [f["input_ids"] for f in task.dev.features] or [f["input_ids"] for f in task.train]
     positions = min(student.config.max_position_embeddings, teacher_model.config.max_position_embeddings)
-    teacher_speed = _speed(teacher_model, sequences, tokenizer, config, positions)
-    student_speed = _speed(student, sequences, tokenizer, config, positions)
+    speed = _speeds({"teacher": teacher_model, "student": student}, sequences, tokenizer, config, positions)
+    teacher_speed, student_speed = speed["teacher"], speed["student"]
     rows = [{"model": "teacher", "name": teacher["name"], metric: task.teacher_dev.get(metric),
              "parameters": count_parameters(teacher_model), "examples_per_s": teacher_speed["examples_per_s"]},
             {"model": "student", "name": config.name, metric: result.best.score,

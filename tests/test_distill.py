@@ -218,7 +218,7 @@ def test_soft_labels_on_unlabelled_text_beat_gold_labels_alone(home: Path, tmp_p
     unlabelled.write_text("".join(text + "\n" for text, _ in rule_sentences(480, seed=4)))
     config = DistillConfig(name="student", mode="task", teacher=str(rule_teacher["run"]),
                            student=student_json(tmp_path / "s.json", hidden=32, layers=2), train=str(gold),
-                           unlabelled=str(unlabelled), steps=120, batch_size=16, lr=3e-3, warmup=0.1, eval_every=40,
+                           unlabelled=str(unlabelled), steps=200, batch_size=16, lr=3e-3, warmup=0.1, eval_every=40,
                            compare_random_init=True, precision="fp32", device="cpu", **SPEED)
     inputs = {"teacher": resolve_teacher(config.teacher, "task"), "student": resolve_student(config.student),
               "data": {"train": file_reference(gold), "dev": file_reference(rule_teacher["dev"])},
@@ -226,6 +226,7 @@ def test_soft_labels_on_unlabelled_text_beat_gold_labels_alone(home: Path, tmp_p
     manifest = run_distill(config, inputs, log=lambda line: None)
     report = manifest["stats"]["distillation"]
     scores = {row["model"]: row["accuracy"] for row in report["rows"]}
+    print("dev accuracy", scores)
     assert report["labelled_examples"] == 8 and report["unlabelled_examples"] == 480
     assert scores["teacher"] >= 0.95
     assert scores["student"] >= scores["random init"] + 0.15, scores
