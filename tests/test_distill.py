@@ -206,7 +206,7 @@ def rule_teacher(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"run": Path(manifest["path"]), "dev": dev, "root": root}
 
 
-def test_soft_labels_on_unlabelled_text_beat_gold_labels_alone(home: Path, tmp_path: Path, rule_teacher):
+def test_soft_labels_on_unlabelled_text_beat_gold_labels_alone(home: Path, tmp_path: Path, rule_teacher, capsys):
     from storage.distill_store import resolve_student, resolve_teacher, resolve_unlabelled
     from storage.finetune_store import file_reference
     from tasks.distill import run_distill
@@ -233,6 +233,35 @@ def test_soft_labels_on_unlabelled_text_beat_gold_labels_alone(home: Path, tmp_p
     assert scores["student"] >= 0.85, scores
     assert {"parameters", "examples_per_s"} <= set(report["rows"][1])
     assert manifest["kind"] == "finetune" and (Path(manifest["path"]) / "predictions-dev.jsonl").is_file()
+    assert run_cli("predict", "student", "--text", "the film was superb", "--text", "a nasty plot") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines[-2:]] == ["1", "0"]  # words it never saw a gold label for
+
+
+def test_tags_are_distilled_at_the_first_piece_of_each_word():
+    from transformers import BertConfig, BertForTokenClassification
+
+    from tasks.distill import _with_teacher_logits, collate_distill
+    from tasks.distill_model import TaskDistillationModel
+
+    # Two sentences: word ids per piece (-1: [CLS]/[SEP]); the first has a word of two pieces.
+    features = [{"input_ids": [2, 7, 8, 9, 3], "token_type_ids": [0] * 5, "word_ids": [-1, 0, 1, 1, -1],
+                 "labels": [-100, 1, 0, -100, -100]},
+                {"input_ids": [2, 10, 3], "token_type_ids": [0] * 3, "word_ids": [-1, 0, -1]}]  # unlabelled
+    logits = [np.random.default_rng(0).normal(size=(5, 3)), np.random.default_rng(1).normal(size=(3, 3))]
+    batch = collate_distill(_with_teacher_logits(features, logits, "token"), pad_id=0)
+    assert batch["distill_mask"].tolist() == [[False, True, True, False, False], [False, True, False, False, False]]
+    assert batch["labels"][1].tolist() == [-100] * 5 and batch["teacher_logits"].shape == (2, 5, 3)
+
+    model = BertForTokenClassification(BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=3)).eval()
+    module = TaskDistillationModel(model, temperature=2.0, soft_weight=1.0, hard_weight=1.0).eval()
+    with torch.no_grad():
+        out = module(**batch)
+        own = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+        same = module(**{**batch, "teacher_logits": own})
+    assert int(out["soft_count"]) == 3 and int(out["hard_count"]) == 2  # 3 first pieces, 2 of them labelled
+    assert float(out["soft_loss"]) > 0 and float(same["soft_loss"]) == pytest.approx(0.0, abs=1e-6)
 
 
 # --- the command: errors and the cache --------------------------------------------------------------
