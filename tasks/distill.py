@@ -521,6 +521,7 @@ def run_task(config: DistillConfig, teacher: dict[str, Any], student_ref: dict[s
     from tasks.distill_model import TaskDistillationModel
     from tasks.finetune import summary_metrics
     from tasks.finetune_inference import load_finetuned, load_tokenizer, predict_split, score_predictions
+    from tasks.finetune_splits import read_options
 
     started = time.perf_counter()
     teacher_model, tokenizer, _ = load_finetuned(teacher["path"])
@@ -600,8 +601,6 @@ def run_task(config: DistillConfig, teacher: dict[str, Any], student_ref: dict[s
                  "resumed_from_step": result.resumed_from, "precision": result.precision, "device": result.device,
                  "train_seconds": round(result.seconds, 2), "seconds": round(time.perf_counter() - started, 2),
                  "distillation": report}
-        from tasks.finetune_splits import read_options
-
         artifact = writer.commit(
             manifest={"task_type": ft.task_type, "labels": task.labels, "language": task.language,
                       "max_seq_len": ft.seq_len, "mode": "finetune", "base_model": student_ref,

@@ -73,8 +73,8 @@ class DistillConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="steps between checkpoints (0: at every evaluation); a re-run"
                             " resumes from the newest")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept while the run trains")
-    eval_every: int = Field(0, ge=0, description="steps between evaluations (0: general at the end, task each"
-                            " epoch)")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations (0: general five times in the"
+                            " run, task every epoch)")
     eval_instances: int = Field(1000, ge=0, description="general: held-out instances (at most 10% of the data)")
     eval_batch_size: int = Field(64, ge=1, description="task: sequences per evaluation batch")
     log_every: int = Field(50, ge=1, description="steps between log lines")

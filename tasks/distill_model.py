@@ -51,19 +51,17 @@ def mlm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 class _WithFrozenTeacher(nn.Module):
     """A module that carries a teacher which is not one of its parameters."""
 
-    def __init__(self, teacher: nn.Module | None):
+    def __init__(self, teacher: nn.Module):
         super().__init__()
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
         self._teacher = (teacher,)  # a tuple: not registered as a submodule
 
     @property
-    def teacher(self) -> nn.Module | None:
+    def teacher(self) -> nn.Module:
         return self._teacher[0]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(device), .float(), ...: the teacher follows
-        if self.teacher is not None:
-            self.teacher._apply(fn)
+        self.teacher._apply(fn)
         return super()._apply(fn, recurse)
 
 
@@ -80,7 +78,7 @@ class GeneralDistillationModel(_WithFrozenTeacher):
         self.hf = student
         self.temperature = temperature
         self.teacher_has_head = teacher_has_head
-        self._teacher_head = mlm_head(teacher) if teacher_has_head else None
+        self._teacher_head = (mlm_head(teacher) if teacher_has_head else None,)  # a tuple: ALBERT's is a module
         student_hidden = student.config.hidden_size
         teacher_hidden = teacher.config.hidden_size
         self.projection = nn.Linear(student_hidden, teacher_hidden) if student_hidden != teacher_hidden else None
@@ -118,7 +116,7 @@ class GeneralDistillationModel(_WithFrozenTeacher):
 
         if self.teacher_has_head:
             with torch.no_grad():
-                teacher_logits = self._teacher_head(teacher_hidden[rows, positions])  # (masked, vocab)
+                teacher_logits = self._teacher_head[0](teacher_hidden[rows, positions])  # (masked, vocab)
             kl_loss = soft_kl(logits, teacher_logits, self.temperature)
             loss = loss + self.loss_weights["kl"] * kl_loss
             result.update(kl_loss=kl_loss, kl_count=count)
@@ -142,13 +140,14 @@ class GeneralDistillationModel(_WithFrozenTeacher):
         return result
 
 
-class TaskDistillationModel(_WithFrozenTeacher):
+class TaskDistillationModel(nn.Module):
     """A task head student (`…ForSequenceClassification` or `…ForTokenClassification`) learning
-    the teacher's soft labels (`teacher_logits` in the batch) and the gold labels where given
-    (`labels`, IGNORE_INDEX where there is none)."""
+    the teacher's soft labels (`teacher_logits` in the batch, computed once before training, so no
+    teacher rides along) and the gold labels where given (`labels`, IGNORE_INDEX where there is
+    none)."""
 
     def __init__(self, student: nn.Module, *, temperature: float, soft_weight: float, hard_weight: float):
-        super().__init__(None)
+        super().__init__()
         self.hf = student
         self.temperature = temperature
         self.loss_weights = {"soft": soft_weight, "hard": hard_weight}
