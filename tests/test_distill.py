@@ -358,3 +358,21 @@ def test_pipeline_distill_section_links_the_run_and_comes_last(home: Path, tmp_p
 
     _, _, distilled = walk_run(load_pipeline_config(config({"student": "tiny"})), perform)
     assert steps[-1] == ("distill", "distill") and distilled["name"] == f"artifact-{len(steps)}"
+
+
+def test_the_run_summary_lists_the_student_and_its_table(home: Path):
+    from tasks.distill_report import format_report
+    from tasks.report import run_summary
+
+    speed = {"examples_per_s": 100.0, "examples": 16, "seq_len": 16, "batch_size": 8, "threads": 1, "device": "cpu",
+             "seconds": [0.16, 0.16]}
+    report = {"mode": "task", "metric": "accuracy", "rows": [
+        {"model": "teacher", "name": "t", "accuracy": 0.9, "parameters": 1000, "examples_per_s": 100.0},
+        {"model": "student", "name": "s", "accuracy": 0.81, "parameters": 250, "examples_per_s": 400.0}],
+        "speed": {"teacher": speed, "student": speed}}
+    distilled = {"kind": "finetune", "name": "v-distilled", "fingerprint": "f", "path": "p",
+                 "stats": {"distillation": report}}
+    summary = run_summary("v", [], [], distilled)
+    assert summary["artifacts"][-1]["name"] == "v-distilled" and summary["distill"] is report
+    table = format_report(report).splitlines()
+    assert table[3].split() == ["student", "0.8100", "90.0%", "250", "400.0", "4.00x"]
