@@ -530,16 +530,17 @@ def run_task(config: DistillConfig, teacher: dict[str, Any], student_ref: dict[s
         check_tokenizer(tokenizer, load_tokenizer(tokenizer_ref["path"]), f"--tokenizer {tokenizer_ref['path']}")
     if student_ref["kind"] == "pretrained":
         check_tokenizer(tokenizer, load_tokenizer(student_ref["path"]), f"--student {student_ref['path']}")
+    # The student first: a bad shape fails before the teacher labels anything.
+    pad_id, seq_len = tokenizer.pad_token_id, config.max_seq_len or teacher["finetune"]["max_seq_len"]
+    student, layers = build_student(config, student_ref, teacher_model, teacher["finetune"]["task_type"],
+                                    teacher["finetune"]["labels"], teacher_model.config.vocab_size, pad_id,
+                                    seed=config.seed)
+    for role, model in (("teacher", teacher_model), ("student", student)):
+        if seq_len > model.config.max_position_embeddings:
+            raise BertflowError(f"--max-seq-len {seq_len} exceeds the {role}'s {model.config.max_position_embeddings}"
+                                " positions; pass a smaller --max-seq-len")
     task = prepare_task_data(config, teacher, teacher_model, tokenizer, data, unlabelled, log)
-    ft, pad_id = task.finetune, tokenizer.pad_token_id
-    if ft.seq_len > teacher_model.config.max_position_embeddings:
-        raise BertflowError(f"--max-seq-len {ft.seq_len} exceeds the teacher's"
-                            f" {teacher_model.config.max_position_embeddings} positions")
-    student, layers = build_student(config, student_ref, teacher_model, ft.task_type, task.labels,
-                                    teacher_model.config.vocab_size, pad_id, seed=config.seed)
-    if ft.seq_len > student.config.max_position_embeddings:
-        raise BertflowError(f"--max-seq-len {ft.seq_len} exceeds the student's {student.config.max_position_embeddings}"
-                            " positions; pass a smaller --max-seq-len")
+    ft = task.finetune
     twin = random_twin(student, config.seed) if config.compare_random_init else None
 
     def evaluate(module: Any) -> Evaluation:

@@ -288,6 +288,8 @@ def test_bad_inputs_fail_with_one_line_and_register_nothing(flow_home: Path, tmp
         (["--teacher", str(teacher), "--mode", "task"], "needs a fine-tuned teacher"),
         (["--teacher", str(rule_teacher["run"]), "--mode", "task", "--student", str(teacher)],
          "teacher and student tokenizers differ"),
+        (["--teacher", str(rule_teacher["run"]), "--mode", "task", "--student", "tiny", "--init-from-teacher"],
+         "--init-from-teacher needs the teacher's hidden_size (32); the student has 128"),
     ]
     for extra, message in cases:
         assert run_cli(*base, *extra) == 1, extra
