@@ -20,6 +20,7 @@ from prefect import flow
 
 from flows.baseline import initialise_random_model
 from flows.caching import cached_stage
+from flows.distill import distill_flow, distill_inputs
 from flows.finetune import finetune_flow, finetune_trial_inputs
 from flows.ingest import ingest_flow
 from flows.pipeline_config import STAGES, PipelineConfig
@@ -28,7 +29,7 @@ from flows.pretraining_data import pretraining_data_flow, pretraining_data_input
 from flows.summary import publish_run_summary
 from flows.tokenizer import tokenizer_flow, tokenizer_inputs
 from storage.home import DataHome
-from tasks import baseline, finetune, ingest_config, pretrain, pretraining_data, tokenizer
+from tasks import baseline, distill, finetune, ingest_config, pretrain, pretraining_data, tokenizer
 from tasks.cache_keys import cached_result
 from tasks.ingest_config import ingest_inputs
 from tasks.report import run_summary
@@ -46,9 +47,10 @@ class Step:
 
 
 def walk_run(config: PipelineConfig, perform: Callable[[Step], dict[str, Any]]
-             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
     """Every step of a run of `config`, in order, handed to `perform` (which returns the step's
-    manifest); returns the stage manifests and the fine-tuning entries of the run summary."""
+    manifest); returns the stage manifests, the fine-tuning entries of the run summary and the
+    distilled student's manifest (None without a distill section)."""
     stages = config.stage_configs()
 
     # 1. Ingest: raw sources → corpus.
@@ -82,7 +84,14 @@ def walk_run(config: PipelineConfig, perform: Callable[[Step], dict[str, Any]]
             random_init = perform(_finetune_step(task_config.model_copy(update={
                 "model": random_model["name"], "name": config.finetune_name(task, random_init=True)})))
         finetunes.append({"task": task.name, "pretrained": pretrained, "random_init": random_init})
-    return [corpus, vocabulary, data, model], finetunes
+
+    # 6. Distil (optional): the BERT or a fine-tuned task into a smaller student.
+    distilled = None
+    if stages.distill is not None:
+        distilled = perform(Step("distill", distill.STAGE, distill.STAGE_VERSION,
+                                 inputs=lambda home: distill_inputs(stages.distill, home),
+                                 run=lambda refresh: distill_flow(stages.distill, refresh=refresh)))
+    return [corpus, vocabulary, data, model], finetunes, distilled
 
 
 def _finetune_step(config: Any) -> Step:
@@ -132,11 +141,11 @@ def pipeline_flow(config: PipelineConfig, refresh: list[str] | None = None) -> d
 def _run_stages(config: PipelineConfig, refresh: list[str] | None) -> dict[str, Any]:
     forced = stages_to_refresh(refresh)
 
-    # Stages 1-5: each step's sub-flow or task.
-    stage_manifests, finetunes = walk_run(config, lambda step: step.run(step.refresh_as in forced))
+    # Stages 1-6: each step's sub-flow or task.
+    stage_manifests, finetunes, distilled = walk_run(config, lambda step: step.run(step.refresh_as in forced))
 
-    # 6. Summary: artifacts and the metrics table, as a Prefect artifact and a return value.
-    return publish_run_summary(config.name, stage_manifests, finetunes)
+    # 7. Summary: artifacts and the metrics table, as a Prefect artifact and a return value.
+    return publish_run_summary(config.name, stage_manifests, finetunes, distilled)
 
 
 # -- looking up ----------------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def find_cached_run(config: PipelineConfig) -> dict[str, Any] | None:
         return result
 
     try:
-        stage_manifests, finetunes = walk_run(config, look_up)
+        stage_manifests, finetunes, distilled = walk_run(config, look_up)
     except _NotCached:
         return None
-    return run_summary(config.name, stage_manifests, finetunes)
+    return run_summary(config.name, stage_manifests, finetunes, distilled)

@@ -13,6 +13,9 @@ filled in by the pipeline, so they may not be set in the sections:
     finetune:                                → finetune        <name>-<task name>
       - {name: sentiment, task_type: classification, train: ..., dev: ..., test: ...,
          compare_random_init: true}  # also fine-tune the same architecture from random weights
+    distill: {student: tiny, steps: 500}     → model           <name>-distilled   (optional)
+      # general mode (default): teacher <name>-bert, data <name>-data unless given;
+      # mode: task: teacher is a finetune task of this config (default the first), e.g. {mode: task, teacher: sentiment}
 
 Every error names the key (`finetune.0.lr`) before any work starts.
 """
@@ -28,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bertflow.errors import BertflowError
 from tasks.parallel import ParallelConfig
 
-STAGES = ("ingest", "tokenizer", "pretraining_data", "pretrain", "finetune")
+STAGES = ("ingest", "tokenizer", "pretraining_data", "pretrain", "finetune", "distill")
 # The keys of each stage model that the pipeline sets itself.
 LINK_KEYS = {
     "ingest": ("name",),
@@ -36,6 +39,7 @@ LINK_KEYS = {
     "pretraining_data": ("corpus", "tokenizer", "name"),
     "pretrain": ("name",),
     "finetune": ("model",),
+    "distill": ("name",),
 }
 
 
@@ -60,6 +64,8 @@ class PipelineConfig(BaseModel):
     pretraining_data: dict[str, Any] = Field(default_factory=dict)
     pretrain: dict[str, Any] = Field(default_factory=dict)
     finetune: list[FinetuneTask] = Field(default_factory=list)
+    distill: dict[str, Any] | None = Field(None, description="optional: distil the run's BERT (general) or a"
+                                           " fine-tuned task (task) into a smaller student")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig,
                                      description="where shard-level work runs (not part of any cache key)")
 
@@ -95,9 +101,14 @@ class PipelineConfig(BaseModel):
     def finetune_name(self, task: FinetuneTask, random_init: bool = False) -> str:
         return f"{self.name}-{task.name}" + ("-random-init" if random_init else "")
 
+    @property
+    def distill_name(self) -> str:
+        return f"{self.name}-distilled"
+
     # -- the stage configs, built and validated by the stage models -------------------------
 
     def stage_configs(self) -> "StageConfigs":
+        from tasks.distill_config import DistillConfig
         from tasks.finetune_config import FinetuneConfig
         from tasks.ingest import IngestConfig
         from tasks.pretrain_config import PretrainConfig
@@ -119,18 +130,37 @@ class PipelineConfig(BaseModel):
         names = [t.name for t in self.finetune]
         if len(set(names)) != len(names):
             raise BertflowError(f"finetune: task names must differ (got {names})")
-        return StageConfigs(ingest, tokenizer, data, pretrain, finetunes)
+        return StageConfigs(ingest, tokenizer, data, pretrain, finetunes,
+                            self._distill_config(DistillConfig) if self.distill is not None else None)
+
+    def _distill_config(self, model: type[BaseModel]) -> Any:
+        """The distill section with its links: general mode reads the run's BERT and data unless
+        told otherwise; task mode's teacher names one of the run's fine-tuning tasks."""
+        section = dict(self.distill or {})
+        tasks = {task.name: task for task in self.finetune}
+        if section.get("mode", "general") == "general":
+            section.setdefault("teacher", self.model_name)
+            section.setdefault("data", self.data_name)
+        else:
+            if "teacher" not in section and not tasks:
+                raise BertflowError("distill.teacher: task distillation needs a fine-tuning task of this config"
+                                    " (or a finetune run); add one under finetune or set distill.teacher")
+            teacher = section.get("teacher", next(iter(tasks), None))
+            if teacher in tasks:
+                section["teacher"] = self.finetune_name(tasks[teacher])
+        return _build(model, "distill", section, name=self.distill_name)
 
 
 class StageConfigs:
     """The validated stage models of a pipeline config."""
 
-    def __init__(self, ingest, tokenizer, pretraining_data, pretrain, finetune):
+    def __init__(self, ingest, tokenizer, pretraining_data, pretrain, finetune, distill=None):
         self.ingest = ingest
         self.tokenizer = tokenizer
         self.pretraining_data = pretraining_data
         self.pretrain = pretrain
         self.finetune = finetune  # list of (FinetuneTask, FinetuneConfig)
+        self.distill = distill  # DistillConfig or None
 
 
 def _build(stage_model: type[BaseModel], where: str, section: dict[str, Any], **links: Any) -> Any:
@@ -240,8 +270,8 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         ingest["sources"] = [fix(s) if isinstance(s, str) else
                              ({**s, "path": fix(s["path"])} if isinstance(s, dict) and "path" in s else s)
                              for s in ingest["sources"]]
-    for task in data.get("finetune") or []:
+    for task in [*(data.get("finetune") or []), data.get("distill")]:
         if isinstance(task, dict):
-            for key in ("train", "dev", "test"):
+            for key in ("train", "dev", "test", "unlabelled"):
                 if isinstance(task.get(key), str):
                     task[key] = fix(task[key])

@@ -12,10 +12,10 @@ from tasks import report
 
 
 @task(name="summarise-run", task_run_name="summarise-run[{run}]")
-def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]]
-                        ) -> dict[str, Any]:
+def publish_run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]],
+                        distilled: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run summary (saved for `bertflow report`), also as Prefect table + markdown artifacts."""
-    summary = report.run_summary(run, stage_manifests, finetunes)
+    summary = report.run_summary(run, stage_manifests, finetunes, distilled)
     key = "".join(ch if ch.isalnum() else "-" for ch in run.lower())
     if summary["metrics"]:
         create_table_artifact(key=f"{key}-metrics", table=summary["metrics"],

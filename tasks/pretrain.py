@@ -118,9 +118,10 @@ def evaluate_heldout(model: torch.nn.Module, batches: torch.utils.data.DataLoade
                 count = int(out[f"{part}_count"])
                 if not count and part != "mlm":
                     continue
-                total = sums.setdefault(part, {"loss": 0.0, "correct": 0, "count": 0, "replaced": 0})
+                total = sums.setdefault(part, {"loss": 0.0, "correct": None, "count": 0, "replaced": 0})
                 total["loss"] += float(out[f"{part}_loss"]) * count
-                total["correct"] += int(out[f"{part}_correct"])
+                if f"{part}_correct" in out:  # a part without a notion of accuracy (a cosine) reports none
+                    total["correct"] = (total["correct"] or 0) + int(out[f"{part}_correct"])
                 total["count"] += count
                 if f"{part}_replaced" in out:
                     total["replaced"] += int(out[f"{part}_replaced"])
@@ -130,7 +131,8 @@ def evaluate_heldout(model: torch.nn.Module, batches: torch.utils.data.DataLoade
     result: dict[str, float] = {}
     for part, total in sums.items():
         result[f"{part}_loss"] = total["loss"] / max(1, total["count"])
-        result[f"{part}_accuracy"] = total["correct"] / max(1, total["count"])
+        if total["correct"] is not None:
+            result[f"{part}_accuracy"] = total["correct"] / max(1, total["count"])
         if part == "rtd":  # the accuracy of calling every token original: what the discriminator must beat
             result["rtd_baseline"] = 1 - total["replaced"] / max(1, total["count"])
     result["loss"] = 0.0

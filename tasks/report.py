@@ -45,16 +45,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]]
-                ) -> dict[str, Any]:
-    """The run's artifacts and metrics table (saved for `bertflow report`); returned."""
+def run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]],
+                distilled: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's artifacts and metrics table (saved for `bertflow report`); returned. A distilled
+    student adds its artifact and its report (`distill`: teacher and student side by side)."""
     from storage.reports import save_run_summary
 
     rows = comparison_rows(finetunes)
+    produced = [*stage_manifests, *[f[k] for f in finetunes for k in ("pretrained", "random_init") if f.get(k)]]
     artifacts = [{"kind": m["kind"], "name": m["name"], "fingerprint": m["fingerprint"], "path": m["path"]}
-                 for m in [*stage_manifests, *[f[k] for f in finetunes for k in ("pretrained", "random_init") if f.get(k)]]]
+                 for m in [*produced, *([distilled] if distilled else [])]]
     summary = {"run": run, "artifacts": artifacts, "metrics": rows,
                "stages": {m["kind"]: m.get("stats", {}) for m in stage_manifests}}
+    if distilled:
+        summary["distill"] = distilled["stats"]["distillation"]
     save_run_summary(run, summary)
     return summary
 

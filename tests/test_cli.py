@@ -15,11 +15,11 @@ import pytest
 from pydantic import BaseModel, Field
 
 from bertflow.cli import build_parser, main
-from bertflow.commands import finetune, ingest, pretrain, pretraining_data, tokenizer
+from bertflow.commands import distill, finetune, ingest, pretrain, pretraining_data, tokenizer
 from bertflow.options import ConfigOptions
 
 STAGE_COMMANDS = {"ingest": ingest, "tokenizer": tokenizer, "pretraining-data": pretraining_data,
-                  "pretrain": pretrain, "finetune": finetune}
+                  "pretrain": pretrain, "finetune": finetune, "distill": distill}
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:

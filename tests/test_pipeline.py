@@ -229,13 +229,14 @@ def test_a_run_is_its_stages_in_order_each_forced_by_its_refresh_stage(home, tmp
         steps.append((step.refresh_as, step.stage))
         return {"id": f"id-{len(steps)}", "name": f"artifact-{len(steps)}", "fingerprint": "f", "path": "p"}
 
-    manifests, finetunes = walk_run(config, perform)
+    manifests, finetunes, distilled = walk_run(config, perform)
     assert steps == [("ingest", "ingest"), ("tokenizer", "tokenizer"), ("pretraining_data", "pretraining-data"),
                      ("pretrain", "pretrain"), ("finetune", "finetune"), ("pretrain", "random-init"),
                      ("finetune", "finetune"), ("finetune", "finetune")]
     assert [m["name"] for m in manifests] == ["artifact-1", "artifact-2", "artifact-3", "artifact-4"]
     assert [(f["task"], f["pretrained"]["name"], (f["random_init"] or {}).get("name")) for f in finetunes] == \
         [("t", "artifact-5", "artifact-7"), ("u", "artifact-8", None)]
+    assert distilled is None  # no distill section
 
 
 def test_overrides_and_cli_errors(home, tmp_path, capsys):

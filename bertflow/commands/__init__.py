@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "bertflow.commands.pretraining_data",
     "bertflow.commands.pretrain",
     "bertflow.commands.finetune",
+    "bertflow.commands.distill",
     "bertflow.commands.server",
     "bertflow.commands.serve",
     "bertflow.commands.completion",

@@ -57,6 +57,11 @@ def run_pipeline(config_path: str, refresh: list[str], overrides: list[str]) -> 
         print(f"  {item['kind']:<17} {item['name']:<34} {state:<9} {item['path']}")
     print("\nmetrics:")
     print(format_table(summary["metrics"]))
+    if summary.get("distill"):
+        from tasks.distill_report import format_report
+
+        print("\ndistillation:")
+        print(format_report(summary["distill"]))
     print(f"\nHTML report: bertflow report {config.name}")
     return summary
 
