@@ -194,7 +194,6 @@ def collect(home: Path, config: dict, variant: str, steps: int, seconds: float) 
 
 
 def print_table(rows: list[dict], seeds: list[int]) -> None:
-    random = {k: v for row in rows for k, v in row.items() if k.endswith("-random")}
     say("\nvariant     steps  pretrain s  MLM acc   segmentation test F1 (seeds)        sentiment test accuracy (seeds)")
     for row in rows:
         seg = [row[f"segmentation-s{s}"]["f1"] for s in seeds]
@@ -203,11 +202,15 @@ def print_table(rows: list[dict], seeds: list[int]) -> None:
             f"{row['heldout'].get('mlm_accuracy', float('nan')):7.4f}   "
             f"{' '.join(f'{x:.4f}' for x in seg)} (mean {statistics.mean(seg):.4f})   "
             f"{' '.join(f'{x:.4f}' for x in sen)} (mean {statistics.mean(sen):.4f})")
-    seg = [random[f"segmentation-s{s}-random"]["f1"] for s in seeds if f"segmentation-s{s}-random" in random]
-    sen = [random[f"sentiment-s{s}-random"]["accuracy"] for s in seeds if f"sentiment-s{s}-random" in random]
-    if seg:
-        say(f"{'random init':<10} {'':>6} {'':>10}  {'':>7}   {' '.join(f'{x:.4f}' for x in seg)} (mean"
-            f" {statistics.mean(seg):.4f})   {' '.join(f'{x:.4f}' for x in sen)} (mean {statistics.mean(sen):.4f})")
+    # Random init depends on the architecture only: one row per shape that had its own.
+    for row in rows:
+        if f"segmentation-s{seeds[0]}-random" not in row:
+            continue
+        seg = [row[f"segmentation-s{s}-random"]["f1"] for s in seeds]
+        sen = [row[f"sentiment-s{s}-random"]["accuracy"] for s in seeds]
+        label = f"random ({row['variant']} shape)"
+        say(f"{label:<36}   {' '.join(f'{x:.4f}' for x in seg)} (mean {statistics.mean(seg):.4f})   "
+            f"{' '.join(f'{x:.4f}' for x in sen)} (mean {statistics.mean(sen):.4f})")
 
 
 if __name__ == "__main__":
