@@ -24,7 +24,6 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -244,33 +243,14 @@ def train_general(spec: GeneralSpec, callbacks: Sequence[Callback] = ()) -> Trai
     """General distillation with the training core over the pretraining stage's batches; the
     result's model is the training module (student + teacher)."""
     from storage.checkpoints import RunCheckpoints
-    from tasks.pretrain import _loader, evaluate_heldout, held_out_split, plan_epoch_batches
-    from tasks.pretraining_dataset import PretrainingDataset
+    from tasks.pretrain import pretraining_batches
 
     cfg = spec.config
     seed_everything(cfg.seed)  # before the model: the student's initial weights come from the seed
-    dataset = PretrainingDataset(spec.data_dir, seed=cfg.seed)
-    eval_dataset = PretrainingDataset(spec.data_dir, seed=cfg.seed)
-    eval_dataset.set_epoch(0)
-    lengths = np.asarray(dataset.lengths)
-    train_idx, eval_idx = held_out_split(len(dataset), cfg.eval_instances)
-    if len(train_idx) == 0:
-        raise BertflowError(f"{spec.data_dir}: the pretraining data holds no instances; rebuild it from more text")
-    per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-    total_steps = cfg.steps or steps_for(per_epoch, 1, cfg.epochs_or_default)
-    loader = partial(_loader, pad_id=spec.pad_id, workers=0, pin_memory=False, seed=cfg.seed)
-
-    def load_epoch(epoch: int, batches: list[np.ndarray]) -> Any:
-        dataset.set_epoch(epoch)
-        return loader(dataset, batches)
-
-    def plan_epoch(epoch: int) -> list[np.ndarray]:
-        return plan_epoch_batches(lengths, train_idx, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                  bucket_batches=cfg.bucket_batches)
-
+    data = pretraining_batches(spec.data_dir, batch_size=cfg.batch_size, eval_instances=cfg.eval_instances,
+                               bucket_batches=cfg.bucket_batches, seed=cfg.seed, pad_id=spec.pad_id)
+    total_steps = cfg.steps or steps_for(data.epochs.per_epoch, 1, cfg.epochs_or_default)
     model = build_general_model(spec)
-    heldout_order = eval_idx[np.argsort(-lengths[eval_idx], kind="stable")]
-    heldout = [heldout_order[i:i + cfg.batch_size] for i in range(0, len(heldout_order), cfg.batch_size)]
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     settings = TrainSettings(
         total_steps=total_steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=warmup_steps(cfg.warmup, total_steps),
@@ -278,11 +258,10 @@ def train_general(spec: GeneralSpec, callbacks: Sequence[Callback] = ()) -> Trai
         device=cfg.device, eval_every=eval_every, save_every=cfg.save_every or eval_every, log_every=cfg.log_every,
         seed=cfg.seed)
     kl = "on" if model.teacher_has_head else "off (the teacher has no MLM head)"
-    description = (f"general distillation, {total_steps} steps × {cfg.batch_size} sequences, {len(train_idx)} training /"
-                   f" {len(eval_idx)} held-out instances, KL term {kl}")
+    description = (f"general distillation, {total_steps} steps × {cfg.batch_size} sequences, {data.train_instances}"
+                   f" training / {data.heldout_instances} held-out instances, KL term {kl}")
     return train_loop(
-        model, lambda m, batch: m(**batch)["loss"], EpochBatches(per_epoch, plan=plan_epoch, load=load_epoch), settings,
-        evaluate=(lambda m: evaluate_heldout(m, loader(eval_dataset, heldout))) if len(eval_idx) else None,
+        model, lambda m, batch: m(**batch)["loss"], data.epochs, settings, evaluate=data.evaluate,
         checkpoints=RunCheckpoints(Path(spec.run_dir), keep=cfg.keep_checkpoints), identity=spec.identity,
         callbacks=callbacks, name=cfg.name, description=description)
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -165,6 +165,45 @@ def build_model(spec: RunSpec) -> torch.nn.Module:
     return MaskedGatherPretrainingModel(hf, span_boundary=cfg.span_boundary, share_layers=cfg.share_layers)
 
 
+@dataclass
+class PretrainingBatches:
+    """A pretraining-data artifact as the training core takes it."""
+
+    epochs: EpochBatches  # the micro-batches of each epoch, a pure function of (seed, epoch)
+    evaluate: Callable[[torch.nn.Module], Evaluation] | None  # held-out evaluation; None without a held-out slice
+    train_instances: int
+    heldout_instances: int
+
+
+def pretraining_batches(data_dir: str, *, batch_size: int, eval_instances: int, bucket_batches: int, seed: int,
+                        pad_id: int, workers: int = 0, pin_memory: bool = False) -> PretrainingBatches:
+    """Training batches (length-bucketed, dynamic masks drawn per epoch) and the held-out
+    evaluation (the data's last instances, longest first, masks of epoch 0) of `data_dir`."""
+    dataset = PretrainingDataset(data_dir, seed=seed)
+    eval_dataset = PretrainingDataset(data_dir, seed=seed)
+    eval_dataset.set_epoch(0)
+    lengths = np.asarray(dataset.lengths)
+    train_idx, eval_idx = held_out_split(len(dataset), eval_instances)
+    if len(train_idx) == 0:
+        raise BertflowError(f"{data_dir}: the pretraining data holds no instances; rebuild it from more text")
+    loader = partial(_loader, pad_id=pad_id, workers=workers, pin_memory=pin_memory, seed=seed)
+
+    def load_epoch(epoch: int, batches: list[np.ndarray]) -> torch.utils.data.DataLoader:
+        dataset.set_epoch(epoch)  # dynamic masks: before the loader's workers copy the dataset
+        return loader(dataset, batches)
+
+    def plan_epoch(epoch: int) -> list[np.ndarray]:
+        return plan_epoch_batches(lengths, train_idx, batch_size, seed=seed, epoch=epoch,
+                                  bucket_batches=bucket_batches)
+
+    heldout_order = eval_idx[np.argsort(-lengths[eval_idx], kind="stable")]
+    heldout = [heldout_order[i:i + batch_size] for i in range(0, len(heldout_order), batch_size)]
+    return PretrainingBatches(
+        epochs=EpochBatches(math.ceil(len(train_idx) / batch_size), plan=plan_epoch, load=load_epoch),
+        evaluate=(lambda m: evaluate_heldout(m, loader(eval_dataset, heldout))) if len(eval_idx) else None,
+        train_instances=len(train_idx), heldout_instances=len(eval_idx))
+
+
 # --- training -----------------------------------------------------------------------------------
 
 def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -175,32 +214,14 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
     cfg = spec.config
     seed_everything(cfg.seed)  # before the model: its initial weights come from the seed
     processes = Processes.current()
-    dataset = PretrainingDataset(spec.data_dir, seed=cfg.seed)
-    eval_dataset = PretrainingDataset(spec.data_dir, seed=cfg.seed)
-    eval_dataset.set_epoch(0)
-    lengths = np.asarray(dataset.lengths)
-    train_idx, eval_idx = held_out_split(len(dataset), cfg.eval_instances)
-    if len(train_idx) == 0:
-        raise BertflowError(f"{spec.data_dir}: the pretraining data holds no instances; rebuild it from more text")
-    per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-    micro_per_step = cfg.grad_accum * processes.world
-    total_steps = cfg.steps or steps_for(per_epoch, micro_per_step, cfg.epochs or 1.0)
     on_cuda = resolve_device(cfg.device) == "cuda"
-    loader = partial(_loader, pad_id=spec.pad_id, workers=cfg.workers if cfg.workers is not None else (4 if on_cuda else 0),
-                     pin_memory=on_cuda, seed=cfg.seed)
-
-    def load_epoch(epoch: int, batches: list[np.ndarray]) -> torch.utils.data.DataLoader:
-        dataset.set_epoch(epoch)  # dynamic masks: before the loader's workers copy the dataset
-        return loader(dataset, batches)
-
-    def plan_epoch(epoch: int) -> list[np.ndarray]:
-        return plan_epoch_batches(lengths, train_idx, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                  bucket_batches=cfg.bucket_batches)
-
-    batches = EpochBatches(per_epoch, plan=plan_epoch, load=load_epoch)
+    data = pretraining_batches(spec.data_dir, batch_size=cfg.batch_size, eval_instances=cfg.eval_instances,
+                               bucket_batches=cfg.bucket_batches, seed=cfg.seed, pad_id=spec.pad_id,
+                               workers=cfg.workers if cfg.workers is not None else (4 if on_cuda else 0),
+                               pin_memory=on_cuda)
+    micro_per_step = cfg.grad_accum * processes.world
+    total_steps = cfg.steps or steps_for(data.epochs.per_epoch, micro_per_step, cfg.epochs or 1.0)
     model = build_model(spec)
-    heldout_order = eval_idx[np.argsort(-lengths[eval_idx], kind="stable")]
-    heldout = [heldout_order[i:i + cfg.batch_size] for i in range(0, len(heldout_order), cfg.batch_size)]
     settings = TrainSettings(
         total_steps=total_steps, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_steps=warmup_steps(cfg.warmup, total_steps), weight_decay=cfg.weight_decay,
@@ -208,11 +229,10 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> TrainResult:
         max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, device=cfg.device, compile=cfg.compile,
         eval_every=cfg.eval_every, save_every=cfg.save_every, log_every=cfg.log_every, seed=cfg.seed)
     description = (f"{total_steps} steps × {micro_per_step * cfg.batch_size} sequences ({cfg.batch_size}/micro-batch"
-                   f" × {cfg.grad_accum} accum × {processes.world} process(es)), {len(train_idx)} training /"
-                   f" {len(eval_idx)} held-out instances")
+                   f" × {cfg.grad_accum} accum × {processes.world} process(es)), {data.train_instances} training /"
+                   f" {data.heldout_instances} held-out instances")
     result = train_loop(
-        model, pretraining_loss, batches, settings,
-        evaluate=(lambda m: evaluate_heldout(m, loader(eval_dataset, heldout))) if len(eval_idx) else None,
+        model, pretraining_loss, data.epochs, settings, evaluate=data.evaluate,
         checkpoints=RunCheckpoints(Path(spec.run_dir), keep=cfg.keep_checkpoints), identity=spec.identity,
         callbacks=callbacks, name=cfg.name, description=description)
     result.model = model.export().cpu()  # the Hugging Face model, as exported
