@@ -7,7 +7,8 @@
   `conlleval` (CoNLL-2000 evaluation script): an entity counts as correct only when its type and
   both boundaries match. The same rules decode IOB1 (I- opens an entity after O or another
   type; B- only separates two adjacent entities of one type) and IOB2. BIOES end/single tags
-  close chunks as seqeval does (conlleval itself predates them); BMES's M- is read as I-.
+  close chunks as seqeval does (conlleval itself predates them); BMES's M- is read as I-. Bare
+  B, I, M, E, S tags (word segmentation) are chunks without a type, as conlleval reads them.
 - QA: SQuAD v1.1 exact match and F1 with the official `normalize_answer` (lower-case, strip
   punctuation, drop the articles a/an/the, collapse whitespace); for Chinese, the CMRC 2018
   definitions (mixed segmentation, punctuation removed, F1 over the longest common substring).
@@ -93,6 +94,8 @@ def split_tag(tag: str) -> tuple[str, str]:
     if tag in ("O", ""):
         return "O", ""
     prefix, _, kind = tag.partition("-")
+    if not kind and prefix in ("B", "I", "M", "E", "S"):  # untyped chunks: word segmentation's B M E S
+        return ("I" if prefix == "M" else prefix), ""
     if not kind:  # a bare type label such as 'PER' (no scheme): treat as inside
         return "I", prefix
     if prefix == "M":
