@@ -1,7 +1,10 @@
-"""Fine-tuning files: task data readers (TSV/CSV/JSONL, CoNLL columns, entity-span JSONL,
-SQuAD JSON), model directory checks, and the predictions/metrics files of a finetune artifact.
+"""Fine-tuning files: task data readers (TSV/CSV/JSONL, CoNLL columns, entity-span JSONL, the
+layouts of finetune_layouts.py, SQuAD JSON), model directory checks, and the predictions/metrics
+files of a finetune artifact.
 
-Every reader raises a one-line `BertflowError` naming the file (and line) on bad input.
+Every reader raises a one-line `BertflowError` naming the file (and line) on bad input. What a
+reader decides on its own (a layout it recognised, digits it stripped) goes to `notes`, for the
+run's log and summary.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Any, Iterable
 
 from bertflow.errors import BertflowError
 from storage.finetune_examples import QAExample, TextExample, TokenExample, spans_to_tags
+from storage.finetune_layouts import (CHAR_TAGS_HINT, char_tags_examples, cuts_cjk_word, json_objects,
+                                      looks_headerless, looks_like_char_tags, nested_spans, parallel_tags,
+                                      position_digit_share, spans_hint, strip_position_digit, token_json_layout)
 
 # Column names tried, in order, when no column option is given (GLUE, ChnSentiCorp, common CSVs).
 TEXT_COLUMNS = ("sentence", "text", "text_a", "#1 String", "sentence1", "question1", "review", "content")
@@ -26,7 +32,8 @@ csv.field_size_limit(1 << 30)
 
 @dataclass(frozen=True)
 class ReadOptions:
-    format: str = "auto"  # auto | tsv | csv | jsonl | conll | jsonl-spans | squad
+    # auto | tsv | csv | jsonl | conll | char-tags | jsonl-spans | jsonl-tags | nested-spans | squad
+    format: str = "auto"
     text_column: str | None = None
     text_b_column: str | None = None
     label_column: str | None = None
@@ -36,6 +43,7 @@ class ReadOptions:
     token_level: str = "word"  # word | char (entity-span JSONL, raw text in predict)
     text_key: str = "text"
     entities_key: str = "entities"
+    position_digits: str = "auto"  # auto | strip | keep: CoNLL tokens such as 字0 字1
 
 
 def file_reference(path: str | Path) -> dict[str, Any]:
@@ -73,28 +81,30 @@ def _read_text(path: str) -> str:
 # --- sentences and pairs ------------------------------------------------------------------
 
 def _pick_column(requested: str | None, candidates: Iterable[str], header: list[str], path: str,
-                 what: str, option: str, required: bool) -> int | None:
+                 what: str, option: str, required: bool, hint: str = "") -> int | None:
     if requested is not None:
         if requested in header:
             return header.index(requested)
         if requested.lstrip("-").isdigit() and int(requested) < len(header):
             return int(requested) % len(header)
         raise BertflowError(f"{path}: no column '{requested}' for the {what} (columns: {', '.join(header)});"
-                            f" pass {option} with one of them")
+                            f" pass {option} with one of them{hint}")
     for name in candidates:
         if name in header:
             return header.index(name)
     if required:
         raise BertflowError(f"{path}: cannot find the {what} column (columns: {', '.join(header)});"
-                            f" pass {option} NAME")
+                            f" pass {option} NAME{hint}")
     return None
 
 
-def read_sentence_examples(path: str, options: ReadOptions, *, pair: bool, require_labels: bool
-                           ) -> list[TextExample]:
-    """TSV (GLUE files as they are: quotes are literal text), CSV, or JSONL rows."""
+def read_sentence_examples(path: str, options: ReadOptions, *, pair: bool, require_labels: bool,
+                           notes: list[str] | None = None) -> list[TextExample]:
+    """TSV (GLUE files as they are: quotes are literal text), CSV, or JSONL rows. A TSV/CSV file
+    whose first row is an example (see `looks_headerless`) is read as columns 0, 1, ..."""
     fmt = resolve_format(path, "pair" if pair else "classification", options.format)
     text = _read_text(path)
+    has_header = options.has_header
     if fmt == "jsonl":
         rows, header = [], None
         for number, line in enumerate(text.splitlines(), 1):
@@ -113,21 +123,32 @@ def read_sentence_examples(path: str, options: ReadOptions, *, pair: bool, requi
         else:
             raise BertflowError(f"{path}: format '{fmt}' cannot hold sentence examples; use tsv, csv or jsonl")
         table = [row for row in reader if row]
-        if options.has_header:
+        requested = [c for c in (options.text_column, options.text_b_column, options.label_column) if c is not None]
+        width = 3 if pair else 2
+        if has_header and (len(table[0]) == width or any(c.lstrip("-").isdigit() for c in requested)) \
+                and looks_headerless(table, {*TEXT_COLUMNS, *TEXT_B_COLUMNS, *LABEL_COLUMNS, *requested}):
+            has_header = False
+            if notes is not None:
+                notes.append(f"{path}: no header row (no column name is known, and the last column holds labels"
+                             f" such as '{table[0][-1].strip()}' from the first row on): read as columns 0, 1, ...")
+        if has_header:
             header, table = [h.strip() for h in table[0]], table[1:]
         else:
             header = [str(i) for i in range(len(table[0]))]
     if not table:
         raise BertflowError(f"{path}: the file has a header but no examples")
-    text_col = _pick_column(options.text_column, TEXT_COLUMNS, header, path, "text", "--text-column", True)
+    positional = not has_header and fmt != "jsonl" and len(header) == (3 if pair else 2)
+    hint = "; or --no-header if the first row is an example" if has_header and fmt != "jsonl" else ""
+    text_col = _pick_column(options.text_column, ("0",) if positional else TEXT_COLUMNS, header, path, "text",
+                            "--text-column", True, hint)
     text_b_col = None
     if pair:
-        text_b_col = _pick_column(options.text_b_column, TEXT_B_COLUMNS, header, path, "second text",
-                                  "--text-b-column", True)
-    label_col = _pick_column(options.label_column, LABEL_COLUMNS, header, path, "label", "--label-column",
-                             require_labels)
+        text_b_col = _pick_column(options.text_b_column, ("1",) if positional else TEXT_B_COLUMNS, header, path,
+                                  "second text", "--text-b-column", True, hint)
+    label_col = _pick_column(options.label_column, (header[-1],) if positional else LABEL_COLUMNS, header, path,
+                             "label", "--label-column", require_labels, hint)
     examples = []
-    first_line = 2 if options.has_header and fmt != "jsonl" else 1
+    first_line = 2 if has_header and fmt != "jsonl" else 1
     for number, row in enumerate(table, first_line):
         needed = max(c for c in (text_col, text_b_col, label_col) if c is not None)
         if len(row) <= needed:
@@ -147,11 +168,12 @@ def read_sentence_examples(path: str, options: ReadOptions, *, pair: bool, requi
 
 # --- token classification -----------------------------------------------------------------
 
-def read_conll(path: str, options: ReadOptions, *, require_labels: bool = True) -> list[TokenExample]:
+def read_conll(path: str, options: ReadOptions, *, require_labels: bool = True,
+               notes: list[str] | None = None) -> list[TokenExample]:
     """Whitespace-separated columns, one token per line, blank lines between sentences;
     `-DOCSTART-` lines (and the blank line after them) are skipped. Every non-blank line must
     have the same number of columns as the first one."""
-    text = _read_text(path)
+    lines = _read_text(path).splitlines()
     examples: list[TokenExample] = []
     tokens: list[str] = []
     tags: list[str] = []
@@ -163,7 +185,7 @@ def read_conll(path: str, options: ReadOptions, *, require_labels: bool = True) 
         tokens.clear()
         tags.clear()
 
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         parts = line.split()
         if not parts:
             flush()
@@ -177,15 +199,61 @@ def read_conll(path: str, options: ReadOptions, *, require_labels: bool = True) 
                 raise BertflowError(f"{path}:{number}: one column, but a token and a tag column are needed;"
                                     " is this a CoNLL file?")
         if len(parts) != columns:
+            # the usual cause: another layout, which reads as CoNLL lines of varying width
+            layout = f"; {CHAR_TAGS_HINT}" if looks_like_char_tags(lines) else "; fix the line"
             raise BertflowError(f"{path}:{number}: {len(parts)} columns where the file has {columns}"
-                                f" ({line.strip()[:60]!r}); fix the line")
+                                f" ({line.strip()[:60]!r}){layout}")
         tokens.append(parts[options.token_column])
         if require_labels:
             tags.append(parts[options.tag_column])
     flush()
     if not examples:
         raise BertflowError(f"{path}: no sentences found; expected token lines separated by blank lines")
+    return _position_digits(path, examples, options, notes)
+
+
+def _position_digits(path: str, examples: list[TokenExample], options: ReadOptions,
+                     notes: list[str] | None) -> list[TokenExample]:
+    """Tokens such as 字0 字1 (the character's position in its word) become 字 字: with the
+    digit, every character is two word pieces and the model sees the segmentation, not text."""
+    if options.position_digits == "keep":
+        return examples
+    if options.position_digits == "auto":
+        share = position_digit_share([ex.tokens for ex in examples])
+        if share < 0.5:
+            return examples
+        if notes is not None:
+            notes.append(f"{path}: {share:.0%} of the tokens are a character and a digit (字0 字1 ...: its position"
+                         " in its word); the digits were stripped (--position-digits keep keeps them)")
+    return [TokenExample([strip_position_digit(t) for t in ex.tokens], ex.tags) for ex in examples]
+
+
+def read_char_tags(path: str, options: ReadOptions, *, require_labels: bool = True) -> list[TokenExample]:
+    """One sentence per line: its characters (or space-separated words), a tab, and one
+    space-separated tag per character (or word)."""
+    examples = [TokenExample(tokens, tags)
+                for _, tokens, tags in char_tags_examples(path, _read_text(path).splitlines(),
+                                                          require_labels=require_labels) if tokens]
+    if not examples:
+        raise BertflowError(f"{path}: no sentences found; expected lines of characters, a tab, and their tags")
     return examples
+
+
+def _span_entities(where: str, text: str, value: Any, options: ReadOptions) -> list[dict[str, Any]]:
+    """The [{start, end, label}] or [[start, end, label]] list of an entity-span object, checked."""
+    if not isinstance(value, list):
+        raise BertflowError(f"{where}: '{options.entities_key}' is {spans_hint(value)}")
+    entities = []
+    for entity in value:
+        if isinstance(entity, (list, tuple)) and len(entity) == 3:
+            entity = {"start": entity[0], "end": entity[1], "label": entity[2]}
+        if not (isinstance(entity, dict) and isinstance(entity.get("start"), int)
+                and isinstance(entity.get("end"), int) and "label" in entity):
+            raise BertflowError(f"{where}: '{options.entities_key}' is {spans_hint(value)}")
+        if not (0 <= entity["start"] < entity["end"] <= len(text)):
+            raise BertflowError(f"{where}: entity {entity} lies outside the text ({len(text)} characters)")
+        entities.append(entity)
+    return entities
 
 
 def read_entity_jsonl(path: str, options: ReadOptions, *, require_labels: bool = True,
@@ -193,46 +261,79 @@ def read_entity_jsonl(path: str, options: ReadOptions, *, require_labels: bool =
     """JSONL: {"text": ..., "entities": [{"start": 0, "end": 5, "label": "PER"}, ...]}; offsets are
     characters (end exclusive). `entities` may also be [[start, end, label], ...]. With `limit`,
     reading stops after that many examples."""
+    return _read_token_json(path, options, "jsonl-spans", require_labels=require_labels, limit=limit)
+
+
+def _read_token_json(path: str, options: ReadOptions, layout: str | None, *, require_labels: bool,
+                     limit: int | None, notes: list[str] | None = None) -> list[TokenExample]:
+    """Token examples from JSON objects (one per line, or spread over lines); `layout` None:
+    recognised from the first object."""
     examples = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    tag_key = options.label_column
+    for number, line, row in json_objects(path, _read_text(path)):
         if limit is not None and len(examples) >= limit:
             break
-        if not line.strip():
+        where = f"{path}:{line}" if number == line else f"{path}:{line}: object {number}"
+        if layout is None:
+            layout = token_json_layout(row, options.text_column, tag_key) or "jsonl-spans"
+            if layout != "jsonl-spans" and notes is not None:
+                notes.append(f"{path}: read as --format {layout}")
+        if layout == "jsonl-tags":
+            tokens, tags = parallel_tags(where, row, options.text_column, tag_key, require_labels=require_labels)
+            examples.append(TokenExample(tokens, tags))
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BertflowError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line") from None
-        if options.text_key not in row:
-            raise BertflowError(f"{path}:{number}: no '{options.text_key}' key (keys: {', '.join(row)});"
-                                " pass --text-column")
-        if require_labels and options.entities_key not in row:
-            raise BertflowError(f"{path}:{number}: no '{options.entities_key}' key; pass --entities-key")
-        entities = []
-        for entity in row.get(options.entities_key, []) or []:
-            if isinstance(entity, (list, tuple)):
-                entity = {"start": entity[0], "end": entity[1], "label": entity[2]}
-            if not (0 <= entity["start"] < entity["end"] <= len(row[options.text_key])):
-                raise BertflowError(f"{path}:{number}: entity {entity} lies outside the text"
-                                    f" ({len(row[options.text_key])} characters)")
-            entities.append(entity)
-        tokens, tags = spans_to_tags(row[options.text_key], entities, options.token_level)
+        if layout == "nested-spans":
+            text, entities = nested_spans(where, row, options.text_column, tag_key, require_labels=require_labels)
+        else:
+            if not isinstance(row, dict):
+                raise BertflowError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if options.text_key not in row:
+                raise BertflowError(f"{where}: no '{options.text_key}' key (keys: {', '.join(row)});"
+                                    " pass --text-column")
+            text = row[options.text_key]
+            if not isinstance(text, str):
+                raise BertflowError(f"{where}: '{options.text_key}' is not a string; for a list of tokens with a"
+                                    " parallel list of tags pass --format jsonl-tags")
+            if require_labels and options.entities_key not in row:
+                spans = [k for k, v in row.items() if k != options.text_key and isinstance(v, list)]
+                raise BertflowError(f"{where}: no '{options.entities_key}' key (keys: {', '.join(row)}); pass"
+                                    f" --entities-key with the key of the [{{start, end, label}}] list"
+                                    f"{' (' + spans[0] + '?)' if spans else ''}")
+            entities = _span_entities(where, text, row.get(options.entities_key) or [], options)
+        if options.token_level == "word":
+            for entity in entities:
+                if cuts_cjk_word(text, entity["start"], entity["end"]):
+                    raise BertflowError(f"{where}: entity '{text[entity['start']:entity['end']]}' starts or ends"
+                                        " inside a word of text without spaces; pass --token-level char")
+        tokens, tags = spans_to_tags(text, entities, options.token_level)
         if tokens:
             examples.append(TokenExample(tokens, tags if require_labels else None))
     if not examples:
         raise BertflowError(f"{path}: no examples found")
-    return examples
+    if layout == "jsonl-tags":
+        examples = _position_digits(path, examples, options, notes)
+    return [TokenExample(ex.tokens, ex.tags if require_labels else None) for ex in examples]
 
 
 def read_token_examples(path: str, options: ReadOptions, *, require_labels: bool = True,
-                        limit: int | None = None) -> list[TokenExample]:
-    """Token-labelled sentences; with `limit`, the first `limit` only."""
+                        limit: int | None = None, notes: list[str] | None = None) -> list[TokenExample]:
+    """Token-labelled sentences; with `limit`, the first `limit` only. With `--format auto`, a
+    .json/.jsonl file's layout is recognised from its first object, and another file is
+    char-tags when its lines look so, else CoNLL."""
     fmt = resolve_format(path, "token", options.format)
+    if options.format == "auto" and fmt == "conll" and looks_like_char_tags(_read_text(path).splitlines()[:200]):
+        fmt = "char-tags"
+        if notes is not None:
+            notes.append(f"{path}: one sentence per line, a tab, then its tags: read as --format char-tags")
     if fmt == "conll":
-        return read_conll(path, options, require_labels=require_labels)[:limit]
-    if fmt in ("jsonl-spans", "jsonl"):
-        return read_entity_jsonl(path, options, require_labels=require_labels, limit=limit)
-    raise BertflowError(f"{path}: format '{fmt}' cannot hold token labels; use conll or jsonl-spans")
+        return read_conll(path, options, require_labels=require_labels, notes=notes)[:limit]
+    if fmt == "char-tags":
+        return read_char_tags(path, options, require_labels=require_labels)[:limit]
+    if fmt in ("jsonl-spans", "jsonl", "jsonl-tags", "nested-spans"):
+        layout = None if options.format == "auto" else "jsonl-spans" if fmt == "jsonl" else fmt
+        return _read_token_json(path, options, layout, require_labels=require_labels, limit=limit, notes=notes)
+    raise BertflowError(f"{path}: format '{fmt}' cannot hold token labels; use conll, char-tags, jsonl-spans,"
+                        " jsonl-tags or nested-spans")
 
 
 # --- question answering --------------------------------------------------------------------

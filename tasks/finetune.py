@@ -29,7 +29,7 @@ from bertflow.errors import BertflowError
 from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
 from tasks.finetune_data import check_squad_answers, collate, detect_tag_scheme, infer_labels, unseen_labels
 from tasks.finetune_inference import build_model, load_tokenizer, predict_split, score_predictions
-from tasks.finetune_splits import SplitData, encode_split, guess_language, load_examples, read_options
+from tasks.finetune_splits import SplitData, encode_split, guess_language, read_options, read_split
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
 from tasks.training import train as train_loop
 from tasks.training.setup import steps_for, warmup_steps
@@ -114,9 +114,14 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
                  log: Callable[[str], None]) -> PreparedTask:
     """Read, validate and encode train/dev(/test); every input error surfaces here, before training."""
     limits = {"train": config.max_train_examples}
-    examples = {split: load_examples(config, ref["path"], limit=limits.get(split))
-                for split, ref in data.items() if ref is not None}
-    notes: dict[str, Any] = {}
+    examples, read_notes = {}, []
+    for split, ref in data.items():
+        if ref is not None:
+            examples[split], split_notes = read_split(config, ref["path"], limit=limits.get(split))
+            read_notes += split_notes
+    for note in read_notes:
+        log(f"note: {note}")
+    notes: dict[str, Any] = {"read_notes": read_notes} if read_notes else {}
     labels = None
     language = "en"
     if config.task_type == "qa":
@@ -270,6 +275,8 @@ def format_summary(manifest: dict[str, Any]) -> str:
                                                                   "macro_f1", "exact_match", "token_accuracy")}
             lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" if v <= 1 else f"{k} {v:.2f}"
                                                       for k, v in shown.items()))
+    for note in s.get("read_notes", []):
+        lines.append(f"  note: {note}")
     for split in ("train", "dev", "test"):
         if s.get(f"{split}_skipped_answers"):
             lines.append(f"  warning: {split}: {s[f'{split}_skipped_answers']} answer(s) skipped: answer_start does"

@@ -31,18 +31,24 @@ class FinetuneConfig(BaseModel):
     dev: str = Field("", description="development file: evaluation during training and model selection")
     test: str | None = Field(None, description="test file, evaluated once with the selected model")
     # -- reading the files
-    format: Literal["auto", "tsv", "csv", "jsonl", "conll", "jsonl-spans", "squad"] = Field(
-        "auto", description="auto: from the task type and the file extension")
+    format: Literal["auto", "tsv", "csv", "jsonl", "conll", "char-tags", "jsonl-spans", "jsonl-tags",
+                    "nested-spans", "squad"] = Field(
+        "auto", description="auto: from the task type, the file extension and the file's layout (docs/finetune.md)")
     text_column: str | None = Field(None, description="column/key of the text (auto: sentence, text, text_a, ...)")
     text_b_column: str | None = Field(None, description="pair: column/key of the second text")
-    label_column: str | None = Field(None, description="column/key of the label (auto: label, Quality, ...)")
-    has_header: bool = Field(True, description="tsv/csv: first row names the columns (else columns are 0, 1, ...)",
+    label_column: str | None = Field(None, description="column/key of the label (auto: label, Quality, ...);"
+                                     " jsonl-tags, nested-spans: key of the tags (auto: label, labels, tags, ...)")
+    has_header: bool = Field(True, description="tsv/csv: first row names the columns (else columns are 0, 1, ...;"
+                             " auto-detected when no name is known and the last column holds labels)",
                              json_schema_extra={"cli": "--no-header"})
     token_column: int = Field(0, description="conll: 0-based column of the token")
     tag_column: int = Field(-1, description="conll: 0-based column of the tag (-1: last)")
     token_level: Literal["word", "char"] = Field(
         "word", description="entity-span JSONL and raw predict text: tokens are words or characters")
     entities_key: str = Field("entities", description="entity-span JSONL: key of the entity list")
+    position_digits: Literal["auto", "strip", "keep"] = Field(
+        "auto", description="conll, jsonl-tags: tokens such as 字0 字1 (a character and its position in its word):"
+        " strip the digit; auto: when most tokens are one CJK character and a digit")
     language: Literal["auto", "en", "zh"] = Field("auto", description="qa metric: SQuAD (en) or CMRC (zh)")
     # -- the model and sequence lengths
     mode: Literal["finetune", "feature"] = Field("finetune", description="feature: encoder frozen, head trains")

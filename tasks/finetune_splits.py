@@ -25,22 +25,31 @@ def read_options(config: FinetuneConfig):
                        label_column=config.label_column, has_header=config.has_header,
                        token_column=config.token_column, tag_column=config.tag_column,
                        token_level=config.token_level, text_key=config.text_column or "text",
-                       entities_key=config.entities_key)
+                       entities_key=config.entities_key, position_digits=config.position_digits)
 
 
 def load_examples(config: FinetuneConfig, path: str, *, require_labels: bool = True,
                   limit: int | None = None) -> list:
     """The examples of one file; with `limit`, the first `limit` only."""
+    return read_split(config, path, require_labels=require_labels, limit=limit)[0]
+
+
+def read_split(config: FinetuneConfig, path: str, *, require_labels: bool = True,
+               limit: int | None = None) -> tuple[list, list[str]]:
+    """The examples of one file, and what the reader decided on its own (a layout it
+    recognised, digits it stripped), for the log and the summary."""
     from storage import finetune_store as store
 
     options = read_options(config)
+    notes: list[str] = []
     if config.task_type in ("classification", "pair"):
         return store.read_sentence_examples(path, options, pair=config.task_type == "pair",
-                                            require_labels=require_labels)[:limit]
+                                            require_labels=require_labels, notes=notes)[:limit], notes
     if config.task_type == "token":
         # (entity-span JSONL stops reading at the limit: converting spans to tags is the slow part)
-        return store.read_token_examples(path, options, require_labels=require_labels, limit=limit)
-    return store.read_squad(path)[:limit]
+        return store.read_token_examples(path, options, require_labels=require_labels, limit=limit,
+                                         notes=notes), notes
+    return store.read_squad(path)[:limit], notes
 
 
 def guess_language(examples: Sequence[QAExample]) -> str:
