@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from bertflow.errors import BertflowError
 
-Format = Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets", "wikiextractor"]
+Format = Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets", "wikiextractor", "wikitext"]
 TxtMode = Literal["file", "blank-line", "line"]
 ErrorPolicy = Literal["strict", "replace"]
 
@@ -45,6 +45,8 @@ FORMAT_BY_SUFFIX = {
     ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
 }
 READ_CHUNK = 1 << 20
+# WikiText's own file names (wiki.train.tokens, wiki.valid.raw): plain text without a .txt suffix.
+_WIKITEXT_NAME = re.compile(r"^wiki\.(train|valid|test)\.(tokens|raw)$")
 
 
 @dataclass(frozen=True)
@@ -89,12 +91,22 @@ def _is_saved_dataset(path: Path) -> bool:
                               or (path / "state.json").exists())
 
 
+_WIKITEXT_TITLE = re.compile(rb"^= (?!= )[^\n]*[^=\n] =[ \t]*$")
+_WIKITEXT_MARKS = re.compile(rb"\n[ \t]*= = [^\n]* = =[ \t]*\n| @[-,.]@ ")
+
+
 def _sniff_txt(path: str, compression: str | None) -> str:
-    """A .txt file whose first non-blank line is `<doc ...>` is WikiExtractor output."""
+    """A .txt file whose first non-blank line is `<doc ...>` is WikiExtractor output; one that
+    opens with a WikiText title (` = Title = `) and shows a section heading (` = = S = = `) or
+    an ` @-@ ` marker within its first 64 KB is WikiText."""
     with _open_binary(path, compression) as handle:
-        head = handle.read(4096)
+        head = handle.read(1 << 16)
     first = head.lstrip().split(b"\n", 1)[0]
-    return "wikiextractor" if first.startswith(b"<doc ") else "txt"
+    if first.startswith(b"<doc "):
+        return "wikiextractor"
+    if _WIKITEXT_TITLE.match(first.strip()) and _WIKITEXT_MARKS.search(head):
+        return "wikitext"
+    return "txt"
 
 
 def detect_format(path: str, requested: Format = "auto") -> tuple[str, str | None]:
@@ -108,8 +120,8 @@ def detect_format(path: str, requested: Format = "auto") -> tuple[str, str | Non
     suffix = Path(stem).suffix.lower()
     fmt = FORMAT_BY_SUFFIX.get(suffix)
     if fmt is None:
-        if suffix == "" or Path(stem).name.startswith("wiki_"):
-            fmt = "txt"  # WikiExtractor's wiki_00 files and suffix-less text files
+        if suffix == "" or Path(stem).name.startswith("wiki_") or _WIKITEXT_NAME.match(Path(stem).name):
+            fmt = "txt"  # WikiExtractor's wiki_00 files, WikiText's files and suffix-less text files
         else:
             raise BertflowError(
                 f"{path}: unknown format '{suffix}'; known: .txt .jsonl .json .csv .tsv .parquet"
@@ -143,7 +155,7 @@ def _walk(directory: str) -> list[str]:
             if name.startswith("."):
                 continue
             _, stem = _compression_of(name)
-            if Path(stem).suffix.lower() in FORMAT_BY_SUFFIX or name.startswith("wiki_"):
+            if Path(stem).suffix.lower() in FORMAT_BY_SUFFIX or name.startswith("wiki_") or _WIKITEXT_NAME.match(stem):
                 found.append(os.path.join(root, name))
     return sorted(found)
 
@@ -295,6 +307,33 @@ def _read_wikiextractor(source: SourceFile, options: ReadOptions) -> Iterator[Ra
         raise BertflowError(f"{source.path}:{open_line}: <doc> is never closed; the file is truncated")
 
 
+_WIKITEXT_ARTICLE = re.compile(r"^= (?!= )(.*) =$")
+_WIKITEXT_SECTION = re.compile(r"^(= ){2,}.*( =){2,}$")
+# WikiText's tokenisation split hyphens and number separators into ` @-@ `, ` @,@ `, ` @.@ `.
+_WIKITEXT_JOINED = re.compile(r" @([-,.])@ ")
+
+
+def _read_wikitext(source: SourceFile, options: ReadOptions) -> Iterator[RawDocument]:
+    """WikiText (wiki.train.tokens, .raw): one document per article. A ` = Title = ` line opens
+    an article and is dropped, as are section headings (` = = Section = = `); paragraphs are
+    lines; ` @-@ ` becomes `-` (also `,` and `.`); `<unk>` stays as it is."""
+    body: list[str] = []
+    for _, line in iter_lines(source, options):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if _WIKITEXT_SECTION.match(stripped):
+            continue
+        if _WIKITEXT_ARTICLE.match(stripped):
+            if body:
+                yield RawDocument("\n".join(body), source.path)
+            body = []
+            continue
+        body.append(_WIKITEXT_JOINED.sub(r"\1", stripped))
+    if body:
+        yield RawDocument("\n".join(body), source.path)
+
+
 def _text_of(record: object, field: str, where: str) -> str:
     if not isinstance(record, dict):
         raise BertflowError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -413,7 +452,7 @@ def _read_datasets(source: SourceFile, options: ReadOptions) -> Iterator[RawDocu
 
 
 READERS = {
-    "txt": _read_txt, "wikiextractor": _read_wikiextractor, "jsonl": _read_jsonl,
+    "txt": _read_txt, "wikiextractor": _read_wikiextractor, "wikitext": _read_wikitext, "jsonl": _read_jsonl,
     "json": _read_json, "csv": _read_csv, "tsv": _read_csv, "parquet": _read_parquet,
     "datasets": _read_datasets,
 }

@@ -25,7 +25,7 @@ class SourceSpec(BaseModel):
 
     path: str = Field(description="file, directory or glob")
     format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets",
-                    "wikiextractor"] | None = None
+                    "wikiextractor", "wikitext"] | None = None
     txt_mode: Literal["file", "blank-line", "line"] | None = None
     text_field: str | None = None
     encoding: str | None = None
@@ -41,7 +41,8 @@ class IngestConfig(BaseModel):
         min_length=1, description="files, directories or globs; or {path, format, txt_mode, ...}")
     name: str = Field(description="artifact name of the corpus")
     format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "datasets",
-                    "wikiextractor"] = Field("auto", description="auto: from each file's extension")
+                    "wikiextractor", "wikitext"] = Field(
+        "auto", description="auto: from each file's extension (and WikiExtractor or WikiText from the first lines)")
     txt_mode: Literal["file", "blank-line", "line"] = Field(
         "blank-line", description="txt: one document per file, per blank-line block, or per line")
     text_field: str = Field("text", description="jsonl/json key or csv/tsv/parquet/datasets column")

@@ -84,6 +84,27 @@ def test_wikiextractor(tmp_path):
     assert texts(path) == ["Alpha is first.", "Beta is second."]
 
 
+WIKITEXT = (" \n = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 is a role @-@ playing game . \n"
+            " \n = = Gameplay = = \n \n It sold 1 @,@ 000 copies at 3 @.@ 5 <unk> each . \n"
+            " \n = = = Plot = = = \n \n The plot . \n \n = Tower Building = \n \n A tower . \n")
+ARTICLES = ["Senjō no Valkyria 3 is a role-playing game .\nIt sold 1,000 copies at 3.5 <unk> each .\nThe plot .",
+            "A tower ."]
+
+
+def test_wikitext_articles_are_documents(tmp_path):
+    for name in ("wiki.train.tokens", "wiki.valid.raw", "articles.txt"):
+        (tmp_path / name).write_text(WIKITEXT, encoding="utf-8")
+        assert resolve_sources([str(tmp_path / name)])[0].format == "wikitext", name
+        assert texts(tmp_path / name) == ARTICLES
+    (tmp_path / "other.raw").write_text(WIKITEXT)
+    assert [s.path for s in resolve_sources([str(tmp_path)])] == [
+        str(tmp_path / n) for n in ("articles.txt", "wiki.train.tokens", "wiki.valid.raw")]
+    # a title line alone is not enough to read a .txt file as WikiText; --format says so
+    (tmp_path / "plain.txt").write_text("= Notes =\n\nfirst paragraph\n\nsecond\n")
+    assert texts(tmp_path / "plain.txt") == ["= Notes =", "first paragraph", "second"]
+    assert texts(tmp_path / "plain.txt", format="wikitext") == ["first paragraph\nsecond"]
+
+
 @pytest.mark.parametrize("suffix, opener", [
     (".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open),
     (".zst", lambda p, m: zstandard.open(p, m)),
