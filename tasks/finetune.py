@@ -35,7 +35,7 @@ from tasks.training import train as train_loop
 from tasks.training.setup import steps_for, warmup_steps
 
 STAGE = "finetune"
-STAGE_VERSION = "3"  # bump when the output of the same inputs and parameters changes
+STAGE_VERSION = "4"  # bump when the output of the same inputs and parameters changes
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -273,8 +273,7 @@ def format_summary(manifest: dict[str, Any]) -> str:
         if s.get(split):
             shown = {k: v for k, v in s[split].items() if k in ("accuracy", "precision", "recall", "f1",
                                                                   "macro_f1", "exact_match", "token_accuracy")}
-            lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" if v <= 1 else f"{k} {v:.2f}"
-                                                      for k, v in shown.items()))
+            lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for note in s.get("read_notes", []):
         lines.append(f"  note: {note}")
     for split in ("train", "dev", "test"):

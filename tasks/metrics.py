@@ -258,7 +258,8 @@ def cmrc_f1(prediction: str, truth: str) -> float:
 
 
 def qa_metrics(predictions: dict[str, str], answers: dict[str, list[str]], language: str = "en") -> dict:
-    """EM and F1 in percent, each the maximum over a question's gold answers; a question with no
+    """EM and F1 on 0-1, like every other metric here (the official scripts print percent), each
+    the maximum over a question's gold answers; every question counts, and one with no
     prediction scores 0 (as in the official script)."""
     em_fn, f1_fn = (cmrc_exact_match, cmrc_f1) if language == "zh" else (squad_exact_match, squad_f1)
     em = f1 = 0.0
@@ -268,5 +269,5 @@ def qa_metrics(predictions: dict[str, str], answers: dict[str, list[str]], langu
         em += max(em_fn(predictions[qid], t) for t in truths)
         f1 += max(f1_fn(predictions[qid], t) for t in truths)
     total = len(answers)
-    return {"exact_match": 100.0 * _safe_div(em, total), "f1": 100.0 * _safe_div(f1, total),
+    return {"exact_match": _safe_div(em, total), "f1": _safe_div(f1, total),
             "questions": total, "language": language}

@@ -149,8 +149,8 @@ def test_squad_em_and_f1_hand_computed():
 def test_qa_metrics_max_over_answers_and_missing_prediction_scores_zero():
     answers = {"q1": ["Denver Broncos", "Broncos"], "q2": ["1990"], "q3": ["Paris"]}
     m = qa_metrics({"q1": "broncos", "q2": "in 1990"}, answers)
-    assert m["exact_match"] == pytest.approx(100 / 3)
-    assert m["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert m["exact_match"] == pytest.approx(1 / 3)  # 0-1, as every other metric
+    assert m["f1"] == pytest.approx((1 + 2 / 3) / 3)
     assert m["questions"] == 3
 
 
@@ -160,4 +160,4 @@ def test_cmrc_character_level():
     assert cmrc_exact_match("北京。", "北京") == 1.0
     assert cmrc_f1("上海", "北京") == 0.0
     m = qa_metrics({"a": "北京大学"}, {"a": ["北京", "北京大学"]}, language="zh")
-    assert (m["exact_match"], m["f1"]) == (100.0, 100.0)
+    assert (m["exact_match"], m["f1"]) == (1.0, 1.0)
