@@ -27,7 +27,8 @@ import torch
 
 from bertflow.errors import BertflowError
 from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
-from tasks.finetune_data import check_squad_answers, collate, detect_tag_scheme, infer_labels, unseen_labels
+from tasks.finetune_data import (check_squad_answers, collate, detect_tag_scheme, infer_labels, mismatched_answers,
+                                 unseen_labels)
 from tasks.finetune_inference import build_model, load_tokenizer, predict_split, score_predictions
 from tasks.finetune_splits import SplitData, encode_split, guess_language, read_options, read_split
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
@@ -126,14 +127,21 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
     language = "en"
     if config.task_type == "qa":
         language = config.language if config.language != "auto" else guess_language(examples["train"])
-        for split in list(examples):
-            examples[split], dropped = check_squad_answers(examples[split])
-            if dropped:
-                log(f"warning: {split}: {dropped} answer(s) whose answer_start does not match the context"
-                    " were skipped")
-            notes[f"{split}_skipped_answers"] = dropped
-            if not examples[split]:
-                raise BertflowError(f"{data[split]['path']}: no question has an answer that matches its context")
+        questions = len(examples["train"])
+        examples["train"], dropped = check_squad_answers(examples["train"])
+        if dropped:
+            log(f"warning: train: {dropped} answer(s) whose answer_start does not match the context were not"
+                f" used for training ({questions - len(examples['train'])} question(s) left without one skipped)")
+        notes["train_skipped_answers"] = dropped
+        if not examples["train"]:
+            raise BertflowError(f"{data['train']['path']}: no question has an answer that matches its context")
+        for split in set(examples) - {"train"}:
+            # As in the official evaluation, every question counts and answers are scored by text.
+            mismatched = mismatched_answers(examples[split])
+            if mismatched:
+                log(f"note: {split}: {mismatched} answer(s) whose answer_start does not match the context;"
+                    " they are scored by their text, as the official evaluation does")
+            notes[f"{split}_mismatched_answers"] = mismatched
     else:
         labels = infer_labels(examples["train"])
         if len(labels) < 2 and config.task_type != "token":
@@ -276,10 +284,13 @@ def format_summary(manifest: dict[str, Any]) -> str:
             lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for note in s.get("read_notes", []):
         lines.append(f"  note: {note}")
+    if s.get("train_skipped_answers"):
+        lines.append(f"  warning: train: {s['train_skipped_answers']} answer(s) not used for training: answer_start"
+                     " does not match the context")
     for split in ("train", "dev", "test"):
-        if s.get(f"{split}_skipped_answers"):
-            lines.append(f"  warning: {split}: {s[f'{split}_skipped_answers']} answer(s) skipped: answer_start does"
-                         " not match the context")
+        if s.get(f"{split}_mismatched_answers"):
+            lines.append(f"  note: {split}: {s[f'{split}_mismatched_answers']} answer(s) whose answer_start does not"
+                         " match the context, scored by their text")
         if s.get(f"{split}_truncated"):
             what = {"qa": "questions cut to --max-query-len",
                     "token": "sentences cut at --max-seq-len (cut words predicted O)"}.get(

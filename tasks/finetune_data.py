@@ -240,17 +240,28 @@ def decode_qa(examples: Sequence[QAExample], features: Sequence[dict], start_log
     return results
 
 
+def answer_matches(ex: QAExample, answer: dict) -> bool:
+    """Whether `answer_start` points at the answer's text in the context."""
+    return ex.context[answer["answer_start"]:answer["answer_start"] + len(answer["text"])] == answer["text"]
+
+
 def check_squad_answers(examples: Sequence[QAExample]) -> tuple[list[QAExample], int]:
-    """Drop answers whose `answer_start` does not point at their text in the context; drop
-    questions left without answers. Returns (kept examples, number of answers dropped)."""
+    """For training: drop answers whose `answer_start` does not point at their text in the
+    context (they give no span to learn), and questions left without answers. Returns (kept
+    examples, number of answers dropped). Evaluation keeps every question: the official
+    evaluation scores answers by their text."""
     kept, dropped = [], 0
     for ex in examples:
-        good = [a for a in ex.answers
-                if ex.context[a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]]
+        good = [a for a in ex.answers if answer_matches(ex, a)]
         dropped += len(ex.answers) - len(good)
         if good:
             kept.append(QAExample(ex.id, ex.question, ex.context, good))
     return kept, dropped
+
+
+def mismatched_answers(examples: Sequence[QAExample]) -> int:
+    """Answers whose `answer_start` does not point at their text."""
+    return sum(not answer_matches(ex, a) for ex in examples for a in ex.answers)
 
 
 # --- batching ----------------------------------------------------------------------------

@@ -187,6 +187,39 @@ def test_squad_reader_skips_answers_whose_offsets_do_not_match(tmp_path):
         read_squad(str(path))
 
 
+def test_qa_evaluation_counts_every_question_and_scores_answers_by_text(tmp_path, tokenizer):
+    """The official SQuAD evaluation: every dev question counts, a gold answer is its text (a
+    wrong answer_start only keeps an answer out of training), a question never answered scores 0."""
+    from storage.finetune_store import file_reference
+    from tasks.finetune import FinetuneConfig, prepare_task
+    from tasks.finetune_inference import score_predictions
+
+    context = "john smith lives in london ."
+
+    def squad(path, qas):
+        path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+            {"id": qid, "question": "who ?", "answers": [{"text": text, "answer_start": start}]}
+            for qid, text, start in qas]}]}]}))
+        return file_reference(path)
+
+    train = squad(tmp_path / "train.json", [("t1", "john smith", 0), ("t2", "london", 3)])
+    dev = squad(tmp_path / "dev.json", [("q1", "john smith", 0), ("q2", "london", 3), ("q3", "paris", 0)])
+    config = FinetuneConfig(name="qa", model="-", task_type="qa", train="t", dev="d", max_seq_len=32,
+                            max_query_len=8, doc_stride=8)
+    logged = []
+    task = prepare_task(config, tokenizer, {"train": train, "dev": dev, "test": None}, logged.append)
+    assert [ex.id for ex in task.splits["train"].examples] == ["t1"]
+    assert task.notes["train_skipped_answers"] == 1 and task.notes["dev_mismatched_answers"] == 2
+    examples = task.splits["dev"].examples
+    assert [ex.id for ex in examples] == ["q1", "q2", "q3"]
+    rows = [{"id": ex.id, "prediction": predicted, "answers": [a["text"] for a in ex.answers]}
+            for ex, predicted in zip(examples, ["john smith", "london", ""])]
+    metrics = score_predictions("qa", rows, None, "en")
+    assert metrics["questions"] == 3
+    assert metrics["exact_match"] == pytest.approx(2 / 3)  # q2 by its text; q3 unanswered scores 0
+    assert any(line.startswith("note: dev: 2 answer(s) whose answer_start does not match") for line in logged)
+
+
 def test_model_directory_checks(tmp_path, tiny_bert):
     assert check_bert_directory(str(tiny_bert))["model_type"] == "bert"
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
@@ -403,11 +436,18 @@ def test_token_and_qa_end_to_end(flow_home, tiny_bert, tmp_path, capsys):
     out = capsys.readouterr().out
     artifact = ArtifactStore().resolve("qa", kind="finetune")
     stats = artifact.manifest["stats"]
-    assert stats["dev_skipped_answers"] == 1 and stats["dev_examples"] == 3
-    assert "warning: dev: 1 answer(s) skipped: answer_start does not match the context" in out
-    assert stats["dev"]["exact_match"] == 1.0
+    # q4's offset is wrong: no training span, but on dev it still counts (the official evaluation
+    # scores by text, and 'paris' is nowhere in the context, so it scores 0)
+    assert stats["train_skipped_answers"] == 1 and stats["train_examples"] == 3
+    assert stats["dev_mismatched_answers"] == 1 and stats["dev_examples"] == 4
+    assert "warning: train: 1 answer(s) not used for training: answer_start does not match the context" in out
+    assert "note: dev: 1 answer(s) whose answer_start does not match the context, scored by their text" in out
+    assert stats["dev"]["questions"] == 4
+    assert stats["dev"]["exact_match"] == 0.75  # 0-1, like every other metric
     predictions = [json.loads(line) for line in (Path(artifact.path) / "predictions-dev.jsonl").open()]
-    assert {p["id"]: p["prediction"] for p in predictions} == {"q1": "john smith", "q2": "london", "q3": "the film"}
+    found = {p["id"]: p["prediction"] for p in predictions}
+    assert {k: found[k] for k in ("q1", "q2", "q3")} == {"q1": "john smith", "q2": "london", "q3": "the film"}
+    assert set(found) == {"q1", "q2", "q3", "q4"}
 
 
 def test_bad_inputs_fail_cleanly_and_register_nothing(flow_home, tiny_bert, tmp_path, capsys):
