@@ -147,6 +147,7 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
         if len(labels) < 2 and config.task_type != "token":
             raise BertflowError(f"{data['train']['path']}: only one label ({labels}) in the training data;"
                                 " a classifier needs at least two")
+        check_positive_label(config, labels)
         for split in ("dev", "test"):
             if split in examples:
                 unseen = unseen_labels(examples[split], labels)
@@ -169,6 +170,17 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
     if config.task_type == "qa" and not any("start_positions" in f for f in splits["train"].features):
         raise BertflowError(f"{data['train']['path']}: no training question has an answer")
     return PreparedTask(labels=labels, language=language, splits=splits, notes=notes)
+
+
+def check_positive_label(config: FinetuneConfig, labels: list[str]) -> None:
+    if config.positive_label is None:
+        return
+    if len(labels) != 2:
+        raise BertflowError(f"--positive-label {config.positive_label}: binary tasks only, and the training file has"
+                            f" {len(labels)} labels ({', '.join(labels[:10])}); multi-class scores are macro averages")
+    if config.positive_label not in labels:
+        raise BertflowError(f"--positive-label {config.positive_label} is not a label of the training file"
+                            f" ({', '.join(labels)}); give one of them")
 
 
 def check_model_fits(config: FinetuneConfig, model_config: dict) -> None:
@@ -201,7 +213,8 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
 
     def evaluate(current: Any) -> Evaluation:
         rows = predict_split(config, current, task_data.splits["dev"], task_data.labels, pad_id=tokenizer.pad_token_id)
-        metrics = score_predictions(config.task_type, rows, task_data.labels, task_data.language)
+        metrics = score_predictions(config.task_type, rows, task_data.labels, task_data.language,
+                                    config.positive_label)
         if config.metric_name not in metrics:
             raise BertflowError(f"--selection-metric {config.metric_name} is not among the dev metrics"
                                 f" ({', '.join(summary_metrics(metrics))})")
@@ -218,7 +231,8 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     test_metrics, test_rows = None, None
     if "test" in task_data.splits:
         test_rows = predict_split(config, net, task_data.splits["test"], task_data.labels, pad_id=tokenizer.pad_token_id)
-        test_metrics = score_predictions(config.task_type, test_rows, task_data.labels, task_data.language)
+        test_metrics = score_predictions(config.task_type, test_rows, task_data.labels, task_data.language,
+                                         config.positive_label)
 
     store = ArtifactStore()
     with store.create("finetune", config.name) as writer:

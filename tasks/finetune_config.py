@@ -68,6 +68,9 @@ class FinetuneConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="evaluate on dev every N steps (0: at the end of each epoch)")
     early_stopping: int = Field(0, ge=0, description="stop after N evaluations without improvement (0: off)")
     selection_metric: str | None = Field(None, description="dev metric to select on (default: accuracy; token/qa: f1)")
+    positive_label: str | None = Field(
+        None, description="binary classification/pair: the label whose precision/recall/F1 are reported (default:"
+        " 1, yes, true, pos, positive, entailment... when one label is such, else the last in sorted order)")
     max_train_examples: int | None = Field(None, ge=1, description="use only the first N training examples")
     sweep: str | None = Field(None, description="grid, e.g. 'lr=2e-5,3e-5;batch-size=16,32'")
     seed: int = Field(42, description="seeds head initialisation, dropout and data order")
@@ -89,6 +92,8 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> "FinetuneConfig":
+        if self.positive_label is not None and self.task_type not in ("classification", "pair"):
+            raise ValueError(f"--positive-label applies to classification and pair tasks, not {self.task_type}")
         if self.task_type == "qa" and self.max_query_len + 3 >= self.seq_len:
             raise ValueError(f"max_query_len {self.max_query_len} leaves no room for context in"
                              f" max_seq_len {self.seq_len}")

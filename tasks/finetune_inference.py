@@ -135,9 +135,10 @@ def predict_split(config: FinetuneConfig, model: Any, data: SplitData, labels: l
     return decoded
 
 
-def score_predictions(task_type: str, rows: list[dict], labels: list[str] | None, language: str) -> dict:
+def score_predictions(task_type: str, rows: list[dict], labels: list[str] | None, language: str,
+                      positive: str | None = None) -> dict:
     if task_type in ("classification", "pair"):
-        return classification_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], labels)
+        return classification_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], labels, positive)
     if task_type == "token":
         return entity_metrics([r["tags"] for r in rows], [r["prediction"] for r in rows])
     return qa_metrics({r["id"]: r["prediction"] for r in rows},
@@ -159,7 +160,8 @@ def evaluate_finetuned(path: str, file: str, config: FinetuneConfig, manifest: d
             raise BertflowError(f"{file}: label(s) {', '.join(unseen[:10])} do not occur in the training file")
     data = encode_split(config, examples, tokenizer, None, with_labels=False)
     rows = predict_split(config, model, data, labels, pad_id=tokenizer.pad_token_id)
-    return rows, score_predictions(config.task_type, rows, labels, manifest.get("language", "en"))
+    return rows, score_predictions(config.task_type, rows, labels, manifest.get("language", "en"),
+                                   config.positive_label)
 
 
 def _auto_head(task_type: str) -> Any:

@@ -1,7 +1,7 @@
 """Evaluation metrics, written to match their reference definitions exactly.
 
-- Classification: accuracy; precision/recall/F1 of the positive class (binary) or macro and per
-  class (multi-class), with 0 where a denominator is 0 (scikit-learn's `zero_division=0`);
+- Classification: accuracy; precision/recall/F1 of the positive class (binary: `positive_label`)
+  or macro and per class (multi-class), with 0 where a denominator is 0 (scikit-learn's `zero_division=0`);
   confusion matrix (rows = gold, columns = predicted).
 - Token tasks: entity-level precision/recall/F1 per type and micro, with the chunk rules of
   `conlleval` (CoNLL-2000 evaluation script): an entity counts as correct only when its type and
@@ -42,14 +42,35 @@ def confusion_matrix(gold: Sequence[str], predicted: Sequence[str], labels: Sequ
     return matrix
 
 
-def positive_label(labels: Sequence[str]) -> str:
-    """The class whose precision/recall/F1 a binary task reports: '1' when present (GLUE,
-    ChnSentiCorp), else the last label in sorted order."""
-    return "1" if "1" in labels else sorted(labels)[-1]
+# The positive class of a binary task, by name (lower-cased): GLUE's and ChnSentiCorp's 1,
+# yes/no, true/false, sentiment, and the entailment-like labels of pair tasks.
+CONVENTIONAL_POSITIVE = frozenset({"1", "yes", "y", "true", "t", "pos", "positive", "entailment", "entailed",
+                                   "paraphrase", "duplicate", "equivalent", "similar", "relevant"})
+NEGATED = ("not_", "not-", "not ", "non_", "non-", "non")
 
 
-def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
-                           ) -> dict:
+def positive_label(labels: Sequence[str], requested: str | None = None) -> tuple[str, str]:
+    """The class whose precision/recall/F1 a binary task reports, and how it was chosen: the
+    requested one (--positive-label); else the conventional one (1, yes, true, pos, positive,
+    entailment, ..., or X against not_X); else the last label in sorted order."""
+    if requested is not None:
+        if requested not in labels:
+            raise ValueError(f"positive label '{requested}' is not one of the labels ({', '.join(labels)})")
+        return requested, "--positive-label"
+    conventional = [label for label in labels if label.strip().lower() in CONVENTIONAL_POSITIVE]
+    if len(conventional) == 1:
+        return conventional[0], "conventional"
+    lowered = {label.strip().lower(): label for label in labels}
+    for name in lowered:
+        for prefix in NEGATED:
+            if name.startswith(prefix) and name[len(prefix):] in lowered:
+                return lowered[name[len(prefix):]], "conventional"
+    return sorted(labels)[-1], "last in sorted order (no conventional positive label; --positive-label chooses)"
+
+
+def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str],
+                           positive: str | None = None) -> dict:
+    """Accuracy, per-class and binary (of `positive`, see `positive_label`) or macro scores."""
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
     labels = list(labels)
@@ -68,8 +89,8 @@ def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels
         "confusion_matrix": {"labels": labels, "matrix": confusion_matrix(gold, predicted, labels)},
     }
     if len(labels) == 2:
-        positive = positive_label(labels)
-        result.update(positive_label=positive, precision=per_class[positive]["precision"],
+        positive, chosen = positive_label(labels, positive)
+        result.update(positive_label=positive, positive_label_from=chosen, precision=per_class[positive]["precision"],
                       recall=per_class[positive]["recall"], f1=per_class[positive]["f1"])
     else:
         # Macro F1 is the mean of per-class F1 (scikit-learn's definition), not the F1 of the

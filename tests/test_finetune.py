@@ -220,6 +220,28 @@ def test_qa_evaluation_counts_every_question_and_scores_answers_by_text(tmp_path
     assert any(line.startswith("note: dev: 2 answer(s) whose answer_start does not match") for line in logged)
 
 
+def test_positive_label_must_be_one_of_two_training_labels(tmp_path, tokenizer):
+    import pydantic
+
+    from storage.finetune_store import file_reference
+    from tasks.finetune import FinetuneConfig, prepare_task
+
+    binary = file_reference(write_tsv(tmp_path / "binary.tsv", SENTIMENT))
+    three = file_reference(write_tsv(tmp_path / "three.tsv", [*SENTIMENT, ("a film", "2")]))
+
+    def prepare(train, positive):
+        config = FinetuneConfig(name="p", model="-", train="t", dev="d", positive_label=positive)
+        return prepare_task(config, tokenizer, {"train": train, "dev": train, "test": None}, lambda line: None)
+
+    assert prepare(binary, "0").labels == ["0", "1"]
+    with pytest.raises(BertflowError, match=r"--positive-label 2 is not a label of the training file \(0, 1\)"):
+        prepare(binary, "2")
+    with pytest.raises(BertflowError, match="binary tasks only, and the training file has 3 labels"):
+        prepare(three, "1")
+    with pytest.raises(pydantic.ValidationError, match="applies to classification and pair tasks, not token"):
+        FinetuneConfig(name="p", model="-", task_type="token", positive_label="B-PER")
+
+
 def test_model_directory_checks(tmp_path, tiny_bert):
     assert check_bert_directory(str(tiny_bert))["model_type"] == "bert"
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')

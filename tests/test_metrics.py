@@ -7,8 +7,8 @@ import random
 import pytest
 
 from tasks.metrics import (Entity, classification_metrics, cmrc_exact_match, cmrc_f1, entity_metrics,
-                           extract_entities, mixed_segmentation, normalize_answer, qa_metrics, squad_exact_match,
-                           squad_f1)
+                           extract_entities, mixed_segmentation, normalize_answer, positive_label, qa_metrics,
+                           squad_exact_match, squad_f1)
 
 
 # --- classification ---------------------------------------------------------------------------
@@ -28,6 +28,27 @@ def test_binary_metrics_never_predicting_positive_gives_zero_not_nan():
     m = classification_metrics(["1", "0", "0"], ["0", "0", "0"], ["0", "1"])
     assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)
     assert m["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("labels, positive", [
+    (["0", "1"], "1"), (["-1", "1"], "1"), (["no", "yes"], "yes"), (["False", "True"], "True"),
+    (["neg", "pos"], "pos"), (["negative", "positive"], "positive"),
+    (["entailment", "not_entailment"], "entailment"),  # sorted order would pick not_entailment
+    (["duplicate", "not duplicate"], "duplicate"), (["relevant", "non-relevant"], "relevant"),
+])
+def test_the_conventional_positive_label(labels, positive):
+    assert positive_label(labels) == (positive, "conventional")
+
+
+def test_positive_label_given_or_else_the_last_in_sorted_order():
+    assert positive_label(["ham", "spam"]) == ("spam", "last in sorted order (no conventional positive label;"
+                                                       " --positive-label chooses)")
+    assert positive_label(["0", "1"], "0") == ("0", "--positive-label")
+    with pytest.raises(ValueError, match="'2' is not one of the labels"):
+        positive_label(["0", "1"], "2")
+    m = classification_metrics(["1", "1", "0"], ["1", "0", "0"], ["0", "1"], positive="0")
+    assert (m["positive_label"], m["positive_label_from"]) == ("0", "--positive-label")
+    assert (m["precision"], m["recall"]) == pytest.approx((1 / 2, 1.0))  # class '0': tp 1, fp 1, fn 0
 
 
 def test_multiclass_matches_scikit_learn():
