@@ -114,7 +114,7 @@ class PreparedTask:
 def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | None],
                  log: Callable[[str], None]) -> PreparedTask:
     """Read, validate and encode train/dev(/test); every input error surfaces here, before training."""
-    limits = {"train": config.max_train_examples}
+    limits = {"train": config.max_train_examples, "dev": config.max_dev_examples, "test": config.max_test_examples}
     examples, read_notes = {}, []
     for split, ref in data.items():
         if ref is not None:
@@ -123,6 +123,9 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
     for note in read_notes:
         log(f"note: {note}")
     notes: dict[str, Any] = {"read_notes": read_notes} if read_notes else {}
+    for split, limit in limits.items():
+        if limit is not None and split in examples:
+            notes[f"{split}_max_examples"] = limit
     labels = None
     language = "en"
     if config.task_type == "qa":
@@ -244,7 +247,8 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
         write_jsonl(writer.dir / predictions_file("dev"), best.payload)
         if test_rows is not None:
             write_jsonl(writer.dir / predictions_file("test"), test_rows)
-        write_json(writer.dir / METRICS_FILE, {"dev": best.metrics, "test": test_metrics, "history": history})
+        write_json(writer.dir / METRICS_FILE, {"dev": best.metrics, "test": test_metrics, "history": history,
+                                               **evaluation_notes(task_data.notes)})
         stats = {"dev_score": best.score, "metric": config.metric_name, "dev": summary_metrics(best.metrics),
                  "test": summary_metrics(test_metrics) if test_metrics else None,
                  "best_step": best.step, "steps": result.steps, "stopped_early": result.stopped_early,
@@ -279,6 +283,13 @@ def _log_run_metrics(store: Any, name: str, history: list[dict[str, Any]], best:
         store.catalog.log_metrics(run, summary_metrics(test_metrics), step=best.step, split="test")
 
 
+def evaluation_notes(stats: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json says about how its figures were obtained: the slices evaluated."""
+    limits = {split: stats[f"{split}_max_examples"] for split in ("train", "dev", "test")
+              if stats.get(f"{split}_max_examples")}
+    return {"max_examples": limits} if limits else {}
+
+
 def small_manifest(artifact: Any) -> dict[str, Any]:
     return {"id": artifact.id, "kind": artifact.kind, "name": artifact.name, "fingerprint": artifact.fingerprint,
             "path": artifact.path, "stats": artifact.manifest["stats"],
@@ -298,6 +309,10 @@ def format_summary(manifest: dict[str, Any]) -> str:
             lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for note in s.get("read_notes", []):
         lines.append(f"  note: {note}")
+    for split in ("train", "dev", "test"):
+        if s.get(f"{split}_max_examples"):
+            lines.append(f"  note: {split}: only its first {s[f'{split}_max_examples']:,} examples"
+                         f" (--max-{split}-examples), not the whole file")
     if s.get("train_skipped_answers"):
         lines.append(f"  warning: train: {s['train_skipped_answers']} answer(s) not used for training: answer_start"
                      " does not match the context")

@@ -16,7 +16,8 @@ TaskType = Literal["classification", "pair", "token", "qa"]
 PRIMARY_METRIC = {"classification": "accuracy", "pair": "accuracy", "token": "f1", "qa": "f1"}
 DEFAULT_MAX_SEQ_LEN = {"classification": 128, "pair": 128, "token": 128, "qa": 384}
 # Settings that do not change the trajectory: a run may be resumed with different values.
-OPERATIONAL_FIELDS = frozenset({"save_every", "keep_checkpoints", "test", "sweep", "eval_batch_size"})
+OPERATIONAL_FIELDS = frozenset({"save_every", "keep_checkpoints", "test", "max_test_examples", "sweep",
+                                "eval_batch_size"})
 
 
 class FinetuneConfig(BaseModel):
@@ -72,6 +73,10 @@ class FinetuneConfig(BaseModel):
         None, description="binary classification/pair: the label whose precision/recall/F1 are reported (default:"
         " 1, yes, true, pos, positive, entailment... when one label is such, else the last in sorted order)")
     max_train_examples: int | None = Field(None, ge=1, description="use only the first N training examples")
+    max_dev_examples: int | None = Field(None, ge=1, description="evaluate on the first N dev examples only"
+                                         " (qa: questions); selection then sees only those")
+    max_test_examples: int | None = Field(None, ge=1, description="evaluate on the first N test examples only"
+                                          " (qa: questions)")
     sweep: str | None = Field(None, description="grid, e.g. 'lr=2e-5,3e-5;batch-size=16,32'")
     seed: int = Field(42, description="seeds head initialisation, dropout and data order")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
@@ -125,5 +130,6 @@ def trial_configs(config: FinetuneConfig) -> list[FinetuneConfig]:
     there is no sweep."""
     if config.sweep is None:
         return [config]
-    return [config.model_copy(update={**setting, "name": f"{config.name}.trial-{i}", "sweep": None, "test": None})
+    return [config.model_copy(update={**setting, "name": f"{config.name}.trial-{i}", "sweep": None, "test": None,
+                                      "max_test_examples": None})
             for i, setting in enumerate(parse_sweep(config.sweep))]

@@ -147,12 +147,14 @@ def score_predictions(task_type: str, rows: list[dict], labels: list[str] | None
 
 # --- a saved run ------------------------------------------------------------------------------
 
-def evaluate_finetuned(path: str, file: str, config: FinetuneConfig, manifest: dict) -> tuple[list[dict], dict]:
-    """Predictions and metrics of a saved fine-tuned model on a labelled file."""
+def evaluate_finetuned(path: str, file: str, config: FinetuneConfig, manifest: dict, *, limit: int | None = None
+                       ) -> tuple[list[dict], dict]:
+    """Predictions and metrics of a saved fine-tuned model on a labelled file (its first `limit`
+    examples)."""
     tokenizer = load_tokenizer(path)
     model = _auto_head(config.task_type).from_pretrained(path)
     model.to(resolve_device(config.device))
-    examples = load_examples(config, file)
+    examples = load_examples(config, file, limit=limit)
     labels = manifest.get("labels")
     if config.task_type != "qa":  # every question counts: the official evaluation scores answers by text
         unseen = unseen_labels(examples, labels)

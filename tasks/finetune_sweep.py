@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tasks.finetune import STAGE_VERSION, small_manifest, summary_metrics
+from tasks.finetune import STAGE_VERSION, evaluation_notes, small_manifest, summary_metrics
 from tasks.finetune_config import FinetuneConfig, trial_configs
 from tasks.finetune_inference import evaluate_finetuned
 
@@ -39,7 +39,8 @@ def run_select_and_test(config: FinetuneConfig, trials: list[dict], data: dict[s
     trial_manifest = read_json(source / "manifest.json")
     test_metrics, test_rows = None, None
     if data.get("test") is not None:
-        test_rows, test_metrics = evaluate_finetuned(str(source), data["test"]["path"], trial_config, trial_manifest)
+        test_rows, test_metrics = evaluate_finetuned(str(source), data["test"]["path"], trial_config, trial_manifest,
+                                                     limit=config.max_test_examples)
     store = ArtifactStore()
     with store.create("finetune", config.name) as writer:
         for item in source.iterdir():
@@ -50,12 +51,14 @@ def run_select_and_test(config: FinetuneConfig, trials: list[dict], data: dict[s
         if test_rows is not None:
             write_jsonl(writer.dir / predictions_file("test"), test_rows)
         dev_metrics = read_json(source / METRICS_FILE)["dev"]
-        write_json(writer.dir / METRICS_FILE, {"dev": dev_metrics, "test": test_metrics, "sweep": table,
-                                               "selected": trial["name"]})
         stats = {**trial["stats"], "test": summary_metrics(test_metrics) if test_metrics else None,
                  "selected": trial["name"], "sweep": table}
+        if test_metrics is not None and config.max_test_examples:
+            stats["test_max_examples"] = config.max_test_examples
+        write_json(writer.dir / METRICS_FILE, {"dev": dev_metrics, "test": test_metrics, "sweep": table,
+                                               "selected": trial["name"], **evaluation_notes(stats)})
         params = {**trial_config.model_dump(mode="json"), "name": config.name, "sweep": config.sweep,
-                  "test": config.test}
+                  "test": config.test, "max_test_examples": config.max_test_examples}
         artifact = writer.commit(
             manifest={k: trial_manifest[k] for k in ("task_type", "labels", "language", "max_seq_len", "mode",
                                                      "base_model", "read_options", "tag_scheme", "qa")},

@@ -411,7 +411,7 @@ def test_sweep_runs_each_setting_and_tests_the_best(flow_home, tiny_bert, tmp_pa
     train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
     assert run_cli("finetune", "--model", str(tiny_bert), "--task-type", "classification", "--train", str(train),
                    "--dev", str(train), "--test", str(train), "--name", "sw", "--epochs", "25", "--batch-size", "4",
-                   "--sweep", "lr=1e-6,1e-2", "--warmup-ratio", "0") == 0
+                   "--sweep", "lr=1e-6,1e-2", "--warmup-ratio", "0", "--max-test-examples", "5") == 0
     out = capsys.readouterr().out
     store = ArtifactStore()
     final = store.resolve("sw", kind="finetune")
@@ -421,6 +421,8 @@ def test_sweep_runs_each_setting_and_tests_the_best(flow_home, tiny_bert, tmp_pa
     assert final.manifest["stats"]["selected"] == f"sw.trial-{scores.index(max(scores))}"
     assert scores[1] == 1.0 and scores[0] < 1.0
     assert final.manifest["stats"]["test"]["accuracy"] == 1.0
+    assert final.manifest["stats"]["test"]["examples"] == 5  # --max-test-examples reaches select-and-test
+    assert json.loads((Path(final.path) / "metrics.json").read_text())["max_examples"] == {"test": 5}
     assert sorted(p for p in final.manifest["parents"]) == sorted(
         store.resolve(f"sw.trial-{i}", kind="finetune").id for i in range(2))
     assert "sweep (selected: sw.trial-1)" in out
@@ -657,6 +659,25 @@ def test_interrupted_finetuning_resumes_on_the_uninterrupted_trajectory(home, ti
               for n in ("straight", "crashy"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not RunCheckpoints(finetune_run_dir("crashy")).list()  # removed once the artifact is committed
+
+
+def test_dev_and_test_slices_are_stated_in_the_metrics(home, tiny_bert, tmp_path):
+    from storage.finetune_store import file_reference
+    from tasks.finetune import FinetuneConfig, format_summary, run_finetune
+
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    model, data = _finetune_refs(tiny_bert, train)
+    config = FinetuneConfig(name="sliced", model=str(tiny_bert), train=str(train), dev=str(train), test=str(train),
+                            epochs=1, batch_size=4, device="cpu", max_dev_examples=3, max_test_examples=5)
+    manifest = run_finetune(config, model, {**data, "test": file_reference(train)}, log=lambda line: None)
+    stats = manifest["stats"]
+    assert (stats["train_examples"], stats["dev_examples"], stats["test_examples"]) == (8, 3, 5)
+    metrics = json.loads((Path(manifest["path"]) / "metrics.json").read_text())
+    assert metrics["max_examples"] == {"dev": 3, "test": 5}
+    assert (metrics["dev"]["examples"], metrics["test"]["examples"]) == (3, 5)
+    summary = format_summary(manifest)
+    assert "note: dev: only its first 3 examples (--max-dev-examples), not the whole file" in summary
+    assert "note: test: only its first 5 examples (--max-test-examples)" in summary
 
 
 def test_finetuning_refuses_checkpoints_of_other_settings(home, tiny_bert, tmp_path):
