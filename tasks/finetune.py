@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bertflow.errors import BertflowError
+from tasks.finetune_baselines import baseline_metrics, baseline_predictor, baseline_warning
 from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
 from tasks.finetune_data import (check_squad_answers, collate, detect_tag_scheme, infer_labels, mismatched_answers,
                                  unseen_labels)
@@ -172,6 +173,10 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
         notes[f"{split}_truncated"] = splits[split].truncated
     if config.task_type == "qa" and not any("start_positions" in f for f in splits["train"].features):
         raise BertflowError(f"{data['train']['path']}: no training question has an answer")
+    predictor = baseline_predictor(config.task_type, splits["train"].examples, labels, language)
+    notes["baselines"] = {split: baseline_metrics(config.task_type, predictor, splits[split].examples, labels,
+                                                  language, config.positive_label)
+                          for split in ("dev", "test") if split in splits}
     return PreparedTask(labels=labels, language=language, splits=splits, notes=notes)
 
 
@@ -247,14 +252,15 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
         write_jsonl(writer.dir / predictions_file("dev"), best.payload)
         if test_rows is not None:
             write_jsonl(writer.dir / predictions_file("test"), test_rows)
-        write_json(writer.dir / METRICS_FILE, {"dev": best.metrics, "test": test_metrics, "history": history,
-                                               **evaluation_notes(task_data.notes)})
         stats = {"dev_score": best.score, "metric": config.metric_name, "dev": summary_metrics(best.metrics),
                  "test": summary_metrics(test_metrics) if test_metrics else None,
                  "best_step": best.step, "steps": result.steps, "stopped_early": result.stopped_early,
                  "resumed_from_step": result.resumed_from, "precision": result.precision,
                  "train_seconds": round(result.seconds, 2), "seconds": round(time.perf_counter() - started, 2),
-                 "device": result.device, **task_data.notes}
+                 "device": result.device, **task_data.notes,
+                 "warnings": run_warnings(config, best.metrics, test_metrics, task_data.notes)}
+        write_json(writer.dir / METRICS_FILE, {"dev": best.metrics, "test": test_metrics, "history": history,
+                                               **evaluation_notes(stats)})
         artifact = writer.commit(
             manifest=_finetune_manifest(config, task_data, model),
             parents=[model["id"]] if model.get("id") else [], params=config.model_dump(mode="json"),
@@ -283,11 +289,19 @@ def _log_run_metrics(store: Any, name: str, history: list[dict[str, Any]], best:
         store.catalog.log_metrics(run, summary_metrics(test_metrics), step=best.step, split="test")
 
 
+def run_warnings(config: FinetuneConfig, dev: dict, test: dict | None, stats: dict[str, Any]) -> list[str]:
+    """The warnings of a finished run: the selected model does not beat the trivial baseline."""
+    warning = baseline_warning(config.name, config.metric_name, {"dev": dev, "test": test}, stats["baselines"])
+    return [warning] if warning else []
+
+
 def evaluation_notes(stats: dict[str, Any]) -> dict[str, Any]:
-    """What metrics.json says about how its figures were obtained: the slices evaluated."""
+    """What metrics.json says beside the metrics: the trivial baselines, the warnings, and the
+    slices evaluated when not the whole files."""
+    notes = {"baselines": stats.get("baselines"), "warnings": stats.get("warnings", [])}
     limits = {split: stats[f"{split}_max_examples"] for split in ("train", "dev", "test")
               if stats.get(f"{split}_max_examples")}
-    return {"max_examples": limits} if limits else {}
+    return {**notes, "max_examples": limits} if limits else notes
 
 
 def small_manifest(artifact: Any) -> dict[str, Any]:
@@ -302,11 +316,15 @@ def format_summary(manifest: dict[str, Any]) -> str:
     lines = [f"finetune {manifest['name']} ({manifest['fingerprint']}) at {manifest['path']}",
              f"  task {manifest['task_type']}, best dev {s['metric']} {s['dev_score']:.4f} at step {s['best_step']}"
              f" of {s['steps']}{' (stopped early)' if s.get('stopped_early') else ''}"]
+    shown = ("accuracy", "precision", "recall", "f1", "macro_f1", "exact_match", "token_accuracy")
     for split in ("dev", "test"):
         if s.get(split):
-            shown = {k: v for k, v in s[split].items() if k in ("accuracy", "precision", "recall", "f1",
-                                                                  "macro_f1", "exact_match", "token_accuracy")}
-            lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+            lines.append(f"  {split:<5}" + "  ".join(f"{k} {v:.4f}" for k, v in s[split].items() if k in shown))
+    baselines = {split: b for split, b in (s.get("baselines") or {}).items() if s.get(split)}
+    if baselines:
+        lines.append(f"  trivial baseline, {next(iter(baselines.values()))['description']}:")
+        for split, baseline in baselines.items():
+            lines.append(f"    {split:<5}" + "  ".join(f"{k} {baseline[k]:.4f}" for k in shown if k in baseline))
     for note in s.get("read_notes", []):
         lines.append(f"  note: {note}")
     for split in ("train", "dev", "test"):
@@ -331,4 +349,5 @@ def format_summary(manifest: dict[str, Any]) -> str:
         lines.append("    " + "  ".join(f"{c:>14}" for c in columns))
         for row in s["sweep"]:
             lines.append("    " + "  ".join(f"{row[c]!s:>14}" for c in columns))
+    lines += [f"  {warning}" for warning in s.get("warnings", [])]  # last, where it is seen
     return "\n".join(lines)

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tasks.finetune import STAGE_VERSION, evaluation_notes, small_manifest, summary_metrics
+from tasks.finetune import STAGE_VERSION, evaluation_notes, run_warnings, small_manifest, summary_metrics
+from tasks.finetune_baselines import baseline_metrics, predictor_of
 from tasks.finetune_config import FinetuneConfig, trial_configs
 from tasks.finetune_inference import evaluate_finetuned
 
@@ -38,9 +39,13 @@ def run_select_and_test(config: FinetuneConfig, trials: list[dict], data: dict[s
     source = Path(trial["path"])
     trial_manifest = read_json(source / "manifest.json")
     test_metrics, test_rows = None, None
+    baselines = {"dev": trial["stats"]["baselines"]["dev"]}
     if data.get("test") is not None:
-        test_rows, test_metrics = evaluate_finetuned(str(source), data["test"]["path"], trial_config, trial_manifest,
-                                                     limit=config.max_test_examples)
+        test_rows, test_metrics, examples = evaluate_finetuned(str(source), data["test"]["path"], trial_config,
+                                                               trial_manifest, limit=config.max_test_examples)
+        baselines["test"] = baseline_metrics(config.task_type, predictor_of(baselines["dev"]), examples,
+                                             trial_manifest["labels"], trial_manifest["language"],
+                                             config.positive_label)
     store = ArtifactStore()
     with store.create("finetune", config.name) as writer:
         for item in source.iterdir():
@@ -52,9 +57,10 @@ def run_select_and_test(config: FinetuneConfig, trials: list[dict], data: dict[s
             write_jsonl(writer.dir / predictions_file("test"), test_rows)
         dev_metrics = read_json(source / METRICS_FILE)["dev"]
         stats = {**trial["stats"], "test": summary_metrics(test_metrics) if test_metrics else None,
-                 "selected": trial["name"], "sweep": table}
+                 "selected": trial["name"], "sweep": table, "baselines": baselines}
         if test_metrics is not None and config.max_test_examples:
             stats["test_max_examples"] = config.max_test_examples
+        stats["warnings"] = run_warnings(config, dev_metrics, test_metrics, stats)
         write_json(writer.dir / METRICS_FILE, {"dev": dev_metrics, "test": test_metrics, "sweep": table,
                                                "selected": trial["name"], **evaluation_notes(stats)})
         params = {**trial_config.model_dump(mode="json"), "name": config.name, "sweep": config.sweep,

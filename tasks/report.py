@@ -14,35 +14,61 @@ from typing import Any
 HEADLINE = ("accuracy", "f1", "macro_f1", "micro_f1", "exact_match", "precision", "recall")
 
 
+def _number(values: dict[str, Any], key: str) -> float | None:
+    return float(values[key]) if isinstance(values.get(key), (int, float)) else None
+
+
 def comparison_rows(finetunes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, split, metric): pretrained vs random initialisation, and the gain."""
+    """One row per (task, split, metric): the trivial baseline (a predictor that reads no text),
+    pretrained vs random initialisation, and the gain."""
     rows = []
     for entry in finetunes:
         pretrained = entry["pretrained"]["stats"]
-        baseline = entry["random_init"]["stats"] if entry.get("random_init") else None
+        random_init = entry["random_init"]["stats"] if entry.get("random_init") else None
         for split in ("dev", "test"):
             ours = pretrained.get(split) or {}
-            theirs = (baseline or {}).get(split) or {}
+            theirs = (random_init or {}).get(split) or {}
+            trivial = (pretrained.get("baselines") or {}).get(split) or {}
             for metric in [m for m in HEADLINE if isinstance(ours.get(m), (int, float))]:
-                value = float(ours[metric])
-                base = float(theirs[metric]) if isinstance(theirs.get(metric), (int, float)) else None
+                value, base, floor = _number(ours, metric), _number(theirs, metric), _number(trivial, metric)
                 rows.append({"task": entry["task"], "split": split, "metric": metric,
+                             "baseline": None if floor is None else round(floor, 4),
                              "pretrained": round(value, 4),
                              "random_init": None if base is None else round(base, 4),
                              "gain": None if base is None else round(value - base, 4)})
     return rows
 
 
+def _cell(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no fine-tuning tasks)"
-    header = f"{'task':<16} {'split':<5} {'metric':<12} {'pretrained':>10} {'random init':>11} {'gain':>8}"
+    header = (f"{'task':<16} {'split':<5} {'metric':<12} {'baseline':>8} {'pretrained':>10} {'random init':>11}"
+              f" {'gain':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        base = "-" if r["random_init"] is None else f"{r['random_init']:.4f}"
-        gain = "-" if r["gain"] is None else f"{r['gain']:+.4f}"
-        lines.append(f"{r['task']:<16} {r['split']:<5} {r['metric']:<12} {r['pretrained']:>10.4f} {base:>11} {gain:>8}")
+        lines.append(f"{r['task']:<16} {r['split']:<5} {r['metric']:<12} {_cell(r.get('baseline')):>8}"
+                     f" {r['pretrained']:>10.4f} {_cell(r['random_init']):>11} {_cell(r['gain'], '+.4f'):>8}")
     return "\n".join(lines)
+
+
+def run_remarks(finetunes: list[dict[str, Any]]) -> list[str]:
+    """What the metrics table cannot show: runs that do not beat their trivial baseline, splits
+    evaluated only in part. One line each."""
+    remarks = []
+    for entry in finetunes:
+        for side in ("pretrained", "random_init"):
+            if not entry.get(side):
+                continue
+            stats = entry[side]["stats"]
+            remarks += stats.get("warnings", [])
+            remarks += [f"note: run {entry[side]['name']}: {split} is only its first {stats[f'{split}_max_examples']:,}"
+                        f" examples (--max-{split}-examples)" for split in ("train", "dev", "test")
+                        if stats.get(f"{split}_max_examples")]
+    return remarks
 
 
 def run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list[dict[str, Any]],
@@ -55,7 +81,7 @@ def run_summary(run: str, stage_manifests: list[dict[str, Any]], finetunes: list
     produced = [*stage_manifests, *[f[k] for f in finetunes for k in ("pretrained", "random_init") if f.get(k)]]
     artifacts = [{"kind": m["kind"], "name": m["name"], "fingerprint": m["fingerprint"], "path": m["path"]}
                  for m in [*produced, *([distilled] if distilled else [])]]
-    summary = {"run": run, "artifacts": artifacts, "metrics": rows,
+    summary = {"run": run, "artifacts": artifacts, "metrics": rows, "remarks": run_remarks(finetunes),
                "stages": {m["kind"]: m.get("stats", {}) for m in stage_manifests}}
     if distilled:
         summary["distill"] = distilled["stats"]["distillation"]
@@ -175,12 +201,16 @@ def render_report(run: str, summary: dict[str, Any], stages: dict[str, dict[str,
     if bars:
         parts.append(f"<img src='{bars}' alt='pretrained vs random initialisation'>")
     if rows:
-        head = "".join(f"<th>{h}</th>" for h in ("task", "split", "metric", "pretrained", "random init", "gain"))
+        head = "".join(f"<th>{h}</th>" for h in ("task", "split", "metric", "trivial baseline", "pretrained",
+                                                  "random init", "gain"))
         body = "".join(
             f"<tr><td>{html.escape(r['task'])}</td><td>{r['split']}</td><td>{r['metric']}</td>"
-            f"<td>{r['pretrained']:.4f}</td><td>{'-' if r['random_init'] is None else format(r['random_init'], '.4f')}</td>"
-            f"<td>{'-' if r['gain'] is None else format(r['gain'], '+.4f')}</td></tr>" for r in rows)
-        parts.append(f"<h2>Fine-tuning metrics</h2><table><tr>{head}</tr>{body}</table>")
+            f"<td>{_cell(r.get('baseline'))}</td><td>{r['pretrained']:.4f}</td><td>{_cell(r['random_init'])}</td>"
+            f"<td>{_cell(r['gain'], '+.4f')}</td></tr>" for r in rows)
+        remarks = "".join(f"<p class='remark'>{html.escape(line)}</p>" for line in summary.get("remarks", []))
+        parts.append(f"<h2>Fine-tuning metrics</h2><table><tr>{head}</tr>{body}</table>"
+                     "<p>Trivial baseline: what a predictor that reads no text scores (the majority training"
+                     " label; every tag O; the first words of the context).</p>" + remarks)
     if curves:
         parts.append(f"<h2>Pretraining</h2><img src='{curves}' alt='pretraining curves'>")
     titles = {"corpus": "Corpus", "tokenizer": "Vocabulary", "pretraining-data": "Pretraining data",
@@ -196,6 +226,7 @@ def render_report(run: str, summary: dict[str, Any], stages: dict[str, dict[str,
                  f"{artifacts}</table>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:left;font-size:14px}table.kv th{background:#f4f4f4}img{max-width:100%}")
+             "text-align:left;font-size:14px}table.kv th{background:#f4f4f4}img{max-width:100%}"
+             "p.remark{color:#8a4b00}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>bertflow {html.escape(run)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

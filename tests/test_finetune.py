@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +392,8 @@ def test_classification_end_to_end_with_predict(flow_home, tiny_bert, tmp_path, 
     assert len(metrics["history"]) == 3  # evaluated every 20 steps: 2 steps per epoch, 30 epochs
     assert metrics["test"]["confusion_matrix"]["matrix"] == [[4, 0], [0, 4]]
     assert "test accuracy 1.0000" in out
+    assert metrics["baselines"]["test"]["accuracy"] == 0.5 and metrics["warnings"] == []  # it learnt: no warning
+    assert "warning" not in out
     logged = store.catalog.metrics("finetune/sent")
     assert {(m["split"], m["name"]) for m in logged} >= {("dev", "accuracy"), ("test", "f1"), ("dev", "train_loss")}
     # cached: the same inputs come back without training
@@ -678,6 +681,57 @@ def test_dev_and_test_slices_are_stated_in_the_metrics(home, tiny_bert, tmp_path
     summary = format_summary(manifest)
     assert "note: dev: only its first 3 examples (--max-dev-examples), not the whole file" in summary
     assert "note: test: only its first 5 examples (--max-test-examples)" in summary
+
+
+def test_a_run_that_learnt_nothing_says_so_against_the_trivial_baseline(home, tiny_bert, tmp_path):
+    """Every sentence is the same text, so the model can only predict one class (or one tag
+    sequence): it cannot beat the majority class (all-O), and the run must say so, once."""
+    from tasks.finetune import FinetuneConfig, format_summary, run_finetune
+
+    flat = write_tsv(tmp_path / "flat.tsv", [("a film", "1")] * 3 + [("a film", "0")])
+    model, data = _finetune_refs(tiny_bert, flat)
+    config = FinetuneConfig(name="flat", model=str(tiny_bert), train=str(flat), dev=str(flat), epochs=5,
+                            batch_size=4, lr=1e-2, device="cpu")
+    manifest = run_finetune(config, model, data, log=lambda line: None)
+    metrics = json.loads((Path(manifest["path"]) / "metrics.json").read_text())
+    baseline = metrics["baselines"]["dev"]
+    assert (baseline["name"], baseline["label"], baseline["accuracy"]) == ("majority", "1", 0.75)
+    assert baseline["f1"] == pytest.approx(2 * 0.75 / 1.75)
+    [warning] = manifest["stats"]["warnings"]
+    assert metrics["warnings"] == [warning] and "\n" not in warning
+    assert re.fullmatch(r"warning: run flat does not beat the trivial baseline \(always '1', the most frequent"
+                        r" training label\): dev accuracy 0\.[27]500 vs 0\.7500; .*--lr.*--epochs.*"
+                        r"--sweep 'lr=1e-4,3e-4,1e-3'", warning), warning
+    summary = format_summary(manifest)
+    assert summary.endswith(warning) and summary.count("warning:") == 1
+    assert "trivial baseline, always '1', the most frequent training label:" in summary
+
+    conll = tmp_path / "flat.conll"
+    conll.write_text("john B-PER\nsmith I-PER\n\n" + "john O\nsmith O\n\n" * 3)
+    model, data = _finetune_refs(tiny_bert, conll)
+    config = FinetuneConfig(name="flat-ner", model=str(tiny_bert), task_type="token", train=str(conll),
+                            dev=str(conll), epochs=5, batch_size=4, lr=1e-2, device="cpu")
+    manifest = run_finetune(config, model, data, log=lambda line: None)
+    baseline = manifest["stats"]["baselines"]["dev"]
+    assert (baseline["name"], baseline["f1"], baseline["token_accuracy"]) == ("all-O", 0.0, 0.75)
+    [warning] = manifest["stats"]["warnings"]
+    assert warning.startswith("warning: run flat-ner does not beat the trivial baseline (every tag O): dev f1"
+                              " 0.0000 vs 0.0000; ")
+
+
+def test_qa_baseline_is_the_first_words_of_the_context():
+    from tasks.finetune_baselines import baseline_metrics, baseline_predictor
+
+    context = "john smith lives in london ."
+    train = [QAExample("a", "who ?", context, [{"text": "john smith", "answer_start": 0}]),
+             QAExample("b", "where ?", context, [{"text": "london", "answer_start": 20}]),
+             QAExample("c", "what ?", context, [{"text": "lives in london", "answer_start": 11}])]
+    predictor = baseline_predictor("qa", train, None, "en")
+    assert predictor["words"] == 2  # the median answer: 2 words
+    scores = baseline_metrics("qa", predictor, train, None, "en")
+    assert (scores["exact_match"], scores["f1"]) == pytest.approx((1 / 3, (1 + 0 + 0) / 3))
+    zh = [QAExample("z", "谁？", "张三住在北京。", [{"text": "张三", "answer_start": 0}])]
+    assert baseline_metrics("qa", baseline_predictor("qa", zh, None, "zh"), zh, None, "zh")["exact_match"] == 1.0
 
 
 def test_finetuning_refuses_checkpoints_of_other_settings(home, tiny_bert, tmp_path):

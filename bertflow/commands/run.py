@@ -57,6 +57,8 @@ def run_pipeline(config_path: str, refresh: list[str], overrides: list[str]) -> 
         print(f"  {item['kind']:<17} {item['name']:<34} {state:<9} {item['path']}")
     print("\nmetrics:")
     print(format_table(summary["metrics"]))
+    for remark in summary.get("remarks", []):
+        print(remark)
     if summary.get("distill"):
         from tasks.distill_report import format_report
 

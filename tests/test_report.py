@@ -1,0 +1,43 @@
+"""The run summary's metrics table and HTML report: the trivial baseline beside each figure, and
+the remarks (runs that learnt nothing, partial evaluations) under the table."""
+
+from __future__ import annotations
+
+from tasks.report import comparison_rows, format_table, render_report, run_remarks
+
+WARNING = "warning: run t.random-init does not beat the trivial baseline (always '1', ...): dev accuracy 0.5000"
+
+
+def finetunes() -> list[dict]:
+    baselines = {"dev": {"name": "majority", "label": "1", "accuracy": 0.5, "f1": 0.6667},
+                 "test": {"name": "majority", "label": "1", "accuracy": 0.55, "f1": 0.7097}}
+    pretrained = {"name": "t", "stats": {"dev": {"accuracy": 0.8, "f1": 0.81}, "test": {"accuracy": 0.75},
+                                         "baselines": baselines, "warnings": [], "dev_max_examples": 100}}
+    random_init = {"name": "t.random-init", "stats": {"dev": {"accuracy": 0.5, "f1": 0.6667},
+                                                      "test": {"accuracy": 0.55}, "baselines": baselines,
+                                                      "warnings": [WARNING], "dev_max_examples": 100}}
+    return [{"task": "sentiment", "pretrained": pretrained, "random_init": random_init}]
+
+
+def test_the_table_shows_the_trivial_baseline_beside_each_figure():
+    rows = comparison_rows(finetunes())
+    by_key = {(r["split"], r["metric"]): r for r in rows}
+    assert by_key[("dev", "accuracy")]["baseline"] == 0.5 and by_key[("test", "accuracy")]["baseline"] == 0.55
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["task", "split", "metric", "baseline", "pretrained", "random", "init", "gain"]
+    assert table[2].split() == ["sentiment", "dev", "accuracy", "0.5000", "0.8000", "0.5000", "+0.3000"]
+    # a summary saved before baselines existed still prints
+    old = [{k: v for k, v in r.items() if k != "baseline"} for r in rows]
+    assert format_table(old).splitlines()[2].split()[3] == "-"
+
+
+def test_remarks_name_the_runs_that_learnt_nothing_and_the_partial_splits():
+    remarks = run_remarks(finetunes())
+    assert remarks == [
+        "note: run t: dev is only its first 100 examples (--max-dev-examples)",
+        WARNING,
+        "note: run t.random-init: dev is only its first 100 examples (--max-dev-examples)"]
+    summary = {"metrics": comparison_rows(finetunes()), "remarks": remarks, "artifacts": []}
+    page = render_report("r", summary, {}, [])
+    assert "<th>trivial baseline</th>" in page and "<td>0.5000</td>" in page
+    assert "does not beat the trivial baseline" in page
