@@ -31,7 +31,8 @@ from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
 from tasks.finetune_data import (check_squad_answers, collate, detect_tag_scheme, infer_labels, mismatched_answers,
                                  unseen_labels)
 from tasks.finetune_inference import build_model, load_tokenizer, predict_split, score_predictions
-from tasks.finetune_splits import SplitData, encode_split, guess_language, read_options, read_split
+from tasks.finetune_splits import (SplitData, encode_split, guess_language, read_options, read_split,
+                                   unknown_piece_warning)
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
 from tasks.training import train as train_loop
 from tasks.training.setup import steps_for, warmup_steps
@@ -113,7 +114,7 @@ class PreparedTask:
 
 
 def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | None],
-                 log: Callable[[str], None]) -> PreparedTask:
+                 log: Callable[[str], None], *, tokenizer_dir: str | None = None) -> PreparedTask:
     """Read, validate and encode train/dev(/test); every input error surfaces here, before training."""
     limits = {"train": config.max_train_examples, "dev": config.max_dev_examples, "test": config.max_test_examples}
     examples, read_notes = {}, []
@@ -173,6 +174,11 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
         notes[f"{split}_truncated"] = splits[split].truncated
     if config.task_type == "qa" and not any("start_positions" in f for f in splits["train"].features):
         raise BertflowError(f"{data['train']['path']}: no training question has an answer")
+    notes["unk_rate"] = {split: round(splits[split].unknown_share, 6) for split in splits}
+    unreadable = unknown_piece_warning(notes["unk_rate"], tokenizer_dir or tokenizer.name_or_path)
+    if unreadable:
+        log(unreadable)  # now, not only in the summary: training on unreadable text is time lost
+        notes["unk_warning"] = unreadable
     predictor = baseline_predictor(config.task_type, splits["train"].examples, labels, language)
     notes["baselines"] = {split: baseline_metrics(config.task_type, predictor, splits[split].examples, labels,
                                                   language, config.positive_label)
@@ -216,7 +222,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     started = time.perf_counter()
     check_model_fits(config, check_bert_directory(model["path"]))
     tokenizer = load_tokenizer(model["path"])
-    task_data = prepare_task(config, tokenizer, data, log)
+    task_data = prepare_task(config, tokenizer, data, log, tokenizer_dir=model["path"])
     net = build_model(config.task_type, model["path"], task_data.labels, seed=config.seed, mode=config.mode)
 
     def evaluate(current: Any) -> Evaluation:
@@ -290,9 +296,11 @@ def _log_run_metrics(store: Any, name: str, history: list[dict[str, Any]], best:
 
 
 def run_warnings(config: FinetuneConfig, dev: dict, test: dict | None, stats: dict[str, Any]) -> list[str]:
-    """The warnings of a finished run: the selected model does not beat the trivial baseline."""
-    warning = baseline_warning(config.name, config.metric_name, {"dev": dev, "test": test}, stats["baselines"])
-    return [warning] if warning else []
+    """The warnings of a finished run: text the model cannot read, a selected model that does not
+    beat the trivial baseline."""
+    warnings = (stats.get("unk_warning"),
+                baseline_warning(config.name, config.metric_name, {"dev": dev, "test": test}, stats["baselines"]))
+    return [warning for warning in warnings if warning]
 
 
 def evaluation_notes(stats: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +333,8 @@ def format_summary(manifest: dict[str, Any]) -> str:
         lines.append(f"  trivial baseline, {next(iter(baselines.values()))['description']}:")
         for split, baseline in baselines.items():
             lines.append(f"    {split:<5}" + "  ".join(f"{k} {baseline[k]:.4f}" for k in shown if k in baseline))
+    if s.get("unk_rate"):
+        lines.append("  [UNK] word pieces: " + ", ".join(f"{split} {rate:.2%}" for split, rate in s["unk_rate"].items()))
     for note in s.get("read_notes", []):
         lines.append(f"  note: {note}")
     for split in ("train", "dev", "test"):

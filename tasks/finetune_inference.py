@@ -148,9 +148,9 @@ def score_predictions(task_type: str, rows: list[dict], labels: list[str] | None
 # --- a saved run ------------------------------------------------------------------------------
 
 def evaluate_finetuned(path: str, file: str, config: FinetuneConfig, manifest: dict, *, limit: int | None = None
-                       ) -> tuple[list[dict], dict, list]:
-    """Predictions, metrics and the gold examples of a saved fine-tuned model on a labelled file
-    (its first `limit` examples)."""
+                       ) -> tuple[list[dict], dict, SplitData]:
+    """Predictions, metrics and the encoded split (gold examples included) of a saved fine-tuned
+    model on a labelled file (its first `limit` examples)."""
     tokenizer = load_tokenizer(path)
     model = _auto_head(config.task_type).from_pretrained(path)
     model.to(resolve_device(config.device))
@@ -163,7 +163,7 @@ def evaluate_finetuned(path: str, file: str, config: FinetuneConfig, manifest: d
     data = encode_split(config, examples, tokenizer, None, with_labels=False)
     rows = predict_split(config, model, data, labels, pad_id=tokenizer.pad_token_id)
     return rows, score_predictions(config.task_type, rows, labels, manifest.get("language", "en"),
-                                   config.positive_label), examples
+                                   config.positive_label), data
 
 
 def _auto_head(task_type: str) -> Any:

@@ -10,12 +10,19 @@ from tasks.finetune_config import FinetuneConfig
 from tasks.finetune_data import QAExample, encode_text_examples, encode_token_examples, prepare_qa_features
 
 
+# Above this share of [UNK] word pieces a split is mostly unreadable to the model: a vocabulary
+# of the text's language and script leaves well under 1% (rare symbols), while an English
+# vocabulary on Chinese text leaves most characters [UNK].
+UNK_WARN_SHARE = 0.05
+
+
 @dataclass
 class SplitData:
     examples: list
     features: list[dict]
     truncated: int = 0
     skipped_answers: int = 0
+    unknown_share: float = 0.0  # of the word pieces (special tokens aside) that are [UNK]
 
 
 def read_options(config: FinetuneConfig):
@@ -70,4 +77,28 @@ def encode_split(config: FinetuneConfig, examples: list, tokenizer: Any, label2i
         features, stats = prepare_qa_features(examples, tokenizer, max_seq_len=config.seq_len,
                                               doc_stride=config.doc_stride, max_query_len=config.max_query_len,
                                               with_labels=with_labels)
-    return SplitData(examples=examples, features=features, truncated=stats.truncated)
+    return SplitData(examples=examples, features=features, truncated=stats.truncated,
+                     unknown_share=unknown_share(features, tokenizer))
+
+
+def unknown_share(features: Sequence[dict], tokenizer: Any) -> float:
+    """The share of [UNK] among the word pieces of encoded features, special tokens left out
+    (QA: the windows, so overlapping context counts once per window)."""
+    import numpy as np
+
+    if tokenizer.unk_token_id is None or not features:
+        return 0.0
+    ids = np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
+    special = [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id]
+    pieces = ids[~np.isin(ids, special)]
+    return float((pieces == tokenizer.unk_token_id).mean()) if pieces.size else 0.0
+
+
+def unknown_piece_warning(rates: dict[str, float], tokenizer_dir: str) -> str | None:
+    """One line when some split's [UNK] share is above UNK_WARN_SHARE."""
+    over = [f"{rate:.1%} of {split}" for split, rate in rates.items() if rate > UNK_WARN_SHARE]
+    if not over:
+        return None
+    return (f"warning: [UNK] word pieces: {', '.join(over)} (over {UNK_WARN_SHARE:.0%}): the vocabulary of"
+            f" {tokenizer_dir} cannot read this text; fine-tune a model whose vocabulary covers its language and"
+            " script (or pretrain one here on such text)")

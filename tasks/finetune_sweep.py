@@ -11,6 +11,7 @@ from tasks.finetune import STAGE_VERSION, evaluation_notes, run_warnings, small_
 from tasks.finetune_baselines import baseline_metrics, predictor_of
 from tasks.finetune_config import FinetuneConfig, trial_configs
 from tasks.finetune_inference import evaluate_finetuned
+from tasks.finetune_splits import unknown_piece_warning
 
 
 def sweep_table(trials: Sequence[dict], configs: Sequence[FinetuneConfig], metric: str) -> list[dict]:
@@ -40,12 +41,14 @@ def run_select_and_test(config: FinetuneConfig, trials: list[dict], data: dict[s
     trial_manifest = read_json(source / "manifest.json")
     test_metrics, test_rows = None, None
     baselines = {"dev": trial["stats"]["baselines"]["dev"]}
+    unk_rate = trial["stats"]["unk_rate"]
     if data.get("test") is not None:
-        test_rows, test_metrics, examples = evaluate_finetuned(str(source), data["test"]["path"], trial_config,
-                                                               trial_manifest, limit=config.max_test_examples)
-        baselines["test"] = baseline_metrics(config.task_type, predictor_of(baselines["dev"]), examples,
+        test_rows, test_metrics, test_split = evaluate_finetuned(str(source), data["test"]["path"], trial_config,
+                                                                 trial_manifest, limit=config.max_test_examples)
+        baselines["test"] = baseline_metrics(config.task_type, predictor_of(baselines["dev"]), test_split.examples,
                                              trial_manifest["labels"], trial_manifest["language"],
                                              config.positive_label)
+        unk_rate = {**trial["stats"]["unk_rate"], "test": round(test_split.unknown_share, 6)}
     store = ArtifactStore()
     with store.create("finetune", config.name) as writer:
         for item in source.iterdir():
@@ -57,7 +60,10 @@ def run_select_and_test(config: FinetuneConfig, trials: list[dict], data: dict[s
             write_jsonl(writer.dir / predictions_file("test"), test_rows)
         dev_metrics = read_json(source / METRICS_FILE)["dev"]
         stats = {**trial["stats"], "test": summary_metrics(test_metrics) if test_metrics else None,
-                 "selected": trial["name"], "sweep": table, "baselines": baselines}
+                 "selected": trial["name"], "sweep": table, "baselines": baselines, "unk_rate": unk_rate}
+        stats.pop("unk_warning", None)
+        if unreadable := unknown_piece_warning(unk_rate, trial_manifest["base_model"]["path"]):
+            stats["unk_warning"] = unreadable
         if test_metrics is not None and config.max_test_examples:
             stats["test_max_examples"] = config.max_test_examples
         stats["warnings"] = run_warnings(config, dev_metrics, test_metrics, stats)

@@ -243,6 +243,31 @@ def test_positive_label_must_be_one_of_two_training_labels(tmp_path, tokenizer):
         FinetuneConfig(name="p", model="-", task_type="token", positive_label="B-PER")
 
 
+def test_text_the_vocabulary_cannot_read_is_reported_per_split(tmp_path, tokenizer):
+    """Chinese text against the tiny English vocabulary: nearly every piece is [UNK]; one line
+    names the splits and the tokenizer's directory. English text from that vocabulary: none."""
+    from storage.finetune_store import file_reference
+    from tasks.finetune import FinetuneConfig, prepare_task
+
+    chinese = file_reference(write_tsv(tmp_path / "zh.tsv", [("这部电影很好看", "1"), ("这部电影很难看", "0")]))
+    english = file_reference(write_tsv(tmp_path / "en.tsv", SENTIMENT))
+    config = FinetuneConfig(name="u", model="-", train="t", dev="d")
+
+    logged = []
+    task = prepare_task(config, tokenizer, {"train": chinese, "dev": english, "test": chinese}, logged.append,
+                        tokenizer_dir="/models/tiny-en")
+    assert task.notes["unk_rate"] == {"train": 1.0, "dev": 0.0, "test": 1.0}
+    warning = ("warning: [UNK] word pieces: 100.0% of train, 100.0% of test (over 5%): the vocabulary of"
+               " /models/tiny-en cannot read this text;")
+    assert task.notes["unk_warning"].startswith(warning)
+    assert [line for line in logged if line.startswith("warning:")] == [task.notes["unk_warning"]]
+
+    logged.clear()
+    task = prepare_task(config, tokenizer, {"train": english, "dev": english, "test": None}, logged.append)
+    assert task.notes["unk_rate"] == {"train": 0.0, "dev": 0.0} and "unk_warning" not in task.notes
+    assert not [line for line in logged if "[UNK]" in line]
+
+
 def test_model_directory_checks(tmp_path, tiny_bert):
     assert check_bert_directory(str(tiny_bert))["model_type"] == "bert"
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
@@ -393,7 +418,7 @@ def test_classification_end_to_end_with_predict(flow_home, tiny_bert, tmp_path, 
     assert metrics["test"]["confusion_matrix"]["matrix"] == [[4, 0], [0, 4]]
     assert "test accuracy 1.0000" in out
     assert metrics["baselines"]["test"]["accuracy"] == 0.5 and metrics["warnings"] == []  # it learnt: no warning
-    assert "warning" not in out
+    assert "warning" not in out and "[UNK] word pieces: train 0.00%, dev 0.00%, test 0.00%" in out
     logged = store.catalog.metrics("finetune/sent")
     assert {(m["split"], m["name"]) for m in logged} >= {("dev", "accuracy"), ("test", "f1"), ("dev", "train_loss")}
     # cached: the same inputs come back without training
