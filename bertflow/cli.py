@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from bertflow import __version__
-from bertflow.errors import BertflowError, is_out_of_space, out_of_space_message
+from bertflow.errors import BertflowError, Stopped, is_out_of_space, out_of_space_message
 from bertflow.runtime import configure_environment
 
 
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except Stopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     except BertflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

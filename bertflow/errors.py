@@ -23,3 +23,15 @@ def out_of_space_message(exc: OSError) -> str:
     return (f"no space left on the device writing {where}; nothing was registered. Free some space (`bertflow ls`"
             " shows the artifacts, `du -sh $BERTFLOW_HOME/*` their sizes) or set BERTFLOW_HOME to a bigger disk,"
             " then run the same command again")
+
+
+class Stopped(BertflowError):
+    """A run stopped on request (SIGTERM), at a point the same command resumes from.
+
+    The CLI prints the message as one line and exits 128 + the signal's number, as a process
+    killed by that signal would.
+    """
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number

@@ -47,7 +47,11 @@ class _UserErrorsOnTheTerminalOnce(logging.Filter):
         if record.exc_info and (isinstance(record.exc_info[1], BertflowError) or is_out_of_space(record.exc_info[1])):
             return False
         message = record.getMessage()
-        return "BertflowError" not in message and "No space left on device" not in message
+        # Prefect's state messages name the exception's class: BertflowError or one of its kinds
+        # ("... exception: Stopped('...')", "... exception Stopped: ...").
+        kinds = ["BertflowError", *(f"{kind.__name__}{mark}" for kind in BertflowError.__subclasses__()
+                                    for mark in ("(", ":"))]
+        return not any(kind in message for kind in kinds) and "No space left on device" not in message
 
 
 def _quiet_user_errors() -> None:

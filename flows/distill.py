@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.caching import cached_stage, current_cache_key, stage_cache_key
 from flows.reporting import training_reporters
+from flows.signals import sigterm_stops_training
 from storage.artifacts import ArtifactStore
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, run_dir
 from storage.distill_store import resolve_student, resolve_teacher, resolve_tokenizer, resolve_unlabelled
@@ -56,7 +57,8 @@ def distill_student(config: DistillConfig, teacher: dict[str, Any], data: dict[s
                                    eval_split="heldout" if config.mode == "general" else "dev",
                                    selecting=None)
     inputs = {"teacher": teacher, "data": data, "student": student, "tokenizer": tokenizer, "unlabelled": unlabelled}
-    manifest = run_distill(config, inputs, cache_key=current_cache_key(), log=logger.info, callbacks=reporters)
+    with sigterm_stops_training():
+        manifest = run_distill(config, inputs, cache_key=current_cache_key(), log=logger.info, callbacks=reporters)
     logger.info(format_summary(manifest))
     return manifest
 

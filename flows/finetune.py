@@ -9,6 +9,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.caching import cached_stage, current_cache_key, stage_cache_key
 from flows.reporting import slug, training_reporters
+from flows.signals import sigterm_stops_training
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, finetune_run_dir
 from storage.finetune_store import file_reference, resolve_model
 from storage.home import DataHome
@@ -34,7 +35,9 @@ def finetune_model(config: FinetuneConfig, model: dict[str, Any], data: dict[str
     reporters = training_reporters(stage="finetune", name=config.name, log=logger.info,
                                    run_dir=finetune_run_dir(config.name), catalog_run=None, eval_split="dev",
                                    selecting=config.metric_name)
-    manifest = run_finetune(config, model, data, cache_key=current_cache_key(), log=logger.info, callbacks=reporters)
+    with sigterm_stops_training():
+        manifest = run_finetune(config, model, data, cache_key=current_cache_key(), log=logger.info,
+                                callbacks=reporters)
     logger.info(format_summary(manifest))
     return manifest
 
@@ -44,7 +47,8 @@ def select_and_test(config: FinetuneConfig, trials: list[dict[str, Any]], data: 
                     ) -> dict[str, Any]:
     """Pick the sweep's best setting on dev, evaluate it once on test."""
     logger = get_run_logger()
-    manifest = run_select_and_test(config, trials, data, cache_key=current_cache_key(), log=logger.info)
+    with sigterm_stops_training():
+        manifest = run_select_and_test(config, trials, data, cache_key=current_cache_key(), log=logger.info)
     create_table_artifact(table=manifest["stats"]["sweep"], key=f"finetune-sweep-{slug(config.name)}",
                           description=f"Sweep of finetune run {config.name}: dev score per setting")
     logger.info(format_summary(manifest))

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.caching import cached_stage, current_cache_key, stage_cache_key
 from flows.reporting import training_reporters
+from flows.signals import sigterm_stops_training
 from storage.artifacts import ArtifactStore
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, pretrain_run_dir
 from storage.home import DataHome
@@ -37,7 +38,8 @@ def pretrain_model(config: PretrainConfig, data: dict[str, Any]) -> dict[str, An
     reporters = training_reporters(stage="pretrain", name=config.name, log=logger.info,
                                    run_dir=pretrain_run_dir(config.name), catalog_run=f"model/{config.name}",
                                    eval_split="heldout", ylabel="loss (MLM + sentence task)")
-    manifest = run_pretrain(config, data, cache_key=current_cache_key(), callbacks=reporters)
+    with sigterm_stops_training():
+        manifest = run_pretrain(config, data, cache_key=current_cache_key(), callbacks=reporters)
     logger.info(format_summary(manifest))
     return manifest
 

@@ -128,7 +128,7 @@ class PrefectEvalTable(Callback):
 
 
 class RunFiles(Callback):
-    """history.json at each checkpoint and at the end; the loss curve at the end."""
+    """history.json at each checkpoint and at the end; the loss curve at the end of a finished run."""
 
     def __init__(self, directory: Path, *, title: str, ylabel: str = "loss"):
         self.directory, self.title, self.ylabel = Path(directory), title, ylabel
@@ -142,6 +142,8 @@ class RunFiles(Callback):
         from storage.checkpoints import write_bytes_atomic
 
         self.on_checkpoint(result.steps, result.history)
+        if result.stopped_by:  # the resumed run draws the curve; a stop should take no longer than it must
+            return
         write_bytes_atomic(self.directory / "loss_curve.png",
                            loss_curve_png(result.history, title=self.title, ylabel=self.ylabel))
 

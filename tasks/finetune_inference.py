@@ -16,6 +16,7 @@ from tasks.finetune_data import (collate, decode_qa, decode_token_predictions,
                                  tags_to_entities, unseen_labels)
 from tasks.finetune_splits import SplitData, encode_split, load_examples
 from tasks.metrics import classification_metrics, entity_metrics, qa_metrics
+from tasks.training import stopping
 from tasks.training.setup import autocast_for, resolve_device, resolve_precision
 
 AUTO_HEADS = {"classification": "AutoModelForSequenceClassification", "pair": "AutoModelForSequenceClassification",
@@ -81,6 +82,7 @@ def forward_outputs(model: Any, features: Sequence[dict], *, batch_size: int, pa
     autocast = autocast_for(resolve_precision(precision, device.type), device.type)()
     with torch.no_grad():
         for begin in range(0, len(order), batch_size):
+            stopping.raise_if_pending("predicting")  # a large dev set can take minutes
             index = order[begin:begin + batch_size]
             batch = collate([{k: features[i][k] for k in ("input_ids", "token_type_ids")} for i in index], pad_id)
             with autocast:

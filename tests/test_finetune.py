@@ -826,3 +826,52 @@ def test_kill_9_during_finetuning_then_same_command_resumes(flow_home, tiny_bert
     assert resumed.manifest["stats"]["steps"] == reference.manifest["stats"]["steps"] == 1600
     wa, wb = (load_file(str(Path(a.path) / "model.safetensors")) for a in (resumed, reference))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_stops_finetuning_within_seconds_and_the_same_command_resumes(flow_home, tiny_bert, tmp_path):
+    """`timeout` (or a scheduler) sends SIGTERM: the run checkpoints the step it is in, exits
+    within seconds with one line and 143, and the same command resumes from that step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from storage.artifacts import ArtifactStore
+    from storage.checkpoints import checkpoint_step, finetune_run_dir, list_checkpoints
+
+    rows = [(f"{text} {i % 7}", label) for i in range(40) for text, label in SENTIMENT]  # 320 examples
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    dev = write_tsv(tmp_path / "dev.tsv", SENTIMENT)
+    argv = [sys.executable, "-m", "bertflow.cli", "finetune", "--model", str(tiny_bert), "--task-type",
+            "classification", "--train", str(train), "--dev", str(dev), "--name", "termed", "--epochs", "8",
+            "--batch-size", "8", "--lr", "1e-3", "--eval-every", "40", "--device", "cpu"]
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    run_dir = finetune_run_dir("termed")
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None and not list_checkpoints(run_dir):
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be stopped"
+    time.sleep(0.3)  # mid-way between two evaluations (and so between two regular checkpoints)
+    sent = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert first.returncode == 143, err[-3000:]
+    assert took < 5, f"took {took:.1f} s to stop"
+    [line] = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert "Traceback" not in err and "error:" not in err
+    stopped_at = checkpoint_step(list_checkpoints(run_dir)[-1])
+    assert line == f"stopped: termed: SIGTERM received; step {stopped_at} of 320 is checkpointed, and the same" \
+                   " command resumes from it"
+    assert stopped_at > 40  # the step it was in, not the last evaluation's checkpoint
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    stats = ArtifactStore().resolve("termed", kind="finetune").manifest["stats"]
+    assert stats["resumed_from_step"] == stopped_at and stats["steps"] == 320

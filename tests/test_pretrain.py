@@ -416,3 +416,49 @@ def test_a_run_name_cannot_reach_outside_the_data_home(home: Path, tmp_path: Pat
                 pass
     assert (victim / "keep.txt").read_text() == "mine"
     assert not list(tmp_path.rglob("*.lock"))
+
+
+def test_sigterm_stops_pretraining_at_a_checkpointed_step_and_the_rerun_resumes(flow_home: Path, capsys):
+    """The pretraining task turns SIGTERM into a stop request: the step it lands in is
+    checkpointed, the command returns 143 with one line, and the same command resumes there."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from storage.artifacts import ArtifactStore
+    from storage.checkpoints import checkpoint_step, list_checkpoints, pretrain_run_dir
+
+    register_pretraining_data(instances=256)
+    argv = ["pretrain", "--data", "toy-data", "--name", "termed", "--model", "tiny", "--steps", "100",
+            "--batch-size", "8", "--save-every", "25", "--eval-every", "100", "--eval-instances", "16",
+            "--precision", "fp32"]
+    run_dir = pretrain_run_dir("termed")
+
+    def terminate_after_the_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # into the steps after it
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signal_number, frame):  # what would otherwise end the test session
+        raise AssertionError("SIGTERM reached the process's handler instead of the training loop's")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        sender = threading.Thread(target=terminate_after_the_first_checkpoint)
+        sender.start()
+        code = run_cli(*argv)
+        sender.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    stopped_at = checkpoint_step(list_checkpoints(run_dir)[-1])
+    assert code == 143, err[-2000:]
+    assert f"stopped: termed: SIGTERM received; step {stopped_at} of 100 is checkpointed" in err
+    assert 25 < stopped_at < 100
+
+    assert run_cli(*argv) == 0
+    stats = ArtifactStore().resolve("termed", kind="model").manifest["stats"]
+    assert stats["resumed_from_step"] == stopped_at and stats["steps"] == 100

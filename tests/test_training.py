@@ -191,3 +191,54 @@ def test_checkpoints_of_another_run_are_refused(tmp_path: Path):
     with pytest.raises(BertflowError, match="other settings"):
         train(Regressor(), objective, batches, settings(total_steps=20), checkpoints=RunCheckpoints(tmp_path / "r"),
               identity={"lr": 0.01})
+
+
+class StopRequest(Callback):
+    """Stands in for the SIGTERM handler: a stop request while step `at` runs (as the step's
+    events are emitted), and optionally a second one, which must not wait."""
+
+    def __init__(self, at: int, twice: bool = False):
+        self.at, self.twice = at, twice
+
+    def on_step(self, step):
+        if step == self.at:
+            from tasks.training import stopping
+
+            stopping.request_stop(15)
+            if self.twice:
+                stopping.request_stop(15)
+
+
+def test_a_stop_request_checkpoints_the_step_and_the_rerun_resumes_exactly(tmp_path: Path):
+    from bertflow.errors import Stopped
+    from tasks.training import stopping
+
+    batches = toy_batches()
+    reference = train(Regressor(), objective, batches, settings(), evaluate=evaluate_on(batches),
+                      checkpoints=RunCheckpoints(tmp_path / "a"), identity={"run": 1})
+    recorder = Recorder()
+    with pytest.raises(Stopped, match="toy: SIGTERM received; step 13 of 30 is checkpointed") as stopped:
+        train(Regressor(), objective, batches, settings(), evaluate=evaluate_on(batches), name="toy",
+              checkpoints=RunCheckpoints(tmp_path / "b"), identity={"run": 1}, callbacks=[StopRequest(13), recorder])
+    assert stopped.value.signal_number == 15
+    assert [p.name for p in RunCheckpoints(tmp_path / "b").list()] == ["step-00000010.pt", "step-00000013.pt"]
+    assert recorder.events[-2:] == [("checkpoint", 13), ("end", 13)]  # no step after it; the run's files written
+    assert stopping.pending() is None  # the request was acted on, not left for the next run
+
+    resumed = train(Regressor(), objective, batches, settings(), evaluate=evaluate_on(batches),
+                    checkpoints=RunCheckpoints(tmp_path / "b"), identity={"run": 1})
+    assert resumed.resumed_from == 13
+    assert train_losses(resumed) == train_losses(reference)
+    assert torch.equal(resumed.model.linear.weight, reference.model.linear.weight)
+
+
+def test_outside_the_loop_or_asked_twice_a_stop_request_does_not_wait(tmp_path: Path):
+    from bertflow.errors import Stopped
+    from tasks.training import stopping
+
+    with pytest.raises(Stopped, match="SIGTERM received outside a training step"):
+        stopping.request_stop(15)  # no loop running: nothing to wait for
+    with pytest.raises(Stopped, match="SIGTERM received outside a training step"):
+        train(Regressor(), objective, toy_batches(), settings(), checkpoints=RunCheckpoints(tmp_path / "c"),
+              identity={}, callbacks=[StopRequest(13, twice=True)])
+    assert [p.name for p in RunCheckpoints(tmp_path / "c").list()] == ["step-00000010.pt"]

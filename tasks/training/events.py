@@ -39,6 +39,7 @@ class TrainResult:
     best: Evaluation | None = None
     last_eval: Evaluation | None = None
     stopped_early: bool = False
+    stopped_by: str | None = None  # a stop request (SIGTERM): the run is to be resumed, not finished
     tokens: int = 0  # this session's
     seconds: float = 0.0  # this session's
     resumed_from: int = 0

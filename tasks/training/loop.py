@@ -13,6 +13,10 @@ optimizer, scheduler, grad scaler, every rank's RNG states, the data position, t
 when selecting, the best evaluation so far). Re-running the same stage continues the same
 trajectory, bit for bit on CPU.
 
+Stopping: a stop request (`stopping.py`; the CLI and flow layer turn SIGTERM into one) is acted
+on after the step it arrives in: that step is checkpointed and `Stopped` raised, so re-running
+the stage resumes from it.
+
 Distributed (torchrun): micro-batch g of the global stream goes to rank g % world, so N ranks
 with grad_accum A see the examples of one process with grad_accum N·A. Rank 0 evaluates,
 reports and writes checkpoints.
@@ -29,7 +33,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from bertflow.errors import BertflowError
+from bertflow.errors import BertflowError, Stopped
+from tasks.training import stopping
 from tasks.training.batch import Batch
 from tasks.training.events import Callback, Evaluation, RunStart, Subscribers, TrainResult
 from tasks.training.setup import (Processes, autocast_for, lr_factor, param_groups, place_on_device,
@@ -140,44 +145,61 @@ def train(model: torch.nn.Module, objective: Objective, batches: EpochBatches, s
     micro_per_step = s.grad_accum * processes.world
     model.train()
     started = window_start = time.perf_counter()
-    window_tokens, stopped_early = 0, False
-    while progress.step < s.total_steps and not stopped_early:
-        loss, tokens = _accumulate_gradients(forward, objective, stream, s, device, autocast, processes, scaler,
-                                             first_step=progress.step == resumed_from)
-        window_tokens += tokens
-        progress.consumed += micro_per_step
-        grad_norm, lr = _optimizer_step(model, trainable, s.max_grad_norm)
-        progress.step += 1
-        step = progress.step
-        last = step == s.total_steps
-        progress.pending.append((step, loss, lr, grad_norm))
-        evaluating = evaluate is not None and processes.master and (last or bool(s.eval_every and step % s.eval_every == 0))
-        saving = checkpoints is not None and (last or bool(s.save_every and step % s.save_every == 0))
-        logging_now = step % s.log_every == 0 or last
-        if logging_now or evaluating or saving:
-            _flush(progress)
-        if logging_now:
-            window_tokens = _all_ranks_sum(window_tokens, device, processes)
-            tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            progress.tokens += window_tokens
-            window_tokens, window_start = 0, time.perf_counter()
-            events.on_log(step, {"loss": progress.history[-1]["loss"], "lr": lr, "tokens_per_s": tokens_per_s})
-        events.on_step(step)
-        if evaluating:
-            stopped_early = _evaluate(model, evaluate, autocast, progress, s, events)
-        if saving or (stopped_early and checkpoints is not None):
-            _save(checkpoints, model, trainable, progress, s, identity, processes)
-            events.on_checkpoint(step, progress.history)
+    window_tokens, stopped_early, stop_signal = 0, False, None
+    # A stop request (SIGTERM) waits for the end of the step, which is then checkpointed. Under
+    # torchrun the ranks would first have to agree on the step, so there it stops at once.
+    with stopping.safe_points(enabled=not processes.distributed):
+        while progress.step < s.total_steps and not stopped_early:
+            loss, tokens = _accumulate_gradients(forward, objective, stream, s, device, autocast, processes, scaler,
+                                                 first_step=progress.step == resumed_from)
+            window_tokens += tokens
+            progress.consumed += micro_per_step
+            grad_norm, lr = _optimizer_step(model, trainable, s.max_grad_norm)
+            progress.step += 1
+            step = progress.step
+            last = step == s.total_steps
+            progress.pending.append((step, loss, lr, grad_norm))
+            evaluating = evaluate is not None and processes.master and (
+                last or bool(s.eval_every and step % s.eval_every == 0))
+            saving = checkpoints is not None and (last or bool(s.save_every and step % s.save_every == 0))
+            logging_now = step % s.log_every == 0 or last
+            if logging_now or evaluating or saving:
+                _flush(progress)
+            if logging_now:
+                window_tokens = _all_ranks_sum(window_tokens, device, processes)
+                tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                progress.tokens += window_tokens
+                window_tokens, window_start = 0, time.perf_counter()
+                events.on_log(step, {"loss": progress.history[-1]["loss"], "lr": lr, "tokens_per_s": tokens_per_s})
+            events.on_step(step)
+            if evaluating:
+                stopped_early = _evaluate(model, evaluate, autocast, progress, s, events)
+            saved = saving or (stopped_early and checkpoints is not None)
+            if saved:
+                _save(checkpoints, model, trainable, progress, s, identity, processes)
+                events.on_checkpoint(step, progress.history)
+            if stopping.pending() is not None:
+                if checkpoints is not None and not saved:
+                    _flush(progress)
+                    _save(checkpoints, model, trainable, progress, s, identity, processes)
+                    events.on_checkpoint(step, progress.history)
+                stop_signal = stopping.acknowledge()
+                break
 
-    if progress.best_weights is not None:
+    if progress.best_weights is not None and stop_signal is None:
         model.load_state_dict(progress.best_weights)
     evals = [h for h in progress.history if h["kind"] == "eval"]
     result = TrainResult(model=model, steps=progress.step, history=progress.history, best=progress.best,
                          last_eval=Evaluation(evals[-1]["step"], evals[-1]) if evals else None,
                          stopped_early=stopped_early, tokens=progress.tokens, seconds=time.perf_counter() - started,
                          resumed_from=resumed_from, device=str(device), precision=precision,
-                         world_size=processes.world)
-    events.on_end(result)
+                         world_size=processes.world,
+                         stopped_by=None if stop_signal is None else stopping.signal_name(stop_signal))
+    events.on_end(result)  # a stopped run ends too (its progress bar closes)
+    if stop_signal is not None:
+        where = (f"step {progress.step} of {s.total_steps} is checkpointed, and the same command resumes from it"
+                 if checkpoints is not None else f"at step {progress.step} of {s.total_steps} (no checkpoints)")
+        raise Stopped(f"{name}: {result.stopped_by} received; {where}", stop_signal)
     return result
 
 
