@@ -140,7 +140,7 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
         notes["train_skipped_answers"] = dropped
         if not examples["train"]:
             raise BertflowError(f"{data['train']['path']}: no question has an answer that matches its context")
-        for split in set(examples) - {"train"}:
+        for split in [name for name in examples if name != "train"]:
             # As in the official evaluation, every question counts and answers are scored by text.
             mismatched = mismatched_answers(examples[split])
             if mismatched:
@@ -334,7 +334,8 @@ def format_summary(manifest: dict[str, Any]) -> str:
         for split, baseline in baselines.items():
             lines.append(f"    {split:<5}" + "  ".join(f"{k} {baseline[k]:.4f}" for k in shown if k in baseline))
     if s.get("unk_rate"):
-        lines.append("  [UNK] word pieces: " + ", ".join(f"{split} {rate:.2%}" for split, rate in s["unk_rate"].items()))
+        rates = ", ".join(f"{split} {rate:.2%}" for split, rate in s["unk_rate"].items())
+        lines.append(f"  [UNK] word pieces: {rates}")
     for note in s.get("read_notes", []):
         lines.append(f"  note: {note}")
     for split in ("train", "dev", "test"):
