@@ -338,7 +338,7 @@ def format_summary(manifest: dict[str, Any]) -> str:
         lines.append(f"  [UNK] word pieces: {rates}")
     for note in s.get("read_notes", []):
         lines.append(f"  note: {note}")
-    for split in ("train", "dev", "test"):
+    for split in ("dev", "test"):  # the figures above are of these slices
         if s.get(f"{split}_max_examples"):
             lines.append(f"  note: {split}: only its first {s[f'{split}_max_examples']:,} examples"
                          f" (--max-{split}-examples), not the whole file")

@@ -56,8 +56,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_remarks(finetunes: list[dict[str, Any]]) -> list[str]:
-    """What the metrics table cannot show: runs that do not beat their trivial baseline, splits
-    evaluated only in part. One line each."""
+    """What the metrics table cannot show: runs that do not beat their trivial baseline or cannot
+    read their text, dev or test splits evaluated only in part. One line each."""
     remarks = []
     for entry in finetunes:
         for side in ("pretrained", "random_init"):
@@ -66,7 +66,7 @@ def run_remarks(finetunes: list[dict[str, Any]]) -> list[str]:
             stats = entry[side]["stats"]
             remarks += stats.get("warnings", [])
             remarks += [f"note: run {entry[side]['name']}: {split} is only its first {stats[f'{split}_max_examples']:,}"
-                        f" examples (--max-{split}-examples)" for split in ("train", "dev", "test")
+                        f" examples (--max-{split}-examples)" for split in ("dev", "test")
                         if stats.get(f"{split}_max_examples")]
     return remarks
 

@@ -12,7 +12,8 @@ def finetunes() -> list[dict]:
     baselines = {"dev": {"name": "majority", "label": "1", "accuracy": 0.5, "f1": 0.6667},
                  "test": {"name": "majority", "label": "1", "accuracy": 0.55, "f1": 0.7097}}
     pretrained = {"name": "t", "stats": {"dev": {"accuracy": 0.8, "f1": 0.81}, "test": {"accuracy": 0.75},
-                                         "baselines": baselines, "warnings": [], "dev_max_examples": 100}}
+                                         "baselines": baselines, "warnings": [], "dev_max_examples": 100,
+                                         "train_max_examples": 2000}}
     random_init = {"name": "t.random-init", "stats": {"dev": {"accuracy": 0.5, "f1": 0.6667},
                                                       "test": {"accuracy": 0.55}, "baselines": baselines,
                                                       "warnings": [WARNING], "dev_max_examples": 100}}
@@ -31,7 +32,7 @@ def test_the_table_shows_the_trivial_baseline_beside_each_figure():
     assert format_table(old).splitlines()[2].split()[3] == "-"
 
 
-def test_remarks_name_the_runs_that_learnt_nothing_and_the_partial_splits():
+def test_remarks_name_the_runs_that_learnt_nothing_and_the_partial_evaluations():
     remarks = run_remarks(finetunes())
     assert remarks == [
         "note: run t: dev is only its first 100 examples (--max-dev-examples)",
