@@ -3,9 +3,10 @@ user errors print as one line."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from bertflow.errors import BertflowError, is_out_of_space
 
@@ -64,4 +65,53 @@ def _quiet_user_errors() -> None:
 def run_flow(flow: Any, **parameters: Any) -> Any:
     """Call a flow; BertflowError propagates (the CLI prints it), without a logged traceback."""
     _quiet_user_errors()
-    return flow(**parameters)
+    with prefect_api():
+        return flow(**parameters)
+
+
+def _background_server_home() -> Any:
+    """The local data home whose background server this process should use, or None (a Prefect
+    API is configured, BERTFLOW_SERVER=ephemeral, or the home is on an object store)."""
+    import sys
+
+    from bertflow import background_server
+    from storage.home import DataHome
+
+    if os.environ.get("PREFECT_API_URL") or background_server.mode() == "ephemeral":
+        return None
+    if "prefect" in sys.modules:  # a test harness or a caller may have set the API in-process
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            return None
+    home = DataHome.from_env()
+    return home if home.is_local else None
+
+
+def start_prefect_api_early() -> None:
+    """For a command that will run a flow: start the background server now, so that it comes up
+    while the command imports torch, transformers and Prefect."""
+    from bertflow import background_server
+
+    home = _background_server_home()
+    if home is not None:
+        background_server.start(home.state_dir)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """Runs go to the configured Prefect API when there is one (PREFECT_API_URL, a test
+    harness), else to the data home's background server (bertflow/background_server.py), started
+    on first use; Prefect's temporary per-command server only with BERTFLOW_SERVER=ephemeral or a
+    data home on an object store."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from bertflow import background_server
+
+    home = _background_server_home()
+    if home is None:
+        yield
+        return
+    url = background_server.ensure_running(home.state_dir)
+    with background_server.client(home.state_dir), temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
