@@ -229,3 +229,81 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing_registered(prefect_ser
     assert store.catalog.list(all_versions=True) == []
     assert not list(store.home.scratch_dir.iterdir())
     assert not (home / "artifacts" / "corpus").exists() or not list((home / "artifacts" / "corpus").iterdir())
+
+
+def _a_full_disk_under(directory: Path, real_open=open):
+    """`open` as on a disk that fills up under `directory`: a file opened for writing there takes
+    half of what is written to it, then the write fails with ENOSPC (as a tmpfs does)."""
+    import errno
+
+    class FillsUp:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.handle.name)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def opener(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        writing = any(c in mode for c in "wax+")
+        if writing and isinstance(file, (str, os.PathLike)) and Path(os.path.abspath(file)).is_relative_to(directory):
+            return FillsUp(handle)
+        return handle
+
+    return opener
+
+
+def _beyond_info(err: str) -> list[str]:
+    """stderr without Prefect's INFO records (a stage's summary continues on indented lines)."""
+    kept, in_info = [], False
+    for line in err.strip().splitlines():
+        if " | INFO    | " in line:
+            in_info = True
+        elif not (in_info and line.startswith("  ")):
+            in_info = False
+            kept.append(line)
+    return kept
+
+
+def test_a_cache_record_the_disk_has_no_room_for_is_one_warning_and_the_next_run_recomputes(
+        flow_home: Path, tmp_path: Path, monkeypatch, capsys):
+    """The stage's artifact is committed before Prefect writes its cache record: a full disk then
+    costs only the record. The command succeeds, says so in one line, and leaves no torn record."""
+    import builtins
+
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"Document {i} has a first sentence. And a second one about {i % 7}.\n\n"
+                           for i in range(200)))
+    assert run_cli("ingest", str(src), "--name", "c") == 0
+    records = DataHome.from_env().cache_records_dir
+    capsys.readouterr()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", _a_full_disk_under(records.resolve()))
+        assert run_cli("tokenizer", "--corpus", "c", "--name", "t", "--vocab-size", "200") == 0
+    err = _beyond_info(capsys.readouterr().err)
+    (entry,) = ArtifactStore().catalog.list(kind="tokenizer")  # the stage's work is kept
+    key = entry.cache_key
+    assert len(err) == 1, err
+    assert err[0].startswith(f"warning: the cache record {records / key} could not be written"), err[0]
+    assert "no space left on the device" in err[0].lower() and "the next run computes the stage again" in err[0]
+    left = [p.relative_to(records) for p in records.rglob("*") if key in p.name]
+    assert not left, f"a torn cache record was left: {left}"
+
+    assert run_cli("tokenizer", "--corpus", "c", "--name", "t", "--vocab-size", "200") == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err.lower() and "Cached" not in err  # computed again, and recorded this time
+    assert run_cli("tokenizer", "--corpus", "c", "--name", "t", "--vocab-size", "200") == 0
+    assert "Cached" in capsys.readouterr().err
+    assert [e.fingerprint for e in ArtifactStore().catalog.list(kind="tokenizer")] == [entry.fingerprint]
