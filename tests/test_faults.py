@@ -60,6 +60,28 @@ def test_a_writer_sweeps_before_it_writes_and_its_owner_file_is_not_committed(ho
     assert not list(store.home.scratch_dir.iterdir())
 
 
+def test_a_writer_killed_while_it_commits_leaves_scratch_the_next_writer_sweeps(home: Path):
+    """Fingerprinting a large artifact takes a while: a writer killed then must still be known dead."""
+    script = """
+import os, signal, sys
+import storage.artifacts as artifacts
+from storage.artifacts import ArtifactStore
+
+def killed(*args, **kwargs):  # SIGKILL as the writer fingerprints its files
+    os.kill(os.getpid(), signal.SIGKILL)
+
+artifacts.directory_files = killed
+with ArtifactStore().create("corpus", "x") as writer:
+    (writer.dir / "shard-00000.parquet").write_bytes(b"written")
+    writer.commit(manifest={})
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == -signal.SIGKILL
+    scratch = DataHome.from_env().scratch_dir
+    (left,) = scratch.iterdir()
+    assert sweep_abandoned_scratch(scratch) == [left]
+
+
 def _big_corpus(root: Path) -> Path:
     src = root / "src"
     src.mkdir()
