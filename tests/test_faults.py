@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -99,23 +101,26 @@ def _workers_of(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _kill_mid_stage(argv: list[str], env: dict[str, str], lock_dir: Path, *,
-                    workers_expected: bool) -> list[psutil.Process]:
-    """Start the command, wait until it holds its stage's cache lock (and its worker processes
-    run), then SIGKILL the command's own process (not its group: the workers must notice by
-    themselves)."""
+def _kill_mid_stage(argv: list[str], env: dict[str, str], lock_dir: Path, *, workers_expected: bool,
+                    stage: str = "", until: Callable[[], bool] = lambda: True,
+                    into_s: float = 0.5) -> list[psutil.Process]:
+    """Start the command, wait until it holds its stage's cache lock (`<stage>-….lock`; and its
+    worker processes run, and `until()` holds), wait `into_s` more, then SIGKILL the command's own
+    process (not its group: the workers must notice by themselves)."""
     command = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     process = psutil.Process(command.pid)
     deadline = time.monotonic() + 240
     workers: list[psutil.Process] = []
     while time.monotonic() < deadline and command.poll() is None:
         workers = _workers_of(process)
-        if (workers or not workers_expected) and lock_dir.is_dir() and any(lock_dir.glob("*.lock")):
+        if (workers or not workers_expected) and lock_dir.is_dir() and any(lock_dir.glob(f"{stage}*.lock")) \
+                and until():
             break
         time.sleep(0.05)
     assert command.poll() is None, "the stage ended before it could be killed; give it more work"
     assert workers or not workers_expected, "no worker process was seen in time"
-    time.sleep(0.5)  # into the work
+    time.sleep(into_s)  # into the work
+    assert command.poll() is None, f"the stage ended within {into_s:.2f} s of taking its lock; give it more work"
     command.send_signal(signal.SIGKILL)
     command.wait()
     return workers
@@ -184,6 +189,100 @@ def test_kill_9_during_pretraining_data_then_the_same_command_finishes(flow_home
     store = ArtifactStore(home)
     assert store.resolve("killed", kind="pretraining-data").fingerprint == \
         store.resolve("straight", kind="pretraining-data").fingerprint
+
+
+# A re-run after a kill takes at most the time of an uninterrupted run of the same command plus
+# this: what the killed run left is never waited for (a lock naming no owner would cost 30 s).
+# The factor is a shared 2-core machine's noise: the same 60 fine-tuning steps take 8 to 20 s.
+RECOVERY_SLACK_S, RECOVERY_NOISE = 10.0, 1.25
+
+
+def _within_a_runs_time(again_s: float, straight_s: float) -> bool:
+    return again_s < RECOVERY_NOISE * straight_s + RECOVERY_SLACK_S
+
+
+def _timed(argv: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_during_the_tokenizer_then_the_same_command_finishes(flow_home: Path, tmp_path: Path,
+                                                                    monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    src = _big_corpus(tmp_path)
+    other = tmp_path / "straight"
+    for home_path in (other, flow_home):  # the same corpus in both homes
+        monkeypatch.setenv("BERTFLOW_HOME", str(home_path))
+        assert run_cli("ingest", str(src), "--name", "corpus") == 0
+    argv = _cli("tokenizer", "--corpus", "corpus", "--name", "tok", "--vocab-size", "2000")
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    _, straight_s = _timed(argv, dict(env, BERTFLOW_HOME=str(other)))
+    reference = ArtifactStore(DataHome.from_env(str(other))).resolve("tok", kind="tokenizer")
+
+    # Anywhere in training (within the first half of what it took the uninterrupted run, so that
+    # a busy machine's noise cannot carry the kill past the stage's end), or as it writes.
+    home = DataHome.from_env(str(flow_home))
+    writing = random.random() < 0.3
+    into = 0.0 if writing else random.uniform(0.05, 0.5) * reference.manifest["stats"]["train_seconds"]
+
+    def until() -> bool:
+        return not writing or any(home.scratch_dir.glob("tokenizer-tok-*")) or (flow_home / "artifacts" / "tokenizer").is_dir()
+    _kill_mid_stage(argv, env, home.lock_dir, workers_expected=False, stage="tokenizer-", until=until, into_s=into)
+    where = "killed as it wrote" if writing else f"killed {into:.2f} s into training"
+    _, again_s = _timed(argv, env)
+    assert not list(home.scratch_dir.iterdir()), f"{where}: its scratch directory was left behind"
+    assert _within_a_runs_time(again_s, straight_s), f"{where}: {again_s:.1f} s vs {straight_s:.1f} s"
+    resumed = ArtifactStore(home).resolve("tok", kind="tokenizer")
+    assert resumed.fingerprint == reference.fingerprint, where
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_during_finetuning_at_any_point_then_the_same_command_finishes(flow_home: Path, tmp_path: Path):
+    """tests/test_finetune.py kills a run once it has a checkpoint and checks the resumed weights;
+    here the kill lands anywhere in the stage (loading, between checkpoints, as the artifact is
+    written), and the re-run must still give the run that was never killed."""
+    from prefect.settings import PREFECT_API_URL
+
+    from storage.checkpoints import checkpoint_step, finetune_run_dir, list_checkpoints
+    from tests.test_finetune import SENTIMENT, write_tiny_bert, write_tsv
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    train = write_tsv(tmp_path / "train.tsv", [(f"{text} {i % 7}", label) for i in range(20) for text, label in SENTIMENT])
+    dev = write_tsv(tmp_path / "dev.tsv", SENTIMENT)
+    argv = _cli("finetune", "--model", str(bert), "--task-type", "classification", "--train", str(train),
+                "--dev", str(dev), "--name", "killed", "--epochs", "3", "--batch-size", "8", "--lr", "1e-3",
+                "--eval-every", "10", "--device", "cpu")  # 60 steps, a checkpoint every 10
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    other = tmp_path / "straight"
+    _, straight_s = _timed(argv, dict(env, BERTFLOW_HOME=str(other)))
+    reference = ArtifactStore(DataHome.from_env(str(other))).resolve("killed", kind="finetune")
+
+    # After the n-th checkpoint (0: while it loads), a moment into the steps that follow; after
+    # the last one (step 60) at once: the final evaluation and the artifact's writing.
+    home = DataHome.from_env(str(flow_home))
+    run_dir = finetune_run_dir("killed", home)
+    after = random.choice([0, 10, 20, 30, 40, 50, 60])
+    into = 0.0 if after == 60 else random.uniform(0, 0.3)
+
+    def until() -> bool:
+        return after == 0 or any(checkpoint_step(p) >= after for p in list_checkpoints(run_dir))
+    _kill_mid_stage(argv, env, home.lock_dir, workers_expected=False, stage="finetune-", until=until, into_s=into)
+    kept = [checkpoint_step(p) for p in list_checkpoints(run_dir)]
+    where = f"killed {into:.2f} s after checkpoint {after}, leaving checkpoints {kept}"
+    _, again_s = _timed(argv, env)
+    assert not list(home.scratch_dir.iterdir()), f"{where}: its scratch directory was left behind"
+    assert _within_a_runs_time(again_s, straight_s), f"{where}: {again_s:.1f} s vs {straight_s:.1f} s"
+    resumed = ArtifactStore(home).resolve("killed", kind="finetune")
+    metrics = [json.loads((Path(a.path) / "metrics.json").read_text()) for a in (resumed, reference)]
+    assert metrics[0] == metrics[1], where
+    assert resumed.fingerprint == reference.fingerprint, where
+    assert not list_checkpoints(run_dir)
 
 
 def test_a_shard_damaged_behind_the_catalogs_back_is_found_and_recomputed(flow_home: Path, tmp_path: Path, capsys):
