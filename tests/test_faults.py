@@ -20,7 +20,7 @@ from typing import Callable
 import psutil
 import pytest
 
-from storage.artifacts import OWNER_FILE, ArtifactStore, sweep_abandoned_scratch
+from storage.artifacts import OWNER_FILE, Artifact, ArtifactStore, sweep_abandoned_scratch
 from storage.home import DataHome
 from storage.liveness import this_process_owner
 from tests.conftest import run_cli
@@ -231,7 +231,8 @@ def test_kill_9_during_the_tokenizer_then_the_same_command_finishes(flow_home: P
     into = 0.0 if writing else random.uniform(0.05, 0.5) * reference.manifest["stats"]["train_seconds"]
 
     def until() -> bool:
-        return not writing or any(home.scratch_dir.glob("tokenizer-tok-*")) or (flow_home / "artifacts" / "tokenizer").is_dir()
+        committed = flow_home / "artifacts" / "tokenizer"
+        return not writing or any(home.scratch_dir.glob("tokenizer-tok-*")) or committed.is_dir()
     _kill_mid_stage(argv, env, home.lock_dir, workers_expected=False, stage="tokenizer-", until=until, into_s=into)
     where = "killed as it wrote" if writing else f"killed {into:.2f} s into training"
     _, again_s = _timed(argv, env)
@@ -241,48 +242,88 @@ def test_kill_9_during_the_tokenizer_then_the_same_command_finishes(flow_home: P
     assert resumed.fingerprint == reference.fingerprint, where
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_kill_9_during_finetuning_at_any_point_then_the_same_command_finishes(flow_home: Path, tmp_path: Path):
-    """tests/test_finetune.py kills a run once it has a checkpoint and checks the resumed weights;
-    here the kill lands anywhere in the stage (loading, between checkpoints, as the artifact is
-    written), and the re-run must still give the run that was never killed."""
-    from prefect.settings import PREFECT_API_URL
+def _kill_between_checkpoints_then_rerun(argv: list[str], env: dict[str, str], other: Path, *, stage: str,
+                                        kind: str, name: str, run_dir: Path, checkpoint_steps: list[int]
+                                        ) -> tuple[Artifact, Artifact, str]:
+    """A training stage: run `argv` uninterrupted in the home `other`; then in the test's home, kill
+    it after a random one of its checkpoints (0: while it loads) a moment into the steps that
+    follow, or, after the last one, at once (as it writes the artifact), and run the same command
+    again. Returns (resumed, reference, where it was killed)."""
+    from storage.checkpoints import checkpoint_step, list_checkpoints
 
-    from storage.checkpoints import checkpoint_step, finetune_run_dir, list_checkpoints
-    from tests.test_finetune import SENTIMENT, write_tiny_bert, write_tsv
-
-    bert = write_tiny_bert(tmp_path / "bert")
-    train = write_tsv(tmp_path / "train.tsv", [(f"{text} {i % 7}", label) for i in range(20) for text, label in SENTIMENT])
-    dev = write_tsv(tmp_path / "dev.tsv", SENTIMENT)
-    argv = _cli("finetune", "--model", str(bert), "--task-type", "classification", "--train", str(train),
-                "--dev", str(dev), "--name", "killed", "--epochs", "3", "--batch-size", "8", "--lr", "1e-3",
-                "--eval-every", "10", "--device", "cpu")  # 60 steps, a checkpoint every 10
-    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
-    other = tmp_path / "straight"
     _, straight_s = _timed(argv, dict(env, BERTFLOW_HOME=str(other)))
-    reference = ArtifactStore(DataHome.from_env(str(other))).resolve("killed", kind="finetune")
-
-    # After the n-th checkpoint (0: while it loads), a moment into the steps that follow; after
-    # the last one (step 60) at once: the final evaluation and the artifact's writing.
-    home = DataHome.from_env(str(flow_home))
-    run_dir = finetune_run_dir("killed", home)
-    after = random.choice([0, 10, 20, 30, 40, 50, 60])
-    into = 0.0 if after == 60 else random.uniform(0, 0.3)
+    reference = ArtifactStore(DataHome.from_env(str(other))).resolve(name, kind=kind)
+    home = DataHome.from_env(env["BERTFLOW_HOME"])
+    after = random.choice([0, *checkpoint_steps])
+    into = 0.0 if after == checkpoint_steps[-1] else random.uniform(0, 0.3)
 
     def until() -> bool:
         return after == 0 or any(checkpoint_step(p) >= after for p in list_checkpoints(run_dir))
-    _kill_mid_stage(argv, env, home.lock_dir, workers_expected=False, stage="finetune-", until=until, into_s=into)
+    _kill_mid_stage(argv, env, home.lock_dir, workers_expected=False, stage=f"{stage}-", until=until, into_s=into)
     kept = [checkpoint_step(p) for p in list_checkpoints(run_dir)]
     where = f"killed {into:.2f} s after checkpoint {after}, leaving checkpoints {kept}"
     _, again_s = _timed(argv, env)
     assert not list(home.scratch_dir.iterdir()), f"{where}: its scratch directory was left behind"
     assert _within_a_runs_time(again_s, straight_s), f"{where}: {again_s:.1f} s vs {straight_s:.1f} s"
-    resumed = ArtifactStore(home).resolve("killed", kind="finetune")
+    assert not list_checkpoints(run_dir), f"{where}: the finished run's checkpoints were kept"
+    return ArtifactStore(home).resolve(name, kind=kind), reference, where
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_during_finetuning_at_any_point_then_the_same_command_finishes(flow_home: Path, tmp_path: Path):
+    """tests/test_finetune.py kills a run once it has a checkpoint and checks the resumed weights;
+    here the kill lands anywhere in the stage, and the re-run must still give the run that was
+    never killed."""
+    from prefect.settings import PREFECT_API_URL
+
+    from storage.checkpoints import finetune_run_dir
+    from tests.test_finetune import SENTIMENT, write_tiny_bert, write_tsv
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    rows = [(f"{text} {i % 7}", label) for i in range(20) for text, label in SENTIMENT]  # 160 sentences
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    dev = write_tsv(tmp_path / "dev.tsv", SENTIMENT)
+    argv = _cli("finetune", "--model", str(bert), "--task-type", "classification", "--train", str(train),
+                "--dev", str(dev), "--name", "killed", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3",
+                "--eval-every", "5", "--device", "cpu")  # 20 steps, a checkpoint every 5
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    resumed, reference, where = _kill_between_checkpoints_then_rerun(
+        argv, env, tmp_path / "straight", stage="finetune", kind="finetune", name="killed",
+        run_dir=finetune_run_dir("killed", DataHome.from_env(str(flow_home))), checkpoint_steps=[5, 10, 15, 20])
     metrics = [json.loads((Path(a.path) / "metrics.json").read_text()) for a in (resumed, reference)]
     assert metrics[0] == metrics[1], where
     assert resumed.fingerprint == reference.fingerprint, where
-    assert not list_checkpoints(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_during_general_distillation_at_any_point_then_the_same_command_finishes(flow_home: Path,
+                                                                                        tmp_path: Path, monkeypatch):
+    """Distillation resumes through the same training loop as fine-tuning, with a frozen teacher
+    and the student's own checkpoints (tests/test_distill.py resumes it in-process only)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from storage.checkpoints import run_dir
+    from tests.test_distill import student_json, write_teacher
+    from tests.test_pretrain import register_pretraining_data
+
+    other = tmp_path / "straight"
+    for home_path in (other, flow_home):  # the same pretraining data in both homes
+        monkeypatch.setenv("BERTFLOW_HOME", str(home_path))
+        data = register_pretraining_data(instances=160)
+    teacher, student = write_teacher(tmp_path / "teacher"), student_json(tmp_path / "student.json")
+    argv = _cli("distill", "--teacher", str(teacher), "--data", data["name"], "--name", "killed", "--student", student,
+                "--steps", "20", "--batch-size", "8", "--save-every", "5", "--eval-every", "10",
+                "--eval-instances", "16", "--log-every", "5", "--device", "cpu", "--precision", "fp32",
+                "--speed-examples", "16", "--speed-batch-size", "8", "--speed-seq-len", "16", "--speed-repeats", "2")
+    env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
+    resumed, reference, where = _kill_between_checkpoints_then_rerun(
+        argv, env, other, stage="distill", kind="model", name="killed",
+        run_dir=run_dir("distill", "killed", DataHome.from_env(str(flow_home))), checkpoint_steps=[5, 10, 15, 20])
+    for key in ("heldout", "final_train_loss", "steps"):
+        assert resumed.manifest["stats"][key] == reference.manifest["stats"][key], (key, where)
+    assert resumed.fingerprint == reference.fingerprint, where
 
 
 def test_a_shard_damaged_behind_the_catalogs_back_is_found_and_recomputed(flow_home: Path, tmp_path: Path, capsys):
