@@ -120,7 +120,7 @@ def _kill_mid_stage(argv: list[str], env: dict[str, str], lock_dir: Path, *, wor
     assert command.poll() is None, "the stage ended before it could be killed; give it more work"
     assert workers or not workers_expected, "no worker process was seen in time"
     time.sleep(into_s)  # into the work
-    assert command.poll() is None, f"the stage ended within {into_s:.2f} s of taking its lock; give it more work"
+    assert command.poll() is None, f"the stage ended within {into_s:.2f} s of its kill point; give it more work"
     command.send_signal(signal.SIGKILL)
     command.wait()
     return workers
@@ -193,7 +193,7 @@ def test_kill_9_during_pretraining_data_then_the_same_command_finishes(flow_home
 
 # A re-run after a kill takes at most the time of an uninterrupted run of the same command plus
 # this: what the killed run left is never waited for (a lock naming no owner would cost 30 s).
-# The factor is a shared 2-core machine's noise: the same 60 fine-tuning steps take 8 to 20 s.
+# The factor is a shared 2-core machine's noise: the same fine-tuning ran at 1.3 to 13 steps/s.
 RECOVERY_SLACK_S, RECOVERY_NOISE = 10.0, 1.25
 
 
