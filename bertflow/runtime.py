@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Iterator
 
 from bertflow.errors import BertflowError, is_out_of_space
@@ -40,6 +41,10 @@ class _DropUserErrorTracebacks(logging.Filter):
         return True
 
 
+# How Prefect logs a transaction whose record it could not write (flows/caching.py warns instead).
+COMMIT_FAILED = "An error was encountered while committing transaction"
+
+
 class _UserErrorsOnTheTerminalOnce(logging.Filter):
     """On the terminal, a BertflowError is the CLI's one `error:` line: Prefect's own records of
     it (the exception, the failed task and flow states) stay in the run's logs (the UI) only."""
@@ -48,6 +53,8 @@ class _UserErrorsOnTheTerminalOnce(logging.Filter):
         if record.exc_info and (isinstance(record.exc_info[1], BertflowError) or is_out_of_space(record.exc_info[1])):
             return False
         message = record.getMessage()
+        if message.startswith(COMMIT_FAILED):
+            return False  # a cache record not written: the CLI's one `warning:` line says so
         return "BertflowError" not in message and "No space left on device" not in message
 
 
@@ -63,17 +70,22 @@ def _quiet_user_errors() -> None:
 
 
 def run_flow(flow: Any, **parameters: Any) -> Any:
-    """Call a flow; BertflowError propagates (the CLI prints it), without a logged traceback."""
+    """Call a flow; BertflowError propagates (the CLI prints it), without a logged traceback.
+    Cache records the flow could not write are one `warning:` line each."""
     _quiet_user_errors()
-    with prefect_api():
-        return flow(**parameters)
+    try:
+        with prefect_api():
+            return flow(**parameters)
+    finally:
+        from flows.caching import take_unsaved_record_warnings
+
+        for warning in take_unsaved_record_warnings():
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def _background_server_home() -> Any:
     """The local data home whose background server this process should use, or None (a Prefect
     API is configured, BERTFLOW_SERVER=ephemeral, or the home is on an object store)."""
-    import sys
-
     from bertflow import background_server
     from storage.home import DataHome
 
