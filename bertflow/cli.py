@@ -8,7 +8,7 @@ import sys
 
 from bertflow import __version__
 from bertflow.errors import BertflowError, Stopped, is_out_of_space, out_of_space_message
-from bertflow.runtime import configure_environment
+from bertflow.runtime import configure_environment, start_prefect_api_early
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_environment()
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "runs_flows", False):
+            start_prefect_api_early()
         return int(args.run(args) or 0)
     except Stopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)

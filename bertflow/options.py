@@ -66,6 +66,7 @@ def add_stage_parser(subparsers: argparse._SubParsersAction, name: str, options:
     """A stage's sub-command: its config's options plus the run controls (--refresh, --json, and
     --restart for the stages that resume from checkpoints)."""
     parser = add_command(subparsers, name, run, help=help)
+    parser.set_defaults(runs_flows=True)
     parser.add_argument("--refresh", action="store_true", help=refresh)
     if restart:
         parser.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")

@@ -3,9 +3,11 @@ user errors print as one line."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 from bertflow.errors import BertflowError, is_out_of_space
 
@@ -39,6 +41,10 @@ class _DropUserErrorTracebacks(logging.Filter):
         return True
 
 
+# How Prefect logs a transaction whose record it could not write (flows/caching.py warns instead).
+COMMIT_FAILED = "An error was encountered while committing transaction"
+
+
 class _UserErrorsOnTheTerminalOnce(logging.Filter):
     """On the terminal, a BertflowError is the CLI's one `error:` line: Prefect's own records of
     it (the exception, the failed task and flow states) stay in the run's logs (the UI) only."""
@@ -47,6 +53,8 @@ class _UserErrorsOnTheTerminalOnce(logging.Filter):
         if record.exc_info and (isinstance(record.exc_info[1], BertflowError) or is_out_of_space(record.exc_info[1])):
             return False
         message = record.getMessage()
+        if message.startswith(COMMIT_FAILED):
+            return False  # a cache record not written: the CLI's one `warning:` line says so
         # Prefect's state messages name the exception's class: BertflowError or one of its kinds
         # ("... exception: Stopped('...')", "... exception Stopped: ...").
         kinds = ["BertflowError", *(f"{kind.__name__}{mark}" for kind in BertflowError.__subclasses__()
@@ -66,6 +74,60 @@ def _quiet_user_errors() -> None:
 
 
 def run_flow(flow: Any, **parameters: Any) -> Any:
-    """Call a flow; BertflowError propagates (the CLI prints it), without a logged traceback."""
+    """Call a flow; BertflowError propagates (the CLI prints it), without a logged traceback.
+    Cache records the flow could not write are one `warning:` line each."""
     _quiet_user_errors()
-    return flow(**parameters)
+    try:
+        with prefect_api():
+            return flow(**parameters)
+    finally:
+        from flows.caching import take_unsaved_record_warnings
+
+        for warning in take_unsaved_record_warnings():
+            print(f"warning: {warning}", file=sys.stderr)
+
+
+def _background_server_home() -> Any:
+    """The local data home whose background server this process should use, or None (a Prefect
+    API is configured, BERTFLOW_SERVER=ephemeral, or the home is on an object store)."""
+    from bertflow import background_server
+    from storage.home import DataHome
+
+    if os.environ.get("PREFECT_API_URL") or background_server.mode() == "ephemeral":
+        return None
+    if "prefect" in sys.modules:  # a test harness or a caller may have set the API in-process
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            return None
+    home = DataHome.from_env()
+    return home if home.is_local else None
+
+
+def start_prefect_api_early() -> None:
+    """For a command that will run a flow: start the background server now, so that it comes up
+    while the command imports torch, transformers and Prefect."""
+    from bertflow import background_server
+
+    home = _background_server_home()
+    if home is not None:
+        background_server.start(home.state_dir)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """Runs go to the configured Prefect API when there is one (PREFECT_API_URL, a test
+    harness), else to the data home's background server (bertflow/background_server.py), started
+    on first use; Prefect's temporary per-command server only with BERTFLOW_SERVER=ephemeral or a
+    data home on an object store."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from bertflow import background_server
+
+    home = _background_server_home()
+    if home is None:
+        yield
+        return
+    url = background_server.ensure_running(home.state_dir)
+    with background_server.client(home.state_dir), temporary_settings(updates={PREFECT_API_URL: url}):
+        yield

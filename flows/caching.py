@@ -10,23 +10,29 @@ A record whose artifact was deleted, or never reached the catalog, is dropped be
 looks at it, so the stage recomputes instead of returning a manifest that points at nothing.
 Two runs of the same stage with the same key serialise on a file lock: the second waits for
 the first, then reads its record (state `Cached`). A lock left by a killed process is dropped.
+
+Prefect writes a record after the stage's artifact is committed and registered, so a record that
+cannot be written (a full disk) costs only the cache: the command succeeds, the CLI prints one
+`warning:` line, and the next run computes the stage again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.logging import get_logger
 from prefect.locking.filesystem import FileSystemLockManager
-from prefect.transactions import get_transaction
+from prefect.transactions import Transaction, get_transaction
 
+from bertflow.errors import is_out_of_space
 from tasks.cache_keys import stage_cache_key  # noqa: F401 (the key, re-exported)
 from storage.home import DataHome
 from storage.cache_records import forget_record, untrusted_record
@@ -124,6 +130,41 @@ class StageCachePolicy(CachePolicy):
         return key
 
 
+# Records of finished stages that could not be written, as the CLI's warnings (it prints and clears
+# them after each flow: Prefect's own log of the failure is a traceback, kept off the terminal).
+_unsaved_records: list[str] = []
+
+
+def take_unsaved_record_warnings() -> list[str]:
+    warnings = list(_unsaved_records)
+    del _unsaved_records[: len(warnings)]
+    return warnings
+
+
+def unsaved_record_warning(record: Path, exc: BaseException | None) -> str:
+    if exc is not None and is_out_of_space(exc):
+        reason, fix = "no space left on the device", "free some space to keep the next result"
+    else:
+        reason = getattr(exc, "strerror", None) or (str(exc) if exc else "Prefect did not save it")
+        fix = f"check that {record.parent} is writable"
+    return (f"the cache record {record} could not be written ({reason}); the stage's artifact is registered,"
+            f" but the next run computes the stage again: {fix}")
+
+
+def _forget_an_unsaved_record(records: Path) -> Callable[[Transaction], None]:
+    """A rollback hook. Prefect rolls back a finished stage's transaction only when writing its
+    record failed (a failed stage stages nothing to roll back), and does so inside its `except`
+    around the write, so the exception at hand is the cause."""
+
+    def forget(transaction: Transaction) -> None:
+        exc = sys.exc_info()[1]
+        forget_record(records, transaction.key)  # a half-written record would be refused (and warned) next time
+        _unsaved_records.append(unsaved_record_warning(records / transaction.key, exc))
+
+    forget.log_on_run = False  # Prefect's "Running rollback hook" lines: the warning says it all
+    return forget
+
+
 def cached_stage(task: Task, *, stage: str, version: str, home: DataHome, refresh: bool = False) -> Task:
     """`task` with the stage cache policy, records and locks in `home`.
 
@@ -136,13 +177,15 @@ def cached_stage(task: Task, *, stage: str, version: str, home: DataHome, refres
         lock_manager=KillSafeLockManager(lock_files_directory=home.lock_dir),
         isolation_level="SERIALIZABLE",
     )
-    return task.with_options(
+    staged = task.with_options(
         cache_policy=policy,
         result_storage=records / "results",
         result_serializer="json",
         persist_result=True,
         refresh_cache=refresh,
     )
+    staged.on_rollback(_forget_an_unsaved_record(records))
+    return staged
 
 
 def current_cache_key() -> str | None:

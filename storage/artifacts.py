@@ -100,10 +100,11 @@ class ArtifactWriter:
                file_digests: dict[str, str] | None = None) -> Artifact:
         """Fingerprint, move into place, mark, register. `file_digests`: the `file_digest` of
         data files, by relative path, where the stage already computed them."""
-        (self.dir / OWNER_FILE).unlink(missing_ok=True)
         # The fingerprint covers the data files only: the manifest carries timings that differ
-        # between identical runs.
-        files = directory_files(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER}), known=file_digests)
+        # between identical runs. The owner file stays until the move, so that a writer killed
+        # while it fingerprints (long, for a big artifact) leaves scratch the next writer sweeps.
+        files = directory_files(self.dir, exclude=frozenset({MANIFEST_FILE, SUCCESS_MARKER, OWNER_FILE}),
+                                known=file_digests)
         fingerprint = hash_files(files)[:FINGERPRINT_CHARS]
         id_ = artifact_id(self.kind, self.name, fingerprint)
         final = self.store.artifact_dir(self.kind, self.name, fingerprint)
@@ -115,6 +116,7 @@ class ArtifactWriter:
             FILES_KEY: files,
         }
         (self.dir / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, default=str))
+        (self.dir / OWNER_FILE).unlink(missing_ok=True)
         self.store.move_into_place(self.dir, final)
         self.store.catalog.register(CatalogEntry(
             id=id_, kind=self.kind, name=self.name, fingerprint=fingerprint, path=final,

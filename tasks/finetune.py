@@ -224,6 +224,10 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     tokenizer = load_tokenizer(model["path"])
     task_data = prepare_task(config, tokenizer, data, log, tokenizer_dir=model["path"])
     net = build_model(config.task_type, model["path"], task_data.labels, seed=config.seed, mode=config.mode)
+    if config.task_type in ("classification", "pair") and net.config.problem_type is None:
+        # What transformers records in config.json at the first training forward, set before it:
+        # a run resumed at its last step trains no more, and must write the same artifact.
+        net.config.problem_type = "regression" if net.config.num_labels == 1 else "single_label_classification"
 
     def evaluate(current: Any) -> Evaluation:
         rows = predict_split(config, current, task_data.splits["dev"], task_data.labels, pad_id=tokenizer.pad_token_id)

@@ -378,3 +378,95 @@ def test_the_run_summary_lists_the_student_and_its_table(home: Path):
     assert summary["artifacts"][-1]["name"] == "v-distilled" and summary["distill"] is report
     table = format_report(report).splitlines()
     assert table[3].split() == ["student", "0.8100", "90.0%", "250", "400.0", "4.00x"]
+
+
+# --- task distillation: resume, and token tasks end to end ---------------------------------------
+
+def _task_config(rule_teacher: dict[str, Path], tmp_path: Path, gold: Path, unlabelled: Path, **overrides: Any):
+    from tasks.distill_config import DistillConfig
+
+    values = dict(name="student", mode="task", teacher=str(rule_teacher["run"]),
+                  student=student_json(tmp_path / "s.json", hidden=32, layers=2), train=str(gold),
+                  unlabelled=str(unlabelled), steps=48, batch_size=16, lr=3e-3, warmup=0.1, eval_every=16,
+                  save_every=16, log_every=1, dropout=0.1, precision="fp32", device="cpu", **SPEED)
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def _task_inputs(config, dev: Path) -> dict[str, Any]:
+    from storage.distill_store import resolve_student, resolve_teacher, resolve_unlabelled
+    from storage.finetune_store import file_reference
+
+    return {"teacher": resolve_teacher(config.teacher, "task"), "student": resolve_student(config.student),
+            "data": {"train": file_reference(Path(config.train)), "dev": file_reference(dev)},
+            "unlabelled": resolve_unlabelled(config.unlabelled)}
+
+
+def _weights(run: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run["path"]) / "model.safetensors"))
+
+
+def test_interrupted_task_distillation_resumes_exactly(home: Path, tmp_path: Path, rule_teacher):
+    from tasks.distill import run_distill
+
+    gold = write_tsv(tmp_path / "gold.tsv", rule_sentences(16, seed=3))
+    unlabelled = tmp_path / "unlabelled.txt"
+    unlabelled.write_text("".join(text + "\n" for text, _ in rule_sentences(200, seed=4)))
+    straight = _task_config(rule_teacher, tmp_path, gold, unlabelled, name="straight")
+    reference = run_distill(straight, _task_inputs(straight, rule_teacher["dev"]), log=lambda line: None)
+
+    crashy = _task_config(rule_teacher, tmp_path, gold, unlabelled, name="crashy")
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(crashy, _task_inputs(crashy, rule_teacher["dev"]), log=lambda line: None, callbacks=[CrashAt(24)])
+    resumed = run_distill(crashy, _task_inputs(crashy, rule_teacher["dev"]), log=lambda line: None)
+    assert resumed["stats"]["resumed_from_step"] == 16 and reference["stats"]["resumed_from_step"] == 0
+    assert resumed["stats"]["dev"] == reference["stats"]["dev"]
+    a, b = _weights(reference), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tagged_sentences(n: int, seed: int, positive=POSITIVE) -> list[list[tuple[str, str]]]:
+    """Filler words and one or two sentiment words; the sentiment words are the entities (PRAISE)."""
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for _ in range(n):
+        words = [(str(w), "O") for w in rng.choice(FILLER, size=int(rng.integers(3, 8)))]
+        for _ in range(int(rng.integers(1, 3))):
+            words.insert(int(rng.integers(len(words) + 1)), (str(rng.choice(positive)), "B-PRAISE"))
+        sentences.append(words)
+    return sentences
+
+
+def _write_conll(path: Path, sentences) -> Path:
+    path.write_text("".join("".join(f"{w}\t{t}\n" for w, t in s) + "\n" for s in sentences))
+    return path
+
+
+@pytest.mark.slow
+def test_token_task_distillation_end_to_end_beats_gold_labels_alone(flow_home: Path, tmp_path: Path, capsys):
+    base = write_teacher(tmp_path / "base", vocab=TASK_VOCAB, head=False)
+    train = _write_conll(tmp_path / "train.conll", _tagged_sentences(320, seed=1))
+    dev = _write_conll(tmp_path / "dev.conll", _tagged_sentences(120, seed=2))
+    assert run_cli("finetune", "--model", str(base), "--task-type", "token", "--train", str(train), "--dev", str(dev),
+                   "--name", "tagger", "--epochs", "8", "--batch-size", "16", "--lr", "3e-3", "--max-seq-len", "16",
+                   "--seed", "0") == 0
+    # Gold labels show one of the six praise words; the unlabelled sentences show them all.
+    gold = _write_conll(tmp_path / "gold.conll", _tagged_sentences(8, seed=3, positive=["good"]))
+    unlabelled = tmp_path / "unlabelled.txt"
+    unlabelled.write_text("".join(" ".join(w for w, _ in s) + "\n" for s in _tagged_sentences(480, seed=4)))
+    capsys.readouterr()
+    assert run_cli("distill", "--mode", "task", "--teacher", "tagger", "--name", "small-tagger",
+                   "--student", student_json(tmp_path / "s.json", hidden=32, layers=2), "--train", str(gold),
+                   "--unlabelled", str(unlabelled), "--steps", "200", "--batch-size", "16", "--lr", "3e-3",
+                   "--eval-every", "40", "--compare-random-init", "--json",
+                   *[f"--{k.replace('_', '-')}={v}" for k, v in SPEED.items()]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    report = manifest["stats"]["distillation"]
+    scores = {row["model"]: row["f1"] for row in report["rows"]}
+    assert report["metric"] == "f1" and report["unlabelled_examples"] == 480
+    assert scores["teacher"] >= 0.95, scores
+    assert scores["student"] >= 0.85 and scores["student"] >= scores["random init"] + 0.2, scores
+    assert run_cli("predict", "small-tagger", "--text", "the plot was superb") == 0
+    assert "-> superb (PRAISE)" in capsys.readouterr().out  # a praise word no gold label showed

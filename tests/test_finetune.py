@@ -759,6 +759,26 @@ def test_qa_baseline_is_the_first_words_of_the_context():
     assert baseline_metrics("qa", baseline_predictor("qa", zh, None, "zh"), zh, None, "zh")["exact_match"] == 1.0
 
 
+def test_a_run_killed_after_its_last_checkpoint_gives_the_uninterrupted_runs_artifact(home, tiny_bert, tmp_path):
+    """Resumed at its last step, a run trains no more: its artifact must not depend on that
+    (transformers records problem_type in config.json at the first training forward)."""
+    from storage.artifacts import ArtifactStore
+    from tasks.finetune import FinetuneConfig, run_finetune
+
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT * 4)
+    model, data = _finetune_refs(tiny_bert, train)
+    options = dict(model=str(tiny_bert), train=str(train), dev=str(train), epochs=2, batch_size=8, eval_every=4,
+                   device="cpu")  # 8 steps, checkpoints at 4 and 8
+    straight = run_finetune(FinetuneConfig(name="straight", **options), model, data, log=lambda line: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(FinetuneConfig(name="late", **options), model, data, log=lambda line: None,
+                     callbacks=[CrashAfterEval(2)])
+    resumed = run_finetune(FinetuneConfig(name="late", **options), model, data, log=lambda line: None)
+    assert resumed["stats"]["resumed_from_step"] == 8
+    files = [ArtifactStore().resolve(n, kind="finetune").manifest["files"] for n in ("straight", "late")]
+    assert files[0] == files[1]
+
+
 def test_finetuning_refuses_checkpoints_of_other_settings(home, tiny_bert, tmp_path):
     from tasks.finetune import FinetuneConfig, run_finetune
 

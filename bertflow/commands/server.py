@@ -30,7 +30,11 @@ STOP_TIMEOUT_S = 15.0
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
-        subparsers, "server", run, help="start a local Prefect server with its UI (runs then show up there)")
+        subparsers, "server", run,
+        help="the data home's Prefect server: status, stop, or start one in the foreground with its UI")
+    p.add_argument("action", nargs="?", choices=("start", "status", "stop"), default="start",
+                   help="start (default): a server in the foreground until Ctrl-C; status: where the"
+                        " home's server runs; stop: stop the home's background server")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=4200, help="port of the API and UI (default: 4200)")
 
@@ -174,9 +178,15 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start a Prefect server and UI on HOST:PORT and keep it in the foreground until Ctrl-C. Its
-    database lives in $BERTFLOW_HOME/prefect-server/ unless PREFECT_HOME is set. Point runs at
-    it with `export PREFECT_API_URL=http://HOST:PORT/api`."""
+    """The data home's Prefect server. Commands that run a flow start one in the background on
+    first use and reuse it (`status` prints its UI address, `stop` stops it; it also stops itself
+    after BERTFLOW_SERVER_IDLE_MINUTES, default 60, unused). `start` runs one on HOST:PORT in the
+    foreground until Ctrl-C instead, with the same database ($BERTFLOW_HOME/prefect-server/
+    unless PREFECT_HOME is set); commands in this data home then use it."""
+    if args.action == "status":
+        return _status()
+    if args.action == "stop":
+        return _stop()
     host, port = args.host, args.port
     check_port_free(host, port)
     env = server_environment(host, port)
@@ -184,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     log_path = prefect_home / "server.log"
     url = api_url(client_host(host), port)
 
+    _refuse_if_background_runs(prefect_home)
     lock = hold_database_lock(prefect_home)
     child = start_server(host, port, env, log_path)
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -199,9 +210,11 @@ def run(args: argparse.Namespace) -> int:
                 raise BertflowError(f"the Prefect server did not answer {url}/health within"
                                     f" {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
             time.sleep(0.5)
+        _write_foreground_state(prefect_home, url, f"http://{_url_host(client_host(host))}:{port}")
         print(f"\nPrefect UI:  http://{_url_host(client_host(host))}:{port}\n"
               f"API:         {url}   (database in {prefect_home})\n\n"
-              "Runs show up in the UI when the shell that runs bertflow has:\n\n"
+              "bertflow commands in this data home record their runs here. From another data\n"
+              "home, or for other Prefect clients, export:\n\n"
               f"    export PREFECT_API_URL={url}\n\n"
               "Schedules: `bertflow serve --config CONFIG.yaml --cron '0 2 * * *'` in that shell.\n"
               "Ctrl-C stops the server.", flush=True)
@@ -220,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _ignore_stop_signals()
         stop_child(child)
+        (prefect_home / FOREGROUND_STATE).unlink(missing_ok=True)
         lock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -229,3 +243,72 @@ def _ignore_stop_signals() -> None:
     """While the child is being stopped, a second Ctrl-C must not leave it orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+FOREGROUND_STATE = "foreground.json"
+
+
+def _write_foreground_state(prefect_home: Path, url: str, ui: str) -> None:
+    """So that commands in this data home use this server rather than start a background one."""
+    import json
+
+    from storage.liveness import this_process_owner
+
+    tmp = prefect_home / (FOREGROUND_STATE + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "owner": this_process_owner(), "url": url, "ui": ui,
+                               "ready": True, "foreground": True}))
+    os.replace(tmp, prefect_home / FOREGROUND_STATE)
+
+
+def _refuse_if_background_runs(prefect_home: Path) -> None:
+    from bertflow import background_server
+
+    state = background_server.read_state(prefect_home)
+    if state and background_server.running_url(prefect_home):
+        raise BertflowError(f"this data home's background Prefect server runs at {state['ui']} (pid {state['pid']});"
+                            " use it, or stop it first with `bertflow server stop`")
+
+
+def _home_state_dir() -> Path:
+    from storage.home import DataHome
+
+    home = DataHome.from_env()
+    if not home.is_local:
+        raise BertflowError(f"BERTFLOW_HOME={home.root} is not a local folder: there is no background server"
+                            " for it; set PREFECT_API_URL to a server of your own")
+    return home.state_dir
+
+
+def _status() -> int:
+    from bertflow import background_server
+
+    prefect_home = background_server.server_home(_home_state_dir())
+    if os.environ.get("PREFECT_API_URL"):
+        url = os.environ["PREFECT_API_URL"]
+        print(f"PREFECT_API_URL={url} is set: commands record their runs there"
+              f" ({'answering' if is_healthy(url) else 'NOT answering'})")
+        return 0
+    url = background_server.running_url(prefect_home)
+    state = background_server.read_state(prefect_home) if url else None
+    if state is None:
+        print(f"no Prefect server runs for this data home; the next command that runs a stage starts"
+              f" one in the background (database: {prefect_home})")
+        return 0
+    kind = "foreground (`bertflow server`)" if state.get("foreground") else "background"
+    print(f"Prefect server ({kind}), pid {state['pid']}\n  UI:       {state['ui']}\n  API:      {state['url']}\n"
+          f"  database: {prefect_home}\n  log:      {prefect_home / 'server.log'}")
+    return 0
+
+
+def _stop() -> int:
+    from bertflow import background_server
+
+    prefect_home = background_server.server_home(_home_state_dir())
+    foreground = background_server.read_state(prefect_home, FOREGROUND_STATE)
+    if foreground and background_server.running_url(prefect_home, FOREGROUND_STATE):
+        raise BertflowError(f"the Prefect server of this data home runs in the foreground (pid {foreground['pid']});"
+                            " stop it with Ctrl-C in its terminal")
+    state = background_server.stop(_home_state_dir())
+    print("no background Prefect server was running" if state is None
+          else f"stopped the background Prefect server (pid {state['pid']}, {state['ui']})")
+    return 0
