@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bertflow.errors import BertflowError
-from tasks.finetune_baselines import baseline_metrics, baseline_predictor, baseline_warning
+from tasks.finetune_baselines import baseline_metrics, baseline_predictor, baseline_warning, warning_line
 from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
 from tasks.finetune_data import (check_squad_answers, collate, detect_tag_scheme, infer_labels, mismatched_answers,
                                  unseen_labels)
@@ -177,7 +177,7 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
     notes["unk_rate"] = {split: round(splits[split].unknown_share, 6) for split in splits}
     unreadable = unknown_piece_warning(notes["unk_rate"], tokenizer_dir or tokenizer.name_or_path)
     if unreadable:
-        log(unreadable)  # now, not only in the summary: training on unreadable text is time lost
+        log(warning_line(config.name, unreadable))  # now, not only in the summary: training on it is time lost
         notes["unk_warning"] = unreadable
     predictor = baseline_predictor(config.task_type, splits["train"].examples, labels, language)
     notes["baselines"] = {split: baseline_metrics(config.task_type, predictor, splits[split].examples, labels,
@@ -303,7 +303,7 @@ def run_warnings(config: FinetuneConfig, dev: dict, test: dict | None, stats: di
     """The warnings of a finished run: text the model cannot read, a selected model that does not
     beat the trivial baseline."""
     warnings = (stats.get("unk_warning"),
-                baseline_warning(config.name, config.metric_name, {"dev": dev, "test": test}, stats["baselines"]))
+                baseline_warning(config.metric_name, {"dev": dev, "test": test}, stats["baselines"]))
     return [warning for warning in warnings if warning]
 
 
@@ -364,5 +364,5 @@ def format_summary(manifest: dict[str, Any]) -> str:
         lines.append("    " + "  ".join(f"{c:>14}" for c in columns))
         for row in s["sweep"]:
             lines.append("    " + "  ".join(f"{row[c]!s:>14}" for c in columns))
-    lines += [f"  {warning}" for warning in s.get("warnings", [])]  # last, where it is seen
+    lines += [f"  {warning_line(manifest['name'], warning)}" for warning in s.get("warnings", [])]  # last: seen
     return "\n".join(lines)

@@ -11,7 +11,7 @@ predictor that reads no text:
   length of the first gold answer of the training questions.
 
 A selected model whose selection metric is not above its baseline's gets one warning line
-that names the run, the metric, both values, and what to try.
+that names the run (`warning_line`), the metric, both values, and what to try.
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def not_beaten(metric: str, model: dict[str, Any], baseline: dict[str, Any] | No
     return baseline is not None and metric in baseline and metric in model and model[metric] <= baseline[metric]
 
 
-def baseline_warning(run: str, metric: str, model: dict[str, dict | None], baselines: dict[str, dict]) -> str | None:
+def baseline_warning(metric: str, model: dict[str, dict | None], baselines: dict[str, dict]) -> str | None:
     """One line when the selected model's `metric` is not above the baseline's on some split
-    (`model` and `baselines`: split → metrics); None when it beats them."""
+    (`model` and `baselines`: split → metrics); None when it beats them. The line names no run,
+    so that an artifact's files do not depend on its name; `warning_line` adds it."""
     failed = [split for split in ("dev", "test")
               if model.get(split) and not_beaten(metric, model[split], baselines.get(split))]
     if not failed:
@@ -90,5 +91,10 @@ def baseline_warning(run: str, metric: str, model: dict[str, dict | None], basel
     description = baselines[failed[0]]["description"]
     values = ", ".join(f"{split} {metric} {model[split][metric]:.4f} vs {baselines[split][metric]:.4f}"
                        for split in failed)
-    return (f"warning: run {run} does not beat the trivial baseline ({description}): {values}; it learnt nothing"
+    return (f"the selected model does not beat the trivial baseline ({description}): {values}; it learnt nothing"
             f" usable from the text: {ADVICE}")
+
+
+def warning_line(run: str, warning: str) -> str:
+    """A run's warning as printed: one line that names the run."""
+    return f"warning: run {run}: {warning}"

@@ -99,6 +99,6 @@ def unknown_piece_warning(rates: dict[str, float], tokenizer_dir: str) -> str | 
     over = [f"{rate:.1%} of {split}" for split, rate in rates.items() if rate > UNK_WARN_SHARE]
     if not over:
         return None
-    return (f"warning: [UNK] word pieces: {', '.join(over)} (over {UNK_WARN_SHARE:.0%}): the vocabulary of"
+    return (f"[UNK] word pieces: {', '.join(over)} (over {UNK_WARN_SHARE:.0%}): the vocabulary of"
             f" {tokenizer_dir} cannot read this text; fine-tune a model whose vocabulary covers its language and"
             " script (or pretrain one here on such text)")

@@ -10,6 +10,8 @@ import io
 import json
 from typing import Any
 
+from tasks.finetune_baselines import warning_line
+
 # Metrics shown first in the comparison table, per task type (whichever the run reported).
 HEADLINE = ("accuracy", "f1", "macro_f1", "micro_f1", "exact_match", "precision", "recall")
 
@@ -64,7 +66,7 @@ def run_remarks(finetunes: list[dict[str, Any]]) -> list[str]:
             if not entry.get(side):
                 continue
             stats = entry[side]["stats"]
-            remarks += stats.get("warnings", [])
+            remarks += [warning_line(entry[side]["name"], warning) for warning in stats.get("warnings", [])]
             remarks += [f"note: run {entry[side]['name']}: {split} is only its first {stats[f'{split}_max_examples']:,}"
                         f" examples (--max-{split}-examples)" for split in ("dev", "test")
                         if stats.get(f"{split}_max_examples")]

@@ -257,10 +257,10 @@ def test_text_the_vocabulary_cannot_read_is_reported_per_split(tmp_path, tokeniz
     task = prepare_task(config, tokenizer, {"train": chinese, "dev": english, "test": chinese}, logged.append,
                         tokenizer_dir="/models/tiny-en")
     assert task.notes["unk_rate"] == {"train": 1.0, "dev": 0.0, "test": 1.0}
-    warning = ("warning: [UNK] word pieces: 100.0% of train, 100.0% of test (over 5%): the vocabulary of"
+    warning = ("[UNK] word pieces: 100.0% of train, 100.0% of test (over 5%): the vocabulary of"
                " /models/tiny-en cannot read this text;")
     assert task.notes["unk_warning"].startswith(warning)
-    assert [line for line in logged if line.startswith("warning:")] == [task.notes["unk_warning"]]
+    assert [line for line in logged if line.startswith("warning:")] == [f"warning: run u: {task.notes['unk_warning']}"]
 
     logged.clear()
     task = prepare_task(config, tokenizer, {"train": english, "dev": english, "test": None}, logged.append)
@@ -723,12 +723,13 @@ def test_a_run_that_learnt_nothing_says_so_against_the_trivial_baseline(home, ti
     assert (baseline["name"], baseline["label"], baseline["accuracy"]) == ("majority", "1", 0.75)
     assert baseline["f1"] == pytest.approx(2 * 0.75 / 1.75)
     [warning] = manifest["stats"]["warnings"]
-    assert metrics["warnings"] == [warning] and "\n" not in warning
-    assert re.fullmatch(r"warning: run flat does not beat the trivial baseline \(always '1', the most frequent"
-                        r" training label\): dev accuracy 0\.[27]500 vs 0\.7500; .*--lr.*--epochs.*"
-                        r"--sweep 'lr=1e-4,3e-4,1e-3'", warning), warning
+    assert metrics["warnings"] == [warning]  # without the run's name: the files do not depend on it
     summary = format_summary(manifest)
-    assert summary.endswith(warning) and summary.count("warning:") == 1
+    line = summary.splitlines()[-1].strip()
+    assert re.fullmatch(r"warning: run flat: the selected model does not beat the trivial baseline \(always '1',"
+                        r" the most frequent training label\): dev accuracy 0\.[27]500 vs 0\.7500; .*--lr.*"
+                        r"--epochs.*--sweep 'lr=1e-4,3e-4,1e-3'", line), line
+    assert line.endswith(warning) and summary.count("warning:") == 1
     assert "trivial baseline, always '1', the most frequent training label:" in summary
 
     conll = tmp_path / "flat.conll"
@@ -740,8 +741,9 @@ def test_a_run_that_learnt_nothing_says_so_against_the_trivial_baseline(home, ti
     baseline = manifest["stats"]["baselines"]["dev"]
     assert (baseline["name"], baseline["f1"], baseline["token_accuracy"]) == ("all-O", 0.0, 0.75)
     [warning] = manifest["stats"]["warnings"]
-    assert warning.startswith("warning: run flat-ner does not beat the trivial baseline (every tag O): dev f1"
+    assert warning.startswith("the selected model does not beat the trivial baseline (every tag O): dev f1"
                               " 0.0000 vs 0.0000; ")
+    assert format_summary(manifest).splitlines()[-1] == f"  warning: run flat-ner: {warning}"
 
 
 def test_qa_baseline_is_the_first_words_of_the_context():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tasks.report import comparison_rows, format_table, render_report, run_remarks
 
-WARNING = "warning: run t.random-init does not beat the trivial baseline (always '1', ...): dev accuracy 0.5000"
+WARNING = "the selected model does not beat the trivial baseline (always '1', ...): dev accuracy 0.5000 vs 0.5000"
 
 
 def finetunes() -> list[dict]:
@@ -36,7 +36,7 @@ def test_remarks_name_the_runs_that_learnt_nothing_and_the_partial_evaluations()
     remarks = run_remarks(finetunes())
     assert remarks == [
         "note: run t: dev is only its first 100 examples (--max-dev-examples)",
-        WARNING,
+        f"warning: run t.random-init: {WARNING}",
         "note: run t.random-init: dev is only its first 100 examples (--max-dev-examples)"]
     summary = {"metrics": comparison_rows(finetunes()), "remarks": remarks, "artifacts": []}
     page = render_report("r", summary, {}, [])
