@@ -24,7 +24,7 @@ def ingest_corpus(config: IngestConfig, sources: list[dict[str, Any]]) -> dict[s
     return manifest
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest", flow_run_name="ingest-{config.name}", log_prints=True)
 def ingest_flow(config: IngestConfig, refresh: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
 
