@@ -136,6 +136,18 @@ def test_a_training_stage_prints_its_progress_bar_and_nothing_else(flow_home: Pa
     pieces = [p.strip() for p in err.replace("\r", "\n").splitlines() if p.strip()]
     assert pieces and all(p.startswith("pretrain m:") for p in pieces), pieces
     assert "6/6" in pieces[-1]
+
+    # The UI's view of the run: its name, its summary and its loss curve as an image.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-m-summary", "pretrain-m-curve"])))}
+        run = client.read_flow_run(artifacts["pretrain-m-curve"].flow_run_id)
+    assert run.name == "pretrain-m"
+    assert artifacts["pretrain-m-summary"].data.startswith("### pretrain m\n\n```\nmodel m (")
+    assert artifacts["pretrain-m-curve"].data.startswith("### pretrain m\n\n![loss curve](data:image/png;base64,iVBOR")
     assert run_cli("pretrain", "--data", "toy-data", "--name", "m2", "--model", "tiny", "--steps", "6",
                    "--batch-size", "8", "--eval-every", "3", "--eval-instances", "8", "-q") == 0
     assert capsys.readouterr().err == ""
