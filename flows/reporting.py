@@ -56,6 +56,31 @@ def quiet() -> bool:
     return os.environ.get("BERTFLOW_VERBOSITY", "1") == "0"
 
 
+class StageBar:
+    """A stage's one progress bar outside training (ingest: input bytes; pretraining data: corpus
+    units); off with -q. Use as a context manager; `advance(n)` / `to(done, total)` move it."""
+
+    def __init__(self, description: str, *, total: int | None = None, unit: str = "it", scale_bytes: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit=unit, unit_scale=scale_bytes,
+                        unit_divisor=1024 if scale_bytes else 1000, mininterval=0.5, dynamic_ncols=True,
+                        disable=quiet())
+
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+
+    def to(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "StageBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
 class ProgressBar(Callback):
     """A tqdm bar over optimizer steps, with the last loss and tokens/s."""
 
