@@ -36,6 +36,10 @@ $(STAMP): pyproject.toml Makefile
 	@# Our modules' bytecode, compiled at install: where PYTHONDONTWRITEBYTECODE is set, every
 	@# worker process would otherwise compile them again as it starts.
 	@$(BIN)/python -m compileall -q bertflow tasks storage flows >/dev/null
+	@# A migrated, empty Prefect database in ~/.cache/bertflow: a new data home's background server
+	@# starts from a copy of it instead of running the migrations (bertflow/background_server.py).
+	@$(BIN)/python -c "from bertflow.background_server import prepare_template; prepare_template()" \
+	    || echo "note: the Prefect database template was not prepared; the first command in each data home starts slower"
 	@touch $(STAMP)
 
 demo: install

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,6 +202,20 @@ def stop(state_dir: Path, timeout: float = 30.0) -> dict | None:
     return state
 
 
+def prepare_template() -> None:
+    """Start and stop a server in a throw-away home once, so that the template database exists
+    before the first real command (`make install` calls this)."""
+    import tempfile
+
+    template = _template_path()
+    if template is None or template.exists():
+        return
+    with tempfile.TemporaryDirectory(prefix="bertflow-template-") as scratch:
+        state_dir = Path(scratch)
+        ensure_running(state_dir)
+        stop(state_dir)
+
+
 # --- the supervisor process ------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -233,6 +248,46 @@ def _last_used(prefect_home: Path, since: float) -> float:
         return since
 
 
+def _template_path() -> Path | None:
+    """A migrated, empty server database for this Prefect version, shared by all data homes of
+    this user: a fresh home's server starts from a copy instead of running Prefect's migrations
+    and block registrations (most of its start-up on two cores). None when the database is not
+    the default SQLite file."""
+    if any(k in os.environ for k in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")):
+        return None
+    import prefect
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bertflow"
+    return cache / f"prefect-{prefect.__version__}-empty.db"
+
+
+def _copy_template(template: Path | None, database: Path) -> bool:
+    if template is None or database.exists() or not template.is_file():
+        return False
+    tmp = database.with_suffix(".db.tmp")
+    shutil.copyfile(template, tmp)
+    os.replace(tmp, database)
+    return True
+
+
+def _save_template(template: Path | None, database: Path) -> None:
+    """The database as a just-started server leaves it (no runs yet), via SQLite's backup API:
+    safe while the server has it open."""
+    if template is None or template.exists() or not database.is_file():
+        return
+    import sqlite3
+
+    with contextlib.suppress(OSError, sqlite3.Error):
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template.with_suffix(f".{os.getpid()}.tmp")
+        source, target = sqlite3.connect(database), sqlite3.connect(tmp)
+        with target:
+            source.backup(target)
+        source.close()
+        target.close()
+        os.replace(tmp, template)
+
+
 class _Stop(Exception):
     pass
 
@@ -261,6 +316,8 @@ def supervise(state_dir: Path) -> int:
     def write_state() -> None:
         _write(state_path, state)
 
+    database, template = prefect_home / "prefect.db", _template_path()
+    fresh = not database.exists() and not _copy_template(template, database)
     child = start_server("127.0.0.1", port, env, prefect_home / "server.log")
     try:
         write_state()
@@ -268,6 +325,8 @@ def supervise(state_dir: Path) -> int:
             if child.poll() is not None:
                 return child.returncode or 1
             time.sleep(0.2)
+        if fresh:
+            _save_template(template, database)
         state["ready"] = True
         write_state()
         print(f"background Prefect server for {state_dir} on {url} (pid {os.getpid()})", flush=True)

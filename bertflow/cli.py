@@ -8,7 +8,7 @@ import sys
 
 from bertflow import __version__
 from bertflow.errors import BertflowError, Stopped, is_out_of_space, out_of_space_message
-from bertflow.runtime import configure_environment, start_prefect_api_early
+from bertflow.runtime import configure_environment, set_verbosity, start_prefect_api_early
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     configure_environment()
     args = build_parser().parse_args(argv)
+    set_verbosity(getattr(args, "verbosity", 1), args.command)
     try:
         if getattr(args, "runs_flows", False):
             start_prefect_api_early()

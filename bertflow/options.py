@@ -28,6 +28,11 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pending: list[Callable[[argparse.ArgumentParser], None]] = []
+        loudness = self.add_mutually_exclusive_group()
+        loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=2, default=1,
+                              help="also show Prefect's log lines (they always go to the run's log file)")
+        loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=0,
+                              help="show errors only: no progress bars, warnings or Prefect log lines")
 
     def add_later(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
         self._pending.append(add)

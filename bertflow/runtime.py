@@ -22,6 +22,9 @@ def configure_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # A stage shows one progress bar; the libraries' own (saving shards, loading weights) are noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
         # Without a server, Prefect's run history lives beside our artifacts, not in ~/.prefect.
         from storage.home import DataHome
@@ -62,8 +65,65 @@ class _UserErrorsOnTheTerminalOnce(logging.Filter):
         return not any(kind in message for kind in kinds) and "No space left on device" not in message
 
 
-def _quiet_user_errors() -> None:
+def set_verbosity(level: int, command: str) -> None:
+    """0 (-q): errors only; 1 (default): progress bars, warnings and each stage's summary; 2 (-v):
+    Prefect's log lines too. Read by the progress bars (flows/reporting.py) and `_configure_logging`."""
+    os.environ["BERTFLOW_VERBOSITY"] = str(level)
+    global _COMMAND
+    _COMMAND = command
+
+
+_COMMAND = "python"
+
+
+class _TerminalFormatter(logging.Formatter):
+    """What a user reads: `warning: …`, `error: …`; the time, level and run names are in the log file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def verbosity() -> int:
+    try:
+        return int(os.environ.get("BERTFLOW_VERBOSITY", "1"))
+    except ValueError:
+        return 1
+
+
+def log_file_path() -> Any:
+    """Where this command's log lines go (every level, whatever -q/-v say); None off a local home."""
+    import time
+    from pathlib import Path
+
+    from storage.home import DataHome
+
+    home = DataHome.from_env()
+    if not home.is_local:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(home.state_dir) / "logs" / f"{stamp}-{_COMMAND}-{os.getpid()}.log"
+
+
+class _LogFile(logging.FileHandler):
+    """The command's log file. It must never break the command or clutter its terminal: when
+    it cannot be written (a full disk), it stops logging."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.close()
+
+
+def _configure_logging() -> None:
     tracebacks, terminal = _DropUserErrorTracebacks(), _UserErrorsOnTheTerminalOnce()
+    level = verbosity()
+    root = logging.getLogger()
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
@@ -71,12 +131,27 @@ def _quiet_user_errors() -> None:
             flt = terminal if on_terminal else tracebacks
             if not any(type(f) is type(flt) for f in handler.filters):
                 handler.addFilter(flt)
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                if not hasattr(handler, "_bertflow_formatter"):
+                    handler._bertflow_formatter = handler.formatter
+                handler.setLevel({0: logging.ERROR, 1: logging.WARNING}.get(level, logging.NOTSET))
+                handler.setFormatter(handler._bertflow_formatter if level >= 2 else _TerminalFormatter())
+    for old in [h for h in root.handlers if isinstance(h, _LogFile)]:  # one file per command
+        root.removeHandler(old)
+        old.close()
+    path = log_file_path()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _LogFile(path, delay=True, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+        handler.addFilter(tracebacks)
+        root.addHandler(handler)
 
 
 def run_flow(flow: Any, **parameters: Any) -> Any:
     """Call a flow; BertflowError propagates (the CLI prints it), without a logged traceback.
     Cache records the flow could not write are one `warning:` line each."""
-    _quiet_user_errors()
+    _configure_logging()
     try:
         with prefect_api():
             return flow(**parameters)

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.caching import cached_stage, current_cache_key, stage_cache_key
-from flows.reporting import training_reporters
+from flows.reporting import publish_summary, training_reporters
 from flows.signals import sigterm_stops_training
 from storage.artifacts import ArtifactStore
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, run_dir
@@ -59,11 +59,12 @@ def distill_student(config: DistillConfig, teacher: dict[str, Any], data: dict[s
     inputs = {"teacher": teacher, "data": data, "student": student, "tokenizer": tokenizer, "unlabelled": unlabelled}
     with sigterm_stops_training():
         manifest = run_distill(config, inputs, cache_key=current_cache_key(), log=logger.info, callbacks=reporters)
-    logger.info(format_summary(manifest))
+    publish_summary("distill", config.name, format_summary(manifest), logger=logger,
+                    metrics={"dev": manifest["stats"].get("dev")})
     return manifest
 
 
-@flow(name="distill", log_prints=True)
+@flow(name="distill", flow_run_name="distill-{config.name}", log_prints=True)
 def distill_flow(config: DistillConfig, refresh: bool = False, restart: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
     inputs = distill_inputs(config, home)

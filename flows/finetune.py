@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.caching import cached_stage, current_cache_key, stage_cache_key
-from flows.reporting import slug, training_reporters
+from flows.reporting import publish_summary, slug, training_reporters
 from flows.signals import sigterm_stops_training
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, finetune_run_dir
 from storage.finetune_store import file_reference, resolve_model
@@ -38,7 +38,8 @@ def finetune_model(config: FinetuneConfig, model: dict[str, Any], data: dict[str
     with sigterm_stops_training():
         manifest = run_finetune(config, model, data, cache_key=current_cache_key(), log=logger.info,
                                 callbacks=reporters)
-    logger.info(format_summary(manifest))
+    publish_summary("finetune", config.name, format_summary(manifest), logger=logger,
+                    metrics={"dev": manifest["stats"].get("dev"), "test": manifest["stats"].get("test")})
     return manifest
 
 
@@ -51,11 +52,12 @@ def select_and_test(config: FinetuneConfig, trials: list[dict[str, Any]], data: 
         manifest = run_select_and_test(config, trials, data, cache_key=current_cache_key(), log=logger.info)
     create_table_artifact(table=manifest["stats"]["sweep"], key=f"finetune-sweep-{slug(config.name)}",
                           description=f"Sweep of finetune run {config.name}: dev score per setting")
-    logger.info(format_summary(manifest))
+    publish_summary("finetune", config.name, format_summary(manifest), logger=logger,
+                    metrics={"dev": manifest["stats"].get("dev"), "test": manifest["stats"].get("test")})
     return manifest
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", flow_run_name="finetune-{config.name}", log_prints=True)
 def finetune_flow(config: FinetuneConfig, refresh: bool = False, restart: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
     trial_tasks, data = finetune_trial_inputs(config)

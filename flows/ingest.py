@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.caching import cached_stage, current_cache_key
+from flows.reporting import StageBar
 from storage.home import DataHome
 from tasks import ingest
 from tasks.ingest_config import STAGE, STAGE_VERSION, IngestConfig, format_summary, ingest_inputs, summary_markdown
@@ -16,7 +17,8 @@ from tasks.ingest_config import STAGE, STAGE_VERSION, IngestConfig, format_summa
 @task(name="ingest-corpus", task_run_name="ingest-corpus[{config.name}]")
 def ingest_corpus(config: IngestConfig, sources: list[dict[str, Any]]) -> dict[str, Any]:
     """The ingest stage under the stage cache policy (see flows/caching.py)."""
-    manifest = ingest.run_ingest(config, sources, cache_key=current_cache_key())
+    with StageBar(f"ingest {config.name}", total=sum(s["size"] for s in sources), unit="B", scale_bytes=True) as bar:
+        manifest = ingest.run_ingest(config, sources, cache_key=current_cache_key(), progress=bar.advance)
     get_run_logger().info(format_summary(manifest))
     create_markdown_artifact(key=f"corpus-{config.name.lower().replace('_', '-').replace('.', '-')}",
                              markdown=summary_markdown(manifest),
@@ -24,7 +26,7 @@ def ingest_corpus(config: IngestConfig, sources: list[dict[str, Any]]) -> dict[s
     return manifest
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest", flow_run_name="ingest-{config.name}", log_prints=True)
 def ingest_flow(config: IngestConfig, refresh: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
 

@@ -132,7 +132,7 @@ def stages_to_refresh(refresh: list[str] | None) -> set[str]:
     return set(STAGES[first:])
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", flow_run_name="pipeline-{config.name}", log_prints=True)
 def pipeline_flow(config: PipelineConfig, refresh: list[str] | None = None) -> dict[str, Any]:
     with config.parallel.applied():  # shard-level work on this machine or a Dask cluster
         return _run_stages(config, refresh)

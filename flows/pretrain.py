@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.caching import cached_stage, current_cache_key, stage_cache_key
-from flows.reporting import training_reporters
+from flows.reporting import publish_summary, training_reporters
 from flows.signals import sigterm_stops_training
 from storage.artifacts import ArtifactStore
 from storage.checkpoints import clear_dead_stage_lock, discard_run, exclusive_run, pretrain_run_dir
@@ -40,11 +40,11 @@ def pretrain_model(config: PretrainConfig, data: dict[str, Any]) -> dict[str, An
                                    eval_split="heldout", ylabel="loss (MLM + sentence task)")
     with sigterm_stops_training():
         manifest = run_pretrain(config, data, cache_key=current_cache_key(), callbacks=reporters)
-    logger.info(format_summary(manifest))
+    publish_summary("pretrain", config.name, format_summary(manifest), logger=logger)
     return manifest
 
 
-@flow(name="pretrain", log_prints=True)
+@flow(name="pretrain", flow_run_name="pretrain-{config.name}", log_prints=True)
 def pretrain_flow(config: PretrainConfig, data: str, refresh: bool = False, restart: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
     inputs = pretrain_inputs(config, data, home)

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.caching import cached_stage, current_cache_key
+from flows.reporting import StageBar, publish_summary
 from storage.artifacts import ArtifactStore
 from storage.home import DataHome
 from tasks import pretraining_data
@@ -31,13 +32,14 @@ def build_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any]
                            ) -> dict[str, Any]:
     """The pretraining-data stage under the stage cache policy."""
     logger = get_run_logger()
-    manifest = pretraining_data.run_pretraining_data(config, corpus, tokenizer, cache_key=current_cache_key(),
-                                                     log=logger.info, warn=logger.warning)
-    logger.info(format_summary(manifest))
+    with StageBar(f"pretraining-data {config.name}", unit="unit") as bar:
+        manifest = pretraining_data.run_pretraining_data(config, corpus, tokenizer, cache_key=current_cache_key(),
+                                                         log=logger.info, warn=logger.warning, progress=bar.to)
+    publish_summary("pretraining-data", config.name, format_summary(manifest), logger=logger)
     return manifest
 
 
-@flow(name="pretraining-data", log_prints=True)
+@flow(name="pretraining-data", flow_run_name="pretraining-data-{config.name}", log_prints=True)
 def pretraining_data_flow(config: PretrainingDataConfig, refresh: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
 

@@ -8,6 +8,7 @@ curve). `training_reporters` builds the usual set for a stage run inside a Prefe
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,6 +51,36 @@ class LogLines(Callback):
         self.log(message)
 
 
+def quiet() -> bool:
+    """`bertflow -q`: no progress bars (the CLI sets BERTFLOW_VERBOSITY; 1 is the default)."""
+    return os.environ.get("BERTFLOW_VERBOSITY", "1") == "0"
+
+
+class StageBar:
+    """A stage's one progress bar outside training (ingest: input bytes; pretraining data: corpus
+    units); off with -q. Use as a context manager; `advance(n)` / `to(done, total)` move it."""
+
+    def __init__(self, description: str, *, total: int | None = None, unit: str = "it", scale_bytes: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit=unit, unit_scale=scale_bytes,
+                        unit_divisor=1024 if scale_bytes else 1000, mininterval=0.5, dynamic_ncols=True,
+                        disable=quiet())
+
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+
+    def to(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "StageBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
 class ProgressBar(Callback):
     """A tqdm bar over optimizer steps, with the last loss and tokens/s."""
 
@@ -61,7 +92,7 @@ class ProgressBar(Callback):
         from tqdm import tqdm
 
         self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=self.description, unit="step",
-                        mininterval=1.0, dynamic_ncols=True)
+                        mininterval=1.0, dynamic_ncols=True, disable=quiet())
 
     def on_log(self, step: int, record: dict[str, float]) -> None:
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
@@ -148,6 +179,47 @@ class RunFiles(Callback):
                            loss_curve_png(result.history, title=self.title, ylabel=self.ylabel))
 
 
+class PrefectCurve(Callback):
+    """The loss curve, as an image in the Prefect UI (a markdown artifact holding the PNG)."""
+
+    def __init__(self, key: str, *, title: str, ylabel: str = "loss"):
+        self.key, self.title, self.ylabel = key, title, ylabel
+
+    def on_end(self, result: TrainResult) -> None:
+        if result.stopped_by:  # as RunFiles: the resumed run publishes the curve
+            return
+        png = loss_curve_png(result.history, title=self.title, ylabel=self.ylabel)
+        publish_markdown(f"{self.key}-curve", f"### {self.title}\n\n{image_markdown(png, 'loss curve')}",
+                         f"{self.title}: train and evaluation loss per step")
+
+
+def image_markdown(png: bytes, alt: str) -> str:
+    """Inline, as a data URI: the UI cannot reach files in the data home."""
+    import base64
+
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key=slug(key), markdown=markdown, description=description)
+
+
+def publish_summary(stage: str, name: str, summary: str, *, logger: Any,
+                    metrics: dict[str, dict[str, float] | None] | None = None) -> None:
+    """A stage's summary: in the run's log, and as a markdown artifact in the UI (with a table
+    of metrics per split, when there are any)."""
+    logger.info(summary)
+    markdown = f"### {stage} {name}\n\n```\n{summary}\n```\n"
+    rows = [(split, metric, value) for split, values in (metrics or {}).items() if values
+            for metric, value in values.items() if isinstance(value, (int, float))]
+    if rows:
+        markdown += "\n| split | metric | value |\n|---|---|---|\n" + "".join(
+            f"| {split} | {metric} | {value:.4f} |\n" for split, metric, value in rows)
+    publish_markdown(f"{stage}-{name}-summary", markdown, f"{stage} {name}: summary")
+
+
 def loss_curve_png(history: Sequence[dict[str, Any]], *, title: str, ylabel: str = "loss") -> bytes:
     """Train loss per step and held-out/dev loss per evaluation, as PNG bytes."""
     import matplotlib
@@ -185,6 +257,7 @@ def training_reporters(*, stage: str, name: str, log: Callable[[str], None], run
         PrefectProgress(f"{stage}-{slug(name)}", f"{stage} {name}: optimizer steps done"),
         PrefectEvalTable(f"{stage}-eval-{slug(name)}", f"{eval_split} evaluations of {name}"),
         RunFiles(run_dir, title=f"{stage} {name}", ylabel=ylabel),
+        PrefectCurve(f"{stage}-{name}", title=f"{stage} {name}", ylabel=ylabel),
     ]
     if catalog_run is not None:
         reporters.append(CatalogMetrics(catalog_run, eval_split=eval_split))

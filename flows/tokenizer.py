@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.caching import cached_stage, current_cache_key
+from flows.reporting import publish_summary
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_value
 from storage.home import DataHome
@@ -36,11 +37,11 @@ def train_tokenizer(config: TokenizerConfig, corpus: dict[str, Any], vocab_finge
     """The tokenizer stage under the stage cache policy. `vocab_fingerprint` is there for the
     cache key only: an adopted vocab.txt that changes must rebuild the tokenizer."""
     manifest = tokenizer.run_tokenizer(config, corpus, cache_key=current_cache_key())
-    get_run_logger().info(format_summary(manifest))
+    publish_summary("tokenizer", config.name, format_summary(manifest), logger=get_run_logger())
     return manifest
 
 
-@flow(name="tokenizer", log_prints=True)
+@flow(name="tokenizer", flow_run_name="tokenizer-{config.name}", log_prints=True)
 def tokenizer_flow(config: TokenizerConfig, refresh: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
 

@@ -25,6 +25,8 @@ def owner_is_dead(owner: str) -> bool:
     try:
         process = psutil.Process(int(parts[1]))
         started = process.create_time()
+        if process.status() == psutil.STATUS_ZOMBIE:  # exited; its parent has not reaped it yet
+            return True
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return True
     if len(parts) >= 3:

@@ -511,6 +511,7 @@ class RawBatch:
 
     source: str
     parse: Callable[[], pa.Array]
+    size: int = 0  # bytes of the block read (0: not known; progress then counts the whole file at its end)
 
 
 def _ascii_compatible(encoding: str) -> bool:
@@ -664,11 +665,12 @@ def iter_raw_batches(source: SourceFile, options: ReadOptions | None = None,
         if source.format in ("txt", "jsonl") and _ascii_compatible(options.encoding):
             if source.format == "jsonl":
                 for offset, lines, block in _byte_blocks(source, _cut_after_last_line, batch_bytes):
-                    yield RawBatch(source.path, partial(_parse_jsonl_block, block, source, options, offset, lines))
+                    yield RawBatch(source.path, partial(_parse_jsonl_block, block, source, options, offset, lines),
+                                   len(block))
                 return
             cut = {"line": _cut_after_last_line, "blank-line": _cut_after_last_blank_line, "file": None}
             for offset, _, block in _byte_blocks(source, cut[options.txt_mode], batch_bytes):
-                yield RawBatch(source.path, partial(_parse_txt_block, block, source, options, offset))
+                yield RawBatch(source.path, partial(_parse_txt_block, block, source, options, offset), len(block))
         elif source.format == "parquet":
             yield from _parquet_batches(source, options)
         else:

@@ -20,7 +20,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -172,10 +172,11 @@ def resolve_workers(requested: int) -> int:
 
 # --- the stage ---------------------------------------------------------------------------
 
-def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key: str | None = None
-               ) -> dict[str, Any]:
+def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key: str | None = None,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Read, clean and write a corpus artifact; returns its manifest. Nothing is registered
-    unless every source was read and at least one document survived the filters."""
+    unless every source was read and at least one document survived the filters. `progress`
+    receives the input bytes read since its last call (they add up to the sources' size)."""
     from storage.artifacts import ArtifactStore
     from storage.corpus import CorpusShardWriter
     from storage.sources import SourceFile, iter_raw_batches
@@ -187,7 +188,16 @@ def run_ingest(config: IngestConfig, sources: list[dict[str, Any]], *, cache_key
 
     def raw() -> Iterator[Any]:
         for source in files:
-            yield from iter_raw_batches(source)
+            counted = 0
+            for batch in iter_raw_batches(source):
+                # Decompressed blocks outgrow a compressed file's size: count up to the size only.
+                step = min(batch.size, source.size - counted)
+                if progress is not None and step > 0:
+                    progress(step)
+                counted += max(step, 0)
+                yield batch
+            if progress is not None and source.size > counted:
+                progress(source.size - counted)
 
     store = ArtifactStore()
     with store.create("corpus", config.name) as writer:

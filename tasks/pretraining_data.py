@@ -109,9 +109,11 @@ def resolve_workers(requested: int, units: int) -> int:
 
 def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], tokenizer: dict[str, Any],
                          *, cache_key: str | None = None, log: Callable[[str], None] | None = None,
-                         warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+                         warn: Callable[[str], None] | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Build the instances of every corpus unit and write the artifact; returns its manifest.
-    `log` receives a line per finished unit, `warn` what the user should know about the corpus."""
+    `log` receives a line per finished unit, `warn` what the user should know about the corpus,
+    `progress` (units done, units in all) is called once before the first unit and after each."""
     from storage.artifacts import ArtifactStore
     from storage.pretraining_store import id_dtype_for, plan_corpus_units, shard_name
     from tasks.pretraining_instances import SpecialIds
@@ -145,8 +147,12 @@ def run_pretraining_data(config: PretrainingDataConfig, corpus: dict[str, Any], 
             objective=config.objective, masking=config.masking, dynamic=config.dynamic, seed=config.seed,
         ) for i, unit in enumerate(units)]
         unit_stats = []
+        if progress is not None:
+            progress(0, len(jobs))
         for stats in run_units(jobs, workers):
             unit_stats.append(stats)
+            if progress is not None:
+                progress(len(unit_stats), len(jobs))
             if log is not None:
                 log(f"build-instances: shard {len(unit_stats)}/{len(jobs)}:"
                     f" {stats['instances']:,} instances in {stats['seconds']:.1f} s")

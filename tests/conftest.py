@@ -13,6 +13,9 @@ from bertflow.runtime import configure_environment
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 configure_environment()
+# A test that runs a command without the session's Prefect server (a subprocess without
+# PREFECT_API_URL) starts its data home's background server: let it go soon after.
+os.environ.setdefault("BERTFLOW_SERVER_IDLE_MINUTES", "2")
 
 
 def _share_the_cores_between_test_workers() -> None:

@@ -208,7 +208,7 @@ def test_concurrent_runs_compute_once(flow_home, tmp_path):
         json.dumps({"text": f"Document number {i} talks about topic {i % 97}. It has a second sentence."}) + "\n"
         for i in range(60_000)))
     env = dict(os.environ, BERTFLOW_HOME=str(flow_home), PREFECT_API_URL=PREFECT_API_URL.value())
-    cmd = [sys.executable, "-m", "bertflow.cli", "ingest", str(src), "--name", "race", "--workers", "1"]
+    cmd = [sys.executable, "-m", "bertflow.cli", "ingest", str(src), "--name", "race", "--workers", "1", "-v"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

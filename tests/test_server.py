@@ -322,8 +322,8 @@ def test_serve_without_server_says_what_to_do(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(f"name: tiny\ningest:\n  sources: [{tmp_path}]\n")
     done = subprocess.run([*BERTFLOW, "serve", "--config", str(config), "--cron", "0 2 * * *"],
-                          env=clean_env(BERTFLOW_HOME=str(tmp_path / "home")), capture_output=True, text=True,
-                          timeout=60)
+                          env=clean_env(BERTFLOW_HOME=str(tmp_path / "home"), BERTFLOW_SERVER="ephemeral"),
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "bertflow serve needs a Prefect server" in done.stderr and "`bertflow server`" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

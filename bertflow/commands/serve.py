@@ -14,6 +14,7 @@ runs), its whole process group is killed, so `bertflow serve` always stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -45,10 +46,20 @@ def require_server() -> str:
 
     url = prefect.settings.get_current_settings().api.url
     if not url:
+        from bertflow import background_server
+        from storage.home import DataHome
+
+        home = DataHome.from_env()
+        if background_server.mode() == "auto" and home.is_local:
+            # The data home's background server; the runner child finds it through the environment.
+            url = background_server.ensure_running(home.state_dir)
+            os.environ["PREFECT_API_URL"] = url
+            return url
         raise BertflowError(
-            "bertflow serve needs a Prefect server for its schedule: start one with `bertflow server`"
-            " and `export PREFECT_API_URL=http://127.0.0.1:4200/api` here; or, without a server,"
-            " put `bertflow run --config CONFIG.yaml` in a system crontab (see docs/caching-and-prefect.md)")
+            "bertflow serve needs a Prefect server for its schedule: unset BERTFLOW_SERVER=ephemeral (the data"
+            " home's background server is then used), or start one with `bertflow server` and export"
+            " PREFECT_API_URL; or, without a server, put `bertflow run --config CONFIG.yaml` in a system"
+            " crontab (see docs/caching-and-prefect.md)")
     from bertflow.commands.server import is_healthy
 
     if not is_healthy(url):
@@ -157,5 +168,10 @@ def run(args: argparse.Namespace) -> int:
           f"  with a refresh:  prefect deployment run '{pipeline_flow.name}/{name}'"
           " --param refresh='[\"ingest\"]'\n"
           "  Ctrl-C stops serving (and pauses the schedule).", flush=True)
-    return supervise({"name": name, "cron": args.cron, "timezone": args.timezone,
-                      "parameters": {"config": config.model_dump(mode="json")}})
+    from bertflow import background_server
+
+    home = DataHome.from_env()
+    serving = background_server.client(home.state_dir) if home.is_local else contextlib.nullcontext()
+    with serving:  # the background server's idle timer waits while this serves
+        return supervise({"name": name, "cron": args.cron, "timezone": args.timezone,
+                          "parameters": {"config": config.model_dump(mode="json")}})

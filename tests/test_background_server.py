@@ -1,0 +1,157 @@
+"""The data home's background Prefect server (bertflow/background_server.py) and what a command
+prints: progress and summary by default, Prefect's log lines with -v, errors only with -q."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "A first sentence of the document, long enough for the filters. And a second one.\n"
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # no server of the tests'
+    return {**env, "BERTFLOW_HOME": str(home), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _bertflow(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bertflow.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def _bar_only(stderr: str, label: str) -> bool:
+    """True when stderr holds nothing but the stage's progress bar (tqdm redraws with \\r)."""
+    pieces = [p.strip() for p in stderr.replace("\r", "\n").splitlines() if p.strip()]
+    return bool(pieces) and all(p.startswith(f"{label}:") for p in pieces) and "100%" in pieces[-1]
+
+
+def _state(home: Path) -> dict:
+    return json.loads((home / "prefect-server" / "background.json").read_text())
+
+
+def _wait_gone(pid: int, within_s: float) -> bool:
+    try:
+        psutil.Process(pid).wait(timeout=within_s)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_commands_share_one_background_server_that_records_their_runs(tmp_path: Path):
+    home = tmp_path / "home"
+    (tmp_path / "a.txt").write_text(TEXT)
+    env = _env(home)
+    first = _bertflow(env, "ingest", str(tmp_path / "a.txt"), "--name", "first")
+    assert first.returncode == 0, first.stderr
+    assert _bar_only(first.stderr, "ingest first"), first.stderr  # the bar and the summary, no Prefect lines
+    assert first.stdout.startswith("corpus first (")
+    state = _state(home)
+    try:
+        assert state["ready"] and psutil.pid_exists(state["pid"])
+        second = _bertflow(env, "ingest", str(tmp_path / "a.txt"), "--name", "second")
+        assert second.returncode == 0 and _bar_only(second.stderr, "ingest second"), second.stderr
+        assert _state(home)["pid"] == state["pid"]  # reused, not started again
+
+        request = urllib.request.Request(f"{state['url']}/flow_runs/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            runs = {run["name"]: run["state_type"] for run in json.load(response)}
+        assert runs == {"ingest-first": "COMPLETED", "ingest-second": "COMPLETED"}
+        logs = sorted((home / "logs").glob("*-ingest-*.log"))
+        assert len(logs) == 2 and "Finished in state Completed()" in logs[0].read_text()
+
+        status = _bertflow(env, "server", "status")
+        assert status.returncode == 0 and state["ui"] in status.stdout
+        stopped = _bertflow(env, "server", "stop")
+        assert stopped.returncode == 0 and f"pid {state['pid']}" in stopped.stdout
+        assert _wait_gone(state["pid"], 30)
+        assert "no Prefect server runs" in _bertflow(env, "server", "status").stdout
+    finally:
+        _bertflow(env, "server", "stop")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_background_server_stops_when_idle_and_when_its_home_is_removed(tmp_path: Path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    idle = tmp_path / "idle"
+    done = _bertflow(_env(idle, BERTFLOW_SERVER_IDLE_MINUTES="0.1"), "ingest", str(tmp_path / "a.txt"), "--name", "c")
+    assert done.returncode == 0, done.stderr
+    pid = _state(idle)["pid"]
+    assert _wait_gone(pid, 60), "the server outlived its idle time"
+    assert not (idle / "prefect-server" / "background.json").exists()
+
+    removed = tmp_path / "removed"
+    done = _bertflow(_env(removed), "ingest", str(tmp_path / "a.txt"), "--name", "c")
+    assert done.returncode == 0, done.stderr
+    pid = _state(removed)["pid"]
+    children = psutil.Process(pid).children(recursive=True)
+    import shutil
+
+    shutil.rmtree(removed)
+    assert _wait_gone(pid, 30), "the server outlived its data home"
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, "the Prefect server process outlived its supervisor"
+
+
+def test_ephemeral_mode_is_refused_with_a_typo(tmp_path: Path):
+    done = _bertflow(_env(tmp_path / "home", BERTFLOW_SERVER="daemon"), "ingest", str(tmp_path), "--name", "c")
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: BERTFLOW_SERVER='daemon': use 'auto' (a background server per data"
+                                   " home) or 'ephemeral' (Prefect's temporary server per command)")
+
+
+def test_default_output_is_the_summary_and_v_adds_prefect_lines_and_q_only_errors(flow_home: Path, tmp_path: Path,
+                                                                                    capsys):
+    src = tmp_path / "a.txt"
+    src.write_text(TEXT)
+    assert run_cli("ingest", str(src), "--name", "plain") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("corpus plain (") and _bar_only(err, "ingest plain"), err
+    assert run_cli("ingest", str(src), "--name", "loud", "-v") == 0
+    out, err = capsys.readouterr()
+    assert "Beginning flow run 'ingest-loud' for flow 'ingest'" in err and " | INFO    | " in err
+    assert run_cli("ingest", str(tmp_path / "missing.txt"), "--name", "bad", "-q") == 1
+    assert capsys.readouterr().err.count("\n") == 1  # the one error line
+
+
+@pytest.mark.slow
+def test_a_training_stage_prints_its_progress_bar_and_nothing_else(flow_home: Path, capsys):
+    from tests.test_pretrain import register_pretraining_data
+
+    register_pretraining_data()
+    assert run_cli("pretrain", "--data", "toy-data", "--name", "m", "--model", "tiny", "--steps", "6",
+                   "--batch-size", "8", "--eval-every", "3", "--eval-instances", "8", "--log-every", "2") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("model m (")
+    assert _bar_only(err, "pretrain m") and "6/6" in err, err
+
+    # The UI's view of the run: its name, its summary and its loss curve as an image.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-m-summary", "pretrain-m-curve"])))}
+        run = client.read_flow_run(artifacts["pretrain-m-curve"].flow_run_id)
+    assert run.name == "pretrain-m"
+    assert artifacts["pretrain-m-summary"].data.startswith("### pretrain m\n\n```\nmodel m (")
+    assert artifacts["pretrain-m-curve"].data.startswith("### pretrain m\n\n![loss curve](data:image/png;base64,iVBOR")
+    assert run_cli("pretrain", "--data", "toy-data", "--name", "m2", "--model", "tiny", "--steps", "6",
+                   "--batch-size", "8", "--eval-every", "3", "--eval-instances", "8", "-q") == 0
+    assert capsys.readouterr().err == ""
