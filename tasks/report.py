@@ -180,24 +180,80 @@ def comparison_figure(rows: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
+def _value_text(value: Any) -> str | None:
+    """A statistic as a reader wants it: numbers with separators and 4 significant digits, nested
+    values as `key value` pairs, nothing for an absent one."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        parts = [(k, _value_text(v)) for k, v in value.items()]
+        return ", ".join(f"{k} {v}" for k, v in parts if v is not None) or None
+    if isinstance(value, (list, tuple)):
+        parts = [_value_text(v) for v in value]
+        return ", ".join(p for p in parts if p is not None) or None
+    return str(value)
+
+
 def _kv_table(data: dict[str, Any]) -> str:
     rows = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            value = json.dumps(value, ensure_ascii=False)[:400]
-        elif isinstance(value, float):
-            value = f"{value:,.4g}"
-        elif isinstance(value, int):
-            value = f"{value:,}"
-        rows.append(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>")
+        text = _value_text(value)
+        if text is None:
+            continue  # an absent statistic (e.g. NSP figures of MLM-only data) is left out, not shown as None
+        if len(text) > 400:
+            text = text[:400] + " …"
+        rows.append(f"<tr><th>{html.escape(str(key).replace('_', ' '))}</th><td>{html.escape(text)}</td></tr>")
     return "<table class='kv'>" + "".join(rows) + "</table>"
 
 
+def finetune_curves_figure(runs: dict[str, list[dict[str, Any]]]) -> str | None:
+    """Per task, the dev metric at each evaluation: the pretrained run next to its random-init twin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks: dict[str, dict[str, tuple[str, list, list]]] = {}
+    for name, points in runs.items():
+        dev = [p for p in points if p["split"] == "dev" and p["step"] is not None]
+        metric = next((m for m in HEADLINE if any(p["name"] == m for p in dev)), None)
+        if metric is None:
+            continue
+        by_step = {p["step"]: p["value"] for p in dev if p["name"] == metric}  # the best, logged twice, once
+        steps = sorted(by_step)
+        base = name.removesuffix("-random-init")
+        role = "random init" if name != base else "pretrained"
+        tasks.setdefault(base, {})[role] = (metric, steps, [by_step[s] for s in steps])
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1, 3.4), squeeze=False)
+    for ax, (base, roles) in zip(axes[0], tasks.items()):
+        for role, (metric, steps, values) in sorted(roles.items()):
+            ax.plot(steps, values, "o-", label=role)
+            ax.set_ylabel(f"dev {metric}")
+        ax.set_title(base)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Fine-tuning: dev metric per evaluation")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def render_report(run: str, summary: dict[str, Any], stages: dict[str, dict[str, Any]],
-                  pretrain_points: list[dict[str, Any]]) -> str:
-    """A self-contained HTML page: per-stage statistics, pretraining curves, metrics, comparison."""
+                  pretrain_points: list[dict[str, Any]],
+                  finetune_points: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """A self-contained HTML page: per-stage statistics, pretraining and fine-tuning curves,
+    metrics, comparison."""
     rows = summary.get("metrics", [])
     curves = curves_figure(pretrain_points)
+    finetune_curves = finetune_curves_figure(finetune_points or {})
     bars = comparison_figure(rows)
     parts = [f"<h1>bertflow run <code>{html.escape(run)}</code></h1>"]
     if bars:
@@ -213,6 +269,8 @@ def render_report(run: str, summary: dict[str, Any], stages: dict[str, dict[str,
         parts.append(f"<h2>Fine-tuning metrics</h2><table><tr>{head}</tr>{body}</table>"
                      "<p>Trivial baseline: what a predictor that reads no text scores (the majority training"
                      " label; every tag O; the first words of the context).</p>" + remarks)
+    if finetune_curves:
+        parts.append(f"<h2>Fine-tuning curves</h2><img src='{finetune_curves}' alt='fine-tuning curves'>")
     if curves:
         parts.append(f"<h2>Pretraining</h2><img src='{curves}' alt='pretraining curves'>")
     titles = {"corpus": "Corpus", "tokenizer": "Vocabulary", "pretraining-data": "Pretraining data",

@@ -42,3 +42,24 @@ def test_remarks_name_the_runs_that_learnt_nothing_and_the_partial_evaluations()
     page = render_report("r", summary, {}, [])
     assert "<th>trivial baseline</th>" in page and "<td>0.5000</td>" in page
     assert "does not beat the trivial baseline" in page
+
+
+def test_report_cells_are_formatted_and_absent_statistics_left_out():
+    from tasks.report import _kv_table
+
+    table = _kv_table({"documents": 13493, "mb_per_second": 8.123456, "label_1_fraction": None,
+                       "removed": {"too_short": {"documents": 379, "chars": 2101}}, "languages": ["en", "zh"]})
+    assert "None" not in table and "{" not in table and "label 1 fraction" not in table
+    assert "<td>13,493</td>" in table and "<td>8.123</td>" in table
+    assert "<td>too_short documents 379, chars 2,101</td>" in table and "<td>en, zh</td>" in table
+
+
+def test_fine_tuning_curves_pair_each_run_with_its_random_init_twin():
+    from tasks.report import finetune_curves_figure
+
+    def points(values):
+        return [{"name": "f1", "split": "dev", "step": 10 * (i + 1), "value": v} for i, v in enumerate(values)]
+
+    image = finetune_curves_figure({"demo-seg": points([0.5, 0.58]), "demo-seg-random-init": points([0.52, 0.55])})
+    assert image is not None and image.startswith("data:image/png;base64,")
+    assert finetune_curves_figure({"x": [{"name": "loss", "split": "train", "step": 1, "value": 1.0}]}) is None

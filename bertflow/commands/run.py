@@ -82,12 +82,14 @@ def report(args: argparse.Namespace) -> int:
     store = ArtifactStore()
     stages: dict[str, dict] = {}
     points: list[dict] = []
+    finetune_points = {item["name"]: store.catalog.metrics(f"finetune/{item['name']}")
+                       for item in summary["artifacts"] if item["kind"] == "finetune"}
     for item in summary["artifacts"]:
         entries = store.catalog.find(item["name"], item["kind"])
         if entries and item["kind"] not in stages:
             stages[item["kind"]] = entries[0].stats
         if item["kind"] == "model" and not points:
             points = store.catalog.metrics(f"model/{item['name']}")
-    path = write_report(run_name, render_report(run_name, summary, stages, points), args.output)
+    path = write_report(run_name, render_report(run_name, summary, stages, points, finetune_points), args.output)
     print(f"report written to {Path(path).resolve()}")
     return 0
