@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -40,7 +41,25 @@ def finetune_model(config: FinetuneConfig, model: dict[str, Any], data: dict[str
                                 callbacks=reporters)
     publish_summary("finetune", config.name, format_summary(manifest), logger=logger,
                     metrics={"dev": manifest["stats"].get("dev"), "test": manifest["stats"].get("test")})
+    publish_confusion(config.name, manifest)
     return manifest
+
+
+def publish_confusion(name: str, manifest: dict[str, Any]) -> None:
+    """Classification and pair runs: the confusion matrix of their dev predictions, in the UI."""
+    from prefect.artifacts import create_table_artifact
+
+    from storage.finetune_store import read_json, read_predictions
+    from tasks.metrics import confusion_table
+
+    run = read_json(Path(manifest["path"]) / "manifest.json")
+    task = run.get("manifest", run)
+    if task.get("task_type") not in ("classification", "pair"):
+        return
+    rows = read_predictions(manifest["path"], "dev")
+    if rows:
+        create_table_artifact(key=f"finetune-{slug(name)}-confusion", table=confusion_table(rows, task["labels"]),
+                              description=f"finetune {name}: dev confusion matrix (rows gold, columns predicted)")
 
 
 @task(name="select-and-test", task_run_name="select-and-test[{config.name}]")
@@ -54,7 +73,25 @@ def select_and_test(config: FinetuneConfig, trials: list[dict[str, Any]], data: 
                           description=f"Sweep of finetune run {config.name}: dev score per setting")
     publish_summary("finetune", config.name, format_summary(manifest), logger=logger,
                     metrics={"dev": manifest["stats"].get("dev"), "test": manifest["stats"].get("test")})
+    publish_confusion(config.name, manifest)
     return manifest
+
+
+def publish_confusion(name: str, manifest: dict[str, Any]) -> None:
+    """Classification and pair runs: the confusion matrix of their dev predictions, in the UI."""
+    from prefect.artifacts import create_table_artifact
+
+    from storage.finetune_store import read_json, read_predictions
+    from tasks.metrics import confusion_table
+
+    run = read_json(Path(manifest["path"]) / "manifest.json")
+    task = run.get("manifest", run)
+    if task.get("task_type") not in ("classification", "pair"):
+        return
+    rows = read_predictions(manifest["path"], "dev")
+    if rows:
+        create_table_artifact(key=f"finetune-{slug(name)}-confusion", table=confusion_table(rows, task["labels"]),
+                              description=f"finetune {name}: dev confusion matrix (rows gold, columns predicted)")
 
 
 @flow(name="finetune", flow_run_name="finetune-{config.name}", log_prints=True)

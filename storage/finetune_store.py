@@ -441,6 +441,15 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def read_predictions(run_dir: str, split: str) -> list[dict[str, Any]]:
+    """A finetune run's predictions of one split ([] when it has none)."""
+    path = Path(run_dir) / predictions_file(split)
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))
 

@@ -292,3 +292,13 @@ def qa_metrics(predictions: dict[str, str], answers: dict[str, list[str]], langu
     total = len(answers)
     return {"exact_match": _safe_div(em, total), "f1": _safe_div(f1, total),
             "questions": total, "language": language}
+
+
+def confusion_table(rows: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
+    """One row per gold label: how many of its examples were predicted as each label."""
+    counts = {gold: {predicted: 0 for predicted in labels} for gold in labels}
+    for row in rows:
+        gold, predicted = str(row.get("label")), str(row.get("prediction"))
+        if gold in counts and predicted in counts[gold]:
+            counts[gold][predicted] += 1
+    return [{"gold \\ predicted": gold, **counts[gold]} for gold in labels]

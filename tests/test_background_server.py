@@ -155,3 +155,22 @@ def test_a_training_stage_prints_its_progress_bar_and_nothing_else(flow_home: Pa
     assert run_cli("pretrain", "--data", "toy-data", "--name", "m2", "--model", "tiny", "--steps", "6",
                    "--batch-size", "8", "--eval-every", "3", "--eval-instances", "8", "-q") == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_classification_run_shows_its_confusion_matrix_in_the_ui(flow_home: Path, tmp_path: Path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tests.test_finetune import write_tiny_bert
+
+    model = write_tiny_bert(tmp_path / "model")
+    data = tmp_path / "task.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{w} film\t{int(w == 'good')}\n" for w in ["good", "bad"] * 8))
+    assert run_cli("finetune", "--model", str(model), "--task-type", "classification", "--train", str(data),
+                   "--dev", str(data), "--name", "cm", "--epochs", "1", "-q") == 0
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-cm-confusion"])))
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert [row["gold \\ predicted"] for row in table] == ["0", "1"]
+    assert sum(row["0"] + row["1"] for row in table) == 16

@@ -182,3 +182,12 @@ def test_cmrc_character_level():
     assert cmrc_f1("上海", "北京") == 0.0
     m = qa_metrics({"a": "北京大学"}, {"a": ["北京", "北京大学"]}, language="zh")
     assert (m["exact_match"], m["f1"]) == (1.0, 1.0)
+
+
+def test_confusion_table_counts_gold_against_predicted():
+    from tasks.metrics import confusion_table
+
+    rows = [{"label": "pos", "prediction": "pos"}, {"label": "pos", "prediction": "neg"},
+            {"label": "neg", "prediction": "neg"}, {"label": "neg", "prediction": "neg"}]
+    assert confusion_table(rows, ["neg", "pos"]) == [{"gold \\ predicted": "neg", "neg": 2, "pos": 0},
+                                                     {"gold \\ predicted": "pos", "neg": 1, "pos": 1}]
