@@ -18,11 +18,17 @@ the GPU's dense bf16 peak.
 
     .venv/bin/python benchmarks/pretrain_throughput.py                    # CPU: mini, V 30522, S 128, B 32
     .venv/bin/python benchmarks/pretrain_throughput.py --preset base --batch-size 64   # on a GPU
+    .venv/bin/python benchmarks/pretrain_throughput.py --preset base --batch-size 128 --device cuda \
+        --precision bf16 --mfu-preset none --json base.json    # MFU of every row (benchmarks/gpu_check.py)
+
+On CUDA (or with --peak-tflops) every row also shows its MFU: the model FLOPs above, counted the
+same way for both steps (the dense head's extra work is not useful work), over the peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -156,15 +162,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also torch.compile our step")
-    parser.add_argument("--mfu-preset", default="base", choices=list(PRESETS))
+    parser.add_argument("--mfu-preset", default="base", choices=[*PRESETS, "none"],
+                        help="on CUDA, also time our step for this preset at seq 128 (none: skip)")
     parser.add_argument("--mfu-batch-size", type=int, default=128)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="our step's precision (default: what `bertflow pretrain --precision auto` picks)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense peak for the MFU column (default: from the GPU's name; none on CPU)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is steadier when other jobs share the cores)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     config = bert_config(args.preset, vocab_size=args.vocab_size)
     batch = {k: v.to(device) for k, v in synthetic_batch(args.batch_size, args.seq_len, args.vocab_size,
@@ -176,10 +191,10 @@ def main() -> None:
           f" median of {args.rounds} alternating rounds × {args.steps_per_round} steps")
 
     on_cuda = device == "cuda"
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision(args.precision, device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     steps = {"plain transformers (eager, dense MLM head, fp32)": make_plain_step(config, batch, device),
-             f"ours (--precision auto = {precision}, as `bertflow pretrain` runs it)":
+             f"ours (--precision {args.precision} = {precision}, as `bertflow pretrain` runs it)":
                  make_our_step(config, batch, device, amp_dtype=amp, compile_model=False, fused=True)[0]}
     if precision != "fp32":
         steps["ours in fp32 (--precision fp32)"] = make_our_step(
@@ -189,14 +204,30 @@ def main() -> None:
                                                       fused=True)[0]
     timings = compare(steps, rounds=args.rounds, steps_per_round=args.steps_per_round, device=device)
     baseline = next(iter(timings.values()))
+    peak = args.peak_tflops or (gpu_peak_tflops(name) if on_cuda else None)
+    flops_per_token = model_flops_per_token(config, args.seq_len, args.masked_fraction)
+    rows = []
     for label, seconds in timings.items():
-        print(f"  {label:<58} {seconds * 1000:9.1f} ms/step {tokens / seconds:12,.0f} tokens/s"
-              f"  {baseline / seconds:5.2f}x")
+        tokens_per_s = tokens / seconds
+        mfu = flops_per_token * tokens_per_s / (peak * 1e12) if peak else None
+        rows.append({"step": label, "ms_per_step": seconds * 1000, "tokens_per_s": tokens_per_s,
+                     "speedup": baseline / seconds, "mfu": mfu})
+        print(f"  {label:<58} {seconds * 1000:9.1f} ms/step {tokens_per_s:12,.0f} tokens/s"
+              f"  {baseline / seconds:5.2f}x" + (f"  {mfu:6.1%} MFU" if mfu is not None else ""))
+    figures = {"device": name, "torch": torch.__version__, "preset": args.preset, "seq_len": args.seq_len,
+               "batch_size": args.batch_size, "precision": precision, "peak_tflops": peak,
+               "model_flops_per_token": flops_per_token, "rows": rows}
+    print(f"MFU: {flops_per_token / 1e9:.3f} GFLOP per token (model FLOPs); peak "
+          + (f"{peak:.0f} TFLOP/s dense ({'--peak-tflops' if args.peak_tflops else name})" if peak
+             else "unknown here (no CUDA device with a known bf16 peak; --peak-tflops sets one)"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
+    if args.mfu_preset == "none":
+        return
     if not on_cuda:
         print("MFU: skipped (no CUDA device; the MFU figure is for BERT-base bf16 on a GPU)")
         return
-    peak = gpu_peak_tflops(name)
     if peak is None or amp is None:
         print(f"MFU: skipped ({name}: no known bf16 dense peak)")
         return
