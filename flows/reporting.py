@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -56,6 +57,13 @@ def quiet() -> bool:
     return os.environ.get("BERTFLOW_VERBOSITY", "1") == "0"
 
 
+def bars_off() -> bool:
+    """No progress bars with -q, nor where stderr is not a terminal: in a log file or a CI
+    capture a bar's carriage returns are noise, and the log has the same progress as lines."""
+    stream = sys.stderr
+    return quiet() or not (hasattr(stream, "isatty") and stream.isatty())
+
+
 class StageBar:
     """A stage's one progress bar outside training (ingest: input bytes; pretraining data: corpus
     units); off with -q. Use as a context manager; `advance(n)` / `to(done, total)` move it."""
@@ -65,7 +73,7 @@ class StageBar:
 
         self.bar = tqdm(total=total, desc=description, unit=unit, unit_scale=scale_bytes,
                         unit_divisor=1024 if scale_bytes else 1000, mininterval=0.5, dynamic_ncols=True,
-                        disable=quiet())
+                        disable=bars_off())
 
     def advance(self, n: int) -> None:
         self.bar.update(n)
@@ -77,7 +85,10 @@ class StageBar:
     def __enter__(self) -> "StageBar":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            # a failed stage leaves its one error line, not a half-filled bar above it
+            self.bar.leave = False
         self.bar.close()
 
 
@@ -92,7 +103,7 @@ class ProgressBar(Callback):
         from tqdm import tqdm
 
         self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=self.description, unit="step",
-                        mininterval=1.0, dynamic_ncols=True, disable=quiet())
+                        mininterval=1.0, dynamic_ncols=True, disable=bars_off())
 
     def on_log(self, step: int, record: dict[str, float]) -> None:
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)

@@ -165,7 +165,9 @@ def test_pipeline_runs_caches_and_recomputes_only_what_changed(flow_home, tmp_pa
     # the report: a self-contained HTML page with the plots inline
     assert run_cli("report", "tiny", "--output", str(tmp_path / "report.html")) == 0
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "random init" in page and "Pretraining data" in page
+    # three figures: pretrained vs random bars, fine-tuning curves, pretraining curves
+    assert page.count("data:image/png;base64,") == 3 and "random init" in page and "Pretraining data" in page
+    assert "alt='fine-tuning curves'" in page and "alt='pretraining curves'" in page
 
 
 @pytest.mark.slow
