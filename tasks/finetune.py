@@ -17,10 +17,8 @@ prediction and embeddings: `tasks/finetune_inference.py`; sweeps: `tasks/finetun
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,8 +37,6 @@ from tasks.training.setup import steps_for, warmup_steps
 
 STAGE = "finetune"
 STAGE_VERSION = "4"  # bump when the output of the same inputs and parameters changes
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # --- training ------------------------------------------------------------------------------
@@ -218,6 +214,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     from storage.checkpoints import RunCheckpoints, finetune_run_dir
     from storage.finetune_store import (METRICS_FILE, check_bert_directory, predictions_file, write_json,
                                         write_jsonl)
+    from storage.tokenizer_store import export_tokenizer
 
     started = time.perf_counter()
     check_model_fits(config, check_bert_directory(model["path"]))
@@ -255,10 +252,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     store = ArtifactStore()
     with store.create("finetune", config.name) as writer:
         net.save_pretrained(writer.dir)
-        tokenizer.save_pretrained(writer.dir)
-        for name in TOKENIZER_FILES:  # transformers 5 writes tokenizer.json only; keep vocab.txt for other tools
-            if (Path(model["path"]) / name).is_file() and not (writer.dir / name).exists():
-                shutil.copy2(Path(model["path"]) / name, writer.dir / name)
+        export_tokenizer(tokenizer, writer.dir)
         write_jsonl(writer.dir / predictions_file("dev"), best.payload)
         if test_rows is not None:
             write_jsonl(writer.dir / predictions_file("test"), test_rows)
