@@ -27,7 +27,7 @@ from bertflow.errors import BertflowError
 from tasks.finetune_baselines import baseline_metrics, baseline_predictor, baseline_warning, warning_line
 from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
 from tasks.finetune_data import (check_squad_answers, collate, detect_tag_scheme, infer_labels, mismatched_answers,
-                                 unseen_labels)
+                                 named_label_order, unseen_labels)
 from tasks.finetune_inference import build_model, load_tokenizer, predict_split, score_predictions
 from tasks.finetune_splits import (SplitData, encode_split, guess_language, read_options, read_split,
                                    unknown_piece_warning)
@@ -145,6 +145,8 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
             notes[f"{split}_mismatched_answers"] = mismatched
     else:
         labels = infer_labels(examples["train"])
+        if config.label_name_map:
+            labels = named_label_order(config.label_name_map, labels, data["train"]["path"])
         if len(labels) < 2 and config.task_type != "token":
             raise BertflowError(f"{data['train']['path']}: only one label ({labels}) in the training data;"
                                 " a classifier needs at least two")
