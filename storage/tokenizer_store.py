@@ -6,6 +6,7 @@ and vocab.txt files adopted from elsewhere."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +84,22 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, VOCAB_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
 
 
-def export_tokenizer(tokenizer: Any, directory: str | Path) -> None:
+def export_tokenizer(tokenizer: Any, directory: str | Path, source: str | Path | None = None) -> None:
     """Write a transformers BERT tokenizer (fast) as the four files of a Hugging Face tokenizer
-    directory, the same bytes under transformers 4 and 5: `tokenizer.json` as transformers
-    saves it, and `vocab.txt`, `special_tokens_map.json` and a portable `tokenizer_config.json`
-    written here (transformers 5 writes neither of the first two, and its config carries keys
-    only it knows)."""
+    directory, the same bytes under transformers 4.45 and 5: `tokenizer.json` (the `tokenizers`
+    library writes it), and `vocab.txt`, `special_tokens_map.json` and a portable
+    `tokenizer_config.json` written here (transformers 5 writes neither of the first two, and its
+    config carries keys only it knows). `source`: the directory the tokenizer came from, whose
+    vocab.txt is kept when the tokenizer's own ids cannot be written as one (below)."""
     directory = Path(directory)
     tokenizer.save_pretrained(str(directory))
+    # Without the truncation and padding of the last call that encoded with it (transformers
+    # saves the backend's state): a reloaded tokenizer then cut every text at the fine-tuning's
+    # --max-seq-len. So tokenizer.json is the tokenizer artifact's, byte for byte.
+    clean = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    clean.no_truncation()
+    clean.no_padding()
+    clean.save(str(directory / TOKENIZER_FILE))
     written = json.loads((directory / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
     specials = {f"{key}_token": getattr(tokenizer, f"{key}_token") for key in SPECIAL_TOKENS}
     config = {key: written[key] for key in PORTABLE_CONFIG_KEYS if key in written}
@@ -103,10 +112,12 @@ def export_tokenizer(tokenizer: Any, directory: str | Path) -> None:
     special_map = {key: config[key] for key in specials if key in config}
     (directory / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    if [i for _, i in vocab] != list(range(len(vocab))):
-        raise BertflowError(f"the tokenizer saved to {directory} has gaps in its token ids, so no vocab.txt"
-                            " can hold it; use a BERT WordPiece tokenizer (ids 0..N-1)")
-    (directory / VOCAB_FILE).write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+    if [i for _, i in vocab] == list(range(len(vocab))):
+        (directory / VOCAB_FILE).write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+    elif source is not None and (Path(source) / VOCAB_FILE).is_file():
+        # A vocab.txt that repeats a token leaves a gap at its first line's id: only the file
+        # itself says what that line held.
+        shutil.copyfile(Path(source) / VOCAB_FILE, directory / VOCAB_FILE)
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:

@@ -35,7 +35,7 @@ def run_random_init(name: str, model: dict[str, Any], seed: int, *, cache_key: s
     with store.create("model", name) as writer:
         net = initialise_like(model["path"], seed)
         net.save_pretrained(writer.dir, safe_serialization=True)
-        export_tokenizer(AutoTokenizer.from_pretrained(model["path"]), writer.dir)
+        export_tokenizer(AutoTokenizer.from_pretrained(model["path"]), writer.dir, source=model["path"])
         parameters = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
         artifact = writer.commit(
             manifest={"architecture": type(net).__name__, "initialised_like": model, "seed": seed},

@@ -293,7 +293,7 @@ def run_general(config: DistillConfig, teacher: dict[str, Any], data: dict[str, 
     with store.create("model", config.name) as writer:
         student.config.architectures = ["BertForMaskedLM"]
         student.save_pretrained(writer.dir, safe_serialization=True)
-        export_tokenizer(tokenizer, writer.dir)
+        export_tokenizer(tokenizer, writer.dir, source=teacher["path"])
         stats = {"steps": result.steps, "resumed_from_step": result.resumed_from,
                  "parameters": count_parameters(student), "heldout": heldout, "distillation": report,
                  "final_train_loss": next((h["loss"] for h in reversed(result.history) if h["kind"] == "train"), None),
@@ -564,7 +564,7 @@ def run_task(config: DistillConfig, teacher: dict[str, Any], student_ref: dict[s
     best = result.best
     with store.create("finetune", config.name) as writer:
         student.save_pretrained(writer.dir)
-        export_tokenizer(tokenizer, writer.dir)
+        export_tokenizer(tokenizer, writer.dir, source=teacher["path"])
         write_jsonl(writer.dir / predictions_file("dev"), best.payload)
         write_json(writer.dir / METRICS_FILE, {"dev": best.metrics, "test": None, "distillation": report})
         stats = {"dev_score": best.score, "metric": metric, "dev": summary_metrics(best.metrics), "test": None,

@@ -254,7 +254,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     store = ArtifactStore()
     with store.create("finetune", config.name) as writer:
         net.save_pretrained(writer.dir)
-        export_tokenizer(tokenizer, writer.dir)
+        export_tokenizer(tokenizer, writer.dir, source=model["path"])
         write_jsonl(writer.dir / predictions_file("dev"), best.payload)
         if test_rows is not None:
             write_jsonl(writer.dir / predictions_file("test"), test_rows)

@@ -340,7 +340,8 @@ def run_pretrain(config: PretrainConfig, data: dict[str, Any], *, cache_key: str
     with store.create("model", config.name) as writer:
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(writer.dir, safe_serialization=True)
-        export_tokenizer(BertTokenizerFast.from_pretrained(data["manifest"]["tokenizer"]["path"]), writer.dir)
+        tokenizer_dir = data["manifest"]["tokenizer"]["path"]
+        export_tokenizer(BertTokenizerFast.from_pretrained(tokenizer_dir), writer.dir, source=tokenizer_dir)
         last_eval = result.evals[-1] if result.evals else {}
         stats = {
             "steps": result.steps, "resumed_from_step": result.resumed_from,
