@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
 from tasks.finetune_data import parse_label_names, parse_sweep
 
@@ -113,6 +114,15 @@ class FinetuneConfig(BaseModel):
                 raise ValueError(f"--label-names names the classes of classification and pair tasks, not of"
                                  f" {info.data.get('task_type')} tasks (their tags are names already); leave it out")
         return value
+
+    @model_serializer(mode="wrap")
+    def _without_unset_label_names(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # The dump is what cache keys and checkpoint identities hash: runs made before
+        # --label-names existed keep theirs (no recomputation, resumable checkpoints).
+        data = handler(self)
+        if data.get("label_names") is None:
+            data.pop("label_names", None)
+        return data
 
     @property
     def label_name_map(self) -> dict[str, str] | None:
