@@ -341,7 +341,7 @@ def test_every_command_that_prints_a_result_has_json():
 
 def test_run_report_and_a_cached_run_as_json(chain):
     result = chain["result"]
-    assert set(result) == {"run", "cached", "seconds", "artifacts", "metrics", "distill"}
+    assert set(result) == {"run", "cached", "seconds", "artifacts", "metrics", "remarks", "distill"}
     assert result["run"] == "io" and result["cached"] is False and result["distill"] is None
     assert [a["kind"] for a in result["artifacts"]] == ["corpus", "tokenizer", "pretraining-data", "model",
                                                          "finetune", "finetune"]
@@ -349,6 +349,7 @@ def test_run_report_and_a_cached_run_as_json(chain):
         assert set(item) == {"kind", "name", "id", "fingerprint", "path", "state"} and item["state"] == "computed"
         assert item["id"] == f"{item['kind']}/{item['name']}/{item['fingerprint']}"
     assert {(r["split"], r["metric"]) for r in result["metrics"]} >= {("dev", "accuracy"), ("dev", "f1")}
+    assert all(isinstance(remark, str) for remark in result["remarks"])
     again = cli_json("run", "--config", str(chain["config"]), "--json")
     assert again["cached"] is True and {a["state"] for a in again["artifacts"]} == {"reused"}
     assert again["artifacts"] == [{**a, "state": "reused"} for a in result["artifacts"]]
