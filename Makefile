@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-oldest-transformers bench clean
 
 install: $(STAMP)
 
@@ -53,8 +53,27 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The oldest transformers pyproject.toml admits, in a venv of its own (transformers, torch and
+# safetensors only): tests/test_interop.py checks that it loads what the newest one wrote.
+OLDEST_TRANSFORMERS := 4.45.2
+OLDEST_VENV := .venv-oldest-transformers
+$(OLDEST_VENV)/.installed: Makefile
+	@test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	@echo "installing transformers $(OLDEST_TRANSFORMERS) into $(OLDEST_VENV)"
+	@$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	    || $(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)+cpu" \
+	       --extra-index-url $(TORCH_CPU_INDEX)
+	@$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+	    "transformers==$(OLDEST_TRANSFORMERS)" safetensors 2>&1 | grep -v "is ignored: it is neither"; \
+	    test $${PIPESTATUS[0]} -eq 0
+	@touch $@
+
+test-oldest-transformers: install $(OLDEST_VENV)/.installed
+	BERTFLOW_OLDEST_TRANSFORMERS_PYTHON=$(OLDEST_VENV)/bin/python $(BIN)/python -m pytest -q \
+	    tests/test_interop.py -k oldest_transformers
+
 bench: install
 	$(PIP) install -q -e ".[bench]"
 
 clean:
-	rm -rf $(VENV) .bertflow
+	rm -rf $(VENV) $(OLDEST_VENV) .bertflow

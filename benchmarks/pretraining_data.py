@@ -89,6 +89,8 @@ def corpus_ref(artifact) -> dict:
 
 def scaled_corpus(store, base, scale: int):
     """The corpus's shards repeated `scale` times, as a new corpus artifact."""
+    from storage.shards import shard_path
+
     name = f"{base.name}-x{scale}"
     if store.catalog.find(name, "corpus"):
         return store.resolve(name, kind="corpus")
@@ -96,7 +98,8 @@ def scaled_corpus(store, base, scale: int):
         shards = []
         for copy in range(scale):
             for shard in base.manifest["shards"]:
-                target = f"shard-{len(shards):05d}.parquet"
+                target = shard_path(len(shards))
+                (writer.dir / target).parent.mkdir(exist_ok=True)
                 shutil.copyfile(Path(base.path) / shard, writer.dir / target)
                 shards.append(target)
         stats = {k: v * scale for k, v in base.manifest["stats"].items() if isinstance(v, int)}

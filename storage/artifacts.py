@@ -1,7 +1,8 @@
 """Artifacts: one directory each, written atomically and recorded in the catalog.
 
-Layout: `<home>/artifacts/<kind>/<name>-<fingerprint>/` holding the data files,
-`manifest.json` and, last, the `_SUCCESS` marker. A stage writes into a scratch directory;
+Layout: `<home>/artifacts/<kind>/<name>-<fingerprint>/` holding the data files (the shards
+of a corpus or pretraining data in its `data/`: storage/shards.py), `manifest.json` and,
+last, the `_SUCCESS` marker. A stage writes into a scratch directory;
 `ArtifactWriter.commit` fingerprints the content, renames the directory into place, writes the
 marker, then registers the catalog row. Anything that fails before the rename leaves nothing
 behind; a directory without `_SUCCESS` is never read and is replaced by the next write.
@@ -117,7 +118,7 @@ class ArtifactWriter:
         }
         (self.dir / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, default=str))
         (self.dir / OWNER_FILE).unlink(missing_ok=True)
-        self.store.move_into_place(self.dir, final)
+        self.store.move_into_place(self.dir, final, files)
         self.store.catalog.register(CatalogEntry(
             id=id_, kind=self.kind, name=self.name, fingerprint=fingerprint, path=final,
             parents=parents or [], params=params or {}, stats=stats or {},
@@ -149,11 +150,16 @@ class ArtifactStore:
         finally:
             writer.discard()  # after a commit the directory has already been moved away
 
-    def move_into_place(self, scratch: Path, final: str) -> None:
+    def move_into_place(self, scratch: Path, final: str, files: dict[str, Any] | None = None) -> None:
+        """`files`: the new content's relative paths (as in the manifest). The fingerprint says the
+        content at `final` is the same; these say whether it is laid out the same."""
         fs = self.home.fs
-        if self.exists(final) and self.damage(final) is None:
+        if self.exists(final) and self.damage(final) is None and (
+                files is None or self._file_paths(final) == set(files)):
             return  # identical content is already committed: the fingerprint says so
-        if fs.exists(final):  # a crashed earlier write (no marker) or a damaged one: never trusted
+        # A crashed earlier write (no marker), a damaged one (never trusted), or the same bytes
+        # in the shard layout before `data/` (storage/shards.py): replaced.
+        if fs.exists(final):
             fs.rm(final, recursive=True)
         fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         if self.home.is_local:
@@ -162,6 +168,13 @@ class ArtifactStore:
             fs.put(str(scratch), final, recursive=True)
         with fs.open(f"{final}/{SUCCESS_MARKER}", "w") as marker:
             marker.write("")
+
+    def _file_paths(self, path: str) -> set[str] | None:
+        try:
+            with self.home.fs.open(f"{path}/{MANIFEST_FILE}") as handle:
+                return set(json.load(handle).get(FILES_KEY) or {})
+        except (OSError, ValueError):
+            return None
 
     def exists(self, path: str) -> bool:
         return self.home.fs.exists(f"{path}/{SUCCESS_MARKER}")

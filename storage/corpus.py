@@ -1,4 +1,5 @@
-"""Corpus artifacts on disk: Parquet shards, one row per document, sentences as list<string>."""
+"""Corpus artifacts on disk: Parquet shards under `data/` (storage/shards.py), one row per
+document, sentences as list<string>."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.shards import shard_files, shard_path
+
 CORPUS_SCHEMA = pa.schema([
     pa.field("doc_id", pa.int64()),  # 0-based, in ingestion order
     pa.field("source", pa.dictionary(pa.int32(), pa.string())),
@@ -16,7 +19,6 @@ CORPUS_SCHEMA = pa.schema([
     pa.field("sentences", pa.list_(pa.string())),
     pa.field("n_chars", pa.int32()),
 ])
-SHARD_GLOB = "shard-*.parquet"
 
 
 class CorpusShardWriter:
@@ -30,10 +32,10 @@ class CorpusShardWriter:
     of 2 MB) decode little beyond them: Parquet reads a group from its start."""
 
     def __init__(self, directory: Path, shard_bytes: int, row_group_bytes: int = 1_000_000):
-        self.directory = Path(directory)
+        self.directory = Path(directory)  # the artifact's; the shards go to its data/
         self.shard_bytes = shard_bytes
         self.row_group_bytes = min(row_group_bytes, shard_bytes)
-        self.shards: list[str] = []
+        self.shards: list[str] = []  # relative to `directory`, as the manifest lists them
         self._writer: pq.ParquetWriter | None = None
         self._shard_bytes_written = 0
         self._columns: dict[str, list] = {name: [] for name in CORPUS_SCHEMA.names}
@@ -89,7 +91,8 @@ class CorpusShardWriter:
             return
         table = pa.concat_tables([t.cast(CORPUS_SCHEMA) for t in self._tables]).combine_chunks()
         if self._writer is None:
-            name = f"shard-{len(self.shards):05d}.parquet"
+            name = shard_path(len(self.shards))
+            (self.directory / name).parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.directory / name, CORPUS_SCHEMA, compression="zstd",
                                             use_dictionary=["source", "language"],
                                             write_statistics=["doc_id", "n_chars"])
@@ -112,7 +115,7 @@ class CorpusShardWriter:
 
 
 def corpus_shards(corpus_dir: str | Path) -> list[Path]:
-    return sorted(Path(corpus_dir).glob(SHARD_GLOB))
+    return shard_files(corpus_dir)
 
 
 def iter_corpus_batches(corpus_dir: str | Path, columns: list[str] | None = None,

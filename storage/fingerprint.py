@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from storage.shards import fingerprint_path
+
 FINGERPRINT_CHARS = 16
 
 
@@ -40,11 +42,14 @@ def directory_files(root: Path, exclude: frozenset[str] = frozenset(),
 
 
 def hash_files(files: Mapping[str, Mapping[str, Any]]) -> str:
-    """The directory digest: every file's relative path and digest, in sorted order."""
+    """The directory digest: every file's relative path and digest, in sorted order. Shards are
+    named by their path inside `data/` (`storage.shards.fingerprint_path`): moving them there
+    changed no fingerprint."""
+    named = {fingerprint_path(relative): entry for relative, entry in files.items()}
     digest = hashlib.blake2b(digest_size=16)
-    for relative in sorted(files):
+    for relative in sorted(named):
         digest.update(relative.encode() + b"\0")
-        digest.update(bytes.fromhex(files[relative]["digest"]))
+        digest.update(bytes.fromhex(named[relative]["digest"]))
     return digest.hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""Pretraining-data artifacts on disk: Parquet shards, one row per instance (docs/pretraining-data.md).
+"""Pretraining-data artifacts on disk: Parquet shards under `data/` (storage/shards.py), one row
+per instance (docs/pretraining-data.md).
 
 Columns: `input_ids` (list<uint16> or list<int32>, unpadded `[CLS] A [SEP] B [SEP]`),
 `token_type_ids` (list<int8>), `masked_positions` (list<int16>, sorted; empty for --dynamic),
@@ -18,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bertflow.errors import BertflowError
+from storage.shards import DATA_DIR, SHARD_GLOB, shard_files, shard_path
 
-SHARD_GLOB = "shard-*.parquet"
 MAX_INT32_VOCAB = 2**31 - 1
 MAX_INT16_POSITION = 2**15 - 1
 
@@ -35,7 +36,8 @@ def id_dtype_for(vocab_size: int) -> str:
 
 
 def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
+    """The `index`-th shard's path relative to the artifact directory (workers write it there)."""
+    return shard_path(index)
 
 
 def pretraining_schema(id_dtype: str, with_continuation: bool = False) -> pa.Schema:
@@ -72,6 +74,7 @@ def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType
 
 def write_pretraining_shard(path: Path, columns: InstanceColumns, id_dtype: str) -> int:
     """Write one shard; returns its size in bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     schema = pretraining_schema(id_dtype, columns.continuation is not None)
     id_type = schema.field("input_ids").type.value_type
     arrays = [
@@ -99,7 +102,7 @@ def write_pretraining_shard(path: Path, columns: InstanceColumns, id_dtype: str)
 
 
 def pretraining_shards(data_dir: str | Path) -> list[Path]:
-    return sorted(Path(data_dir).glob(SHARD_GLOB))
+    return shard_files(data_dir)
 
 
 def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,10 +135,11 @@ def read_pretraining_shard(path: Path) -> InstanceColumns:
 
 
 def read_pretraining_data(data_dir: str | Path, shards: list[str] | None = None) -> InstanceColumns:
-    """Every shard of an artifact concatenated into one set of flat arrays (offsets int64)."""
+    """Every shard of an artifact concatenated into one set of flat arrays (offsets int64).
+    `shards`: the manifest's list, paths relative to `data_dir` in either layout."""
     paths = [Path(data_dir) / name for name in shards] if shards else pretraining_shards(data_dir)
     if not paths:
-        raise BertflowError(f"{data_dir}: no {SHARD_GLOB} files; is this a pretraining-data artifact?")
+        raise BertflowError(f"{data_dir}: no {DATA_DIR}/{SHARD_GLOB} files; is this a pretraining-data artifact?")
     parts = [read_pretraining_shard(p) for p in paths]
 
     def joined_offsets(name: str, values: str) -> np.ndarray:

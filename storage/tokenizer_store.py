@@ -1,11 +1,14 @@
-"""Tokenizer artifacts on disk: a directory `transformers.BertTokenizerFast.from_pretrained` loads
-(vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json), and vocab.txt
-files adopted from elsewhere."""
+"""Tokenizer artifacts on disk: a directory `transformers.AutoTokenizer.from_pretrained` loads
+(vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json), written the same
+by transformers 4.45 to 5 (`export_tokenizer`, which model and finetune directories use too),
+and vocab.txt files adopted from elsewhere."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -57,7 +60,7 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path, *, lowercase: bool) -> None:
-    """Write the four files BertTokenizerFast reads (transformers 5 writes only two of them)."""
+    """A trained or adopted tokenizer as a Hugging Face tokenizer directory (`export_tokenizer`)."""
     from transformers import BertTokenizerFast
 
     wrapped = BertTokenizerFast(
@@ -65,12 +68,56 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, *, lowercase: bool) ->
         tokenize_chinese_chars=True, model_max_length=MODEL_MAX_LENGTH,
         **{f"{key}_token": token for key, token in SPECIAL_TOKENS.items()},
     )
-    wrapped.save_pretrained(str(directory))
-    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
-    assert [i for _, i in vocab] == list(range(len(vocab))), "token ids must be dense"
-    (directory / VOCAB_FILE).write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
-    special_map = {f"{key}_token": token for key, token in SPECIAL_TOKENS.items()}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+    export_tokenizer(wrapped, directory)
+
+
+# What tokenizer_config.json keeps: the BERT settings that every transformers since 4.45 reads
+# the same way. Others are dropped: transformers 5 writes `backend` and the `is_local` and
+# `local_files_only` of the call that loaded the tokenizer, and a source directory may carry
+# `name_or_path` or a `tokenizer_file` path of the machine that made it.
+PORTABLE_CONFIG_KEYS = ("tokenizer_class", "do_lower_case", "do_basic_tokenize", "never_split",
+                        "tokenize_chinese_chars", "strip_accents", "model_max_length",
+                        "clean_up_tokenization_spaces", *(f"{key}_token" for key in SPECIAL_TOKENS))
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+# What `export_tokenizer` writes, and so what every tokenizer, model and finetune directory holds.
+TOKENIZER_FILES = (TOKENIZER_FILE, VOCAB_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
+
+
+def export_tokenizer(tokenizer: Any, directory: str | Path, source: str | Path | None = None) -> None:
+    """Write a transformers BERT tokenizer (fast) as the four files of a Hugging Face tokenizer
+    directory, the same bytes under transformers 4.45 and 5: `tokenizer.json` (the `tokenizers`
+    library writes it), and `vocab.txt`, `special_tokens_map.json` and a portable
+    `tokenizer_config.json` written here (transformers 5 writes neither of the first two, and its
+    config carries keys only it knows). `source`: the directory the tokenizer came from, whose
+    vocab.txt is kept when the tokenizer's own ids cannot be written as one (below)."""
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    # Without the truncation and padding of the last call that encoded with it (transformers
+    # saves the backend's state): a reloaded tokenizer then cut every text at the fine-tuning's
+    # --max-seq-len. So tokenizer.json is the tokenizer artifact's, byte for byte.
+    clean = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    clean.no_truncation()
+    clean.no_padding()
+    clean.save(str(directory / TOKENIZER_FILE))
+    written = json.loads((directory / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
+    specials = {f"{key}_token": getattr(tokenizer, f"{key}_token") for key in SPECIAL_TOKENS}
+    config = {key: written[key] for key in PORTABLE_CONFIG_KEYS if key in written}
+    config.update({key: str(token) for key, token in specials.items() if token is not None})
+    config["tokenizer_class"] = "BertTokenizer"  # transformers 5 may name its unified class
+    config["model_max_length"] = int(tokenizer.model_max_length)
+    # Said explicitly: a missing value defaults differently across versions (and 4.x warns).
+    config["clean_up_tokenization_spaces"] = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    special_map = {key: config[key] for key in specials if key in config}
+    (directory / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    if [i for _, i in vocab] == list(range(len(vocab))):
+        (directory / VOCAB_FILE).write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+    elif source is not None and (Path(source) / VOCAB_FILE).is_file():
+        # A vocab.txt that repeats a token leaves a gap at its first line's id: only the file
+        # itself says what that line held.
+        shutil.copyfile(Path(source) / VOCAB_FILE, directory / VOCAB_FILE)
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:

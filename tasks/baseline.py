@@ -3,8 +3,6 @@ fresh weights, so fine-tuning it shows what pretraining bought."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 STAGE = "random-init"
@@ -31,15 +29,13 @@ def run_random_init(name: str, model: dict[str, Any], seed: int, *, cache_key: s
     from transformers import AutoTokenizer
 
     from storage.artifacts import ArtifactStore
+    from storage.tokenizer_store import export_tokenizer
 
     store = ArtifactStore()
     with store.create("model", name) as writer:
         net = initialise_like(model["path"], seed)
         net.save_pretrained(writer.dir, safe_serialization=True)
-        AutoTokenizer.from_pretrained(model["path"]).save_pretrained(writer.dir)
-        vocab = Path(model["path"]) / "vocab.txt"  # keep the plain vocabulary beside tokenizer.json
-        if vocab.exists() and not (writer.dir / "vocab.txt").exists():
-            shutil.copy2(vocab, writer.dir / "vocab.txt")
+        export_tokenizer(AutoTokenizer.from_pretrained(model["path"]), writer.dir, source=model["path"])
         parameters = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
         artifact = writer.commit(
             manifest={"architecture": type(net).__name__, "initialised_like": model, "seed": seed},

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from bertflow.errors import BertflowError
+from storage.tokenizer_store import export_tokenizer
 from tasks.distill_config import DistillConfig
 from tasks.distill_report import format_report
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
@@ -39,8 +39,6 @@ from tasks.training.setup import seed_everything, steps_for, warmup_steps
 
 STAGE = "distill"
 STAGE_VERSION = "1"  # bump when the output of the same inputs and parameters changes
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # --- checks shared by both modes --------------------------------------------------------------
@@ -161,13 +159,6 @@ def _speeds(models: dict[str, torch.nn.Module], sequences: Sequence[Sequence[int
                                    batch_size=config.speed_batch_size, cls_id=tokenizer.cls_token_id,
                                    sep_id=tokenizer.sep_token_id, special_ids=tokenizer.all_special_ids)
     return measure_throughput(models, batches, repeats=config.speed_repeats, threads=config.speed_threads)
-
-
-def _copy_tokenizer(tokenizer: Any, source: str, target: Path) -> None:
-    tokenizer.save_pretrained(target)
-    for name in TOKENIZER_FILES:  # transformers 5 writes tokenizer.json only; keep vocab.txt for other tools
-        if (Path(source) / name).is_file() and not (target / name).exists():
-            shutil.copy2(Path(source) / name, target / name)
 
 
 # --- general distillation -----------------------------------------------------------------------
@@ -302,7 +293,7 @@ def run_general(config: DistillConfig, teacher: dict[str, Any], data: dict[str, 
     with store.create("model", config.name) as writer:
         student.config.architectures = ["BertForMaskedLM"]
         student.save_pretrained(writer.dir, safe_serialization=True)
-        _copy_tokenizer(tokenizer, teacher["path"], writer.dir)
+        export_tokenizer(tokenizer, writer.dir, source=teacher["path"])
         stats = {"steps": result.steps, "resumed_from_step": result.resumed_from,
                  "parameters": count_parameters(student), "heldout": heldout, "distillation": report,
                  "final_train_loss": next((h["loss"] for h in reversed(result.history) if h["kind"] == "train"), None),
@@ -573,7 +564,7 @@ def run_task(config: DistillConfig, teacher: dict[str, Any], student_ref: dict[s
     best = result.best
     with store.create("finetune", config.name) as writer:
         student.save_pretrained(writer.dir)
-        _copy_tokenizer(tokenizer, teacher["path"], writer.dir)
+        export_tokenizer(tokenizer, writer.dir, source=teacher["path"])
         write_jsonl(writer.dir / predictions_file("dev"), best.payload)
         write_json(writer.dir / METRICS_FILE, {"dev": best.metrics, "test": None, "distillation": report})
         stats = {"dev_score": best.score, "metric": metric, "dev": summary_metrics(best.metrics), "test": None,

@@ -17,10 +17,8 @@ prediction and embeddings: `tasks/finetune_inference.py`; sweeps: `tasks/finetun
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -29,7 +27,7 @@ from bertflow.errors import BertflowError
 from tasks.finetune_baselines import baseline_metrics, baseline_predictor, baseline_warning, warning_line
 from tasks.finetune_config import OPERATIONAL_FIELDS, FinetuneConfig
 from tasks.finetune_data import (check_squad_answers, collate, detect_tag_scheme, infer_labels, mismatched_answers,
-                                 unseen_labels)
+                                 named_label_order, unseen_labels)
 from tasks.finetune_inference import build_model, load_tokenizer, predict_split, score_predictions
 from tasks.finetune_splits import (SplitData, encode_split, guess_language, read_options, read_split,
                                    unknown_piece_warning)
@@ -39,8 +37,6 @@ from tasks.training.setup import steps_for, warmup_steps
 
 STAGE = "finetune"
 STAGE_VERSION = "4"  # bump when the output of the same inputs and parameters changes
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # --- training ------------------------------------------------------------------------------
@@ -149,6 +145,8 @@ def prepare_task(config: FinetuneConfig, tokenizer: Any, data: dict[str, dict | 
             notes[f"{split}_mismatched_answers"] = mismatched
     else:
         labels = infer_labels(examples["train"])
+        if config.label_name_map:
+            labels = named_label_order(config.label_name_map, labels, data["train"]["path"])
         if len(labels) < 2 and config.task_type != "token":
             raise BertflowError(f"{data['train']['path']}: only one label ({labels}) in the training data;"
                                 " a classifier needs at least two")
@@ -218,6 +216,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     from storage.checkpoints import RunCheckpoints, finetune_run_dir
     from storage.finetune_store import (METRICS_FILE, check_bert_directory, predictions_file, write_json,
                                         write_jsonl)
+    from storage.tokenizer_store import export_tokenizer
 
     started = time.perf_counter()
     check_model_fits(config, check_bert_directory(model["path"]))
@@ -255,10 +254,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     store = ArtifactStore()
     with store.create("finetune", config.name) as writer:
         net.save_pretrained(writer.dir)
-        tokenizer.save_pretrained(writer.dir)
-        for name in TOKENIZER_FILES:  # transformers 5 writes tokenizer.json only; keep vocab.txt for other tools
-            if (Path(model["path"]) / name).is_file() and not (writer.dir / name).exists():
-                shutil.copy2(Path(model["path"]) / name, writer.dir / name)
+        export_tokenizer(tokenizer, writer.dir, source=model["path"])
         write_jsonl(writer.dir / predictions_file("dev"), best.payload)
         if test_rows is not None:
             write_jsonl(writer.dir / predictions_file("test"), test_rows)

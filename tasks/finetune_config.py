@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
-from tasks.finetune_data import parse_sweep
+from tasks.finetune_data import parse_label_names, parse_sweep
 
 TaskType = Literal["classification", "pair", "token", "qa"]
 PRIMARY_METRIC = {"classification": "accuracy", "pair": "accuracy", "token": "f1", "qa": "f1"}
@@ -39,6 +40,8 @@ class FinetuneConfig(BaseModel):
     text_b_column: str | None = Field(None, description="pair: column/key of the second text")
     label_column: str | None = Field(None, description="column/key of the label (auto: label, Quality, ...);"
                                      " jsonl-tags, nested-spans: key of the tags (auto: label, labels, tags, ...)")
+    label_names: str | None = Field(None, description="classification, pair: a name for each label of the data,"
+                                    " e.g. '0=negative,1=positive' (the exported config's id2label)")
     has_header: bool = Field(True, description="tsv/csv: first row names the columns (else columns are 0, 1, ...;"
                              " auto-detected when no name is known and the last column holds labels)",
                              json_schema_extra={"cli": "--no-header"})
@@ -94,6 +97,37 @@ class FinetuneConfig(BaseModel):
         if value is not None:
             parse_sweep(value)  # raises ValueError with the problem
         return value
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _label_names_as_text(cls, value: object) -> object:
+        if isinstance(value, dict):  # a YAML mapping {0: negative, 1: positive}
+            return ",".join(f"{label}={name}" for label, name in value.items())
+        return value
+
+    @field_validator("label_names")
+    @classmethod
+    def _label_names_parse(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            parse_label_names(value)  # raises ValueError with the problem
+            if info.data.get("task_type") not in ("classification", "pair"):
+                raise ValueError(f"--label-names names the classes of classification and pair tasks, not of"
+                                 f" {info.data.get('task_type')} tasks (their tags are names already); leave it out")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_unset_label_names(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # The dump is what cache keys and checkpoint identities hash: runs made before
+        # --label-names existed keep theirs (no recomputation, resumable checkpoints).
+        data = handler(self)
+        if data.get("label_names") is None:
+            data.pop("label_names", None)
+        return data
+
+    @property
+    def label_name_map(self) -> dict[str, str] | None:
+        """Label in the data → its name, from --label-names."""
+        return parse_label_names(self.label_names) if self.label_names else None
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> "FinetuneConfig":

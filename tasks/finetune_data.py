@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bertflow.errors import BertflowError
+
 # The examples are the types storage's readers return.
 from storage.finetune_examples import QAExample, TextExample, TokenExample  # noqa: F401
 from tasks.training.batch import IGNORE_INDEX
@@ -44,7 +46,40 @@ def infer_labels(examples: Sequence[TextExample | TokenExample]) -> list[str]:
         order = {p: i for i, p in enumerate("BMIES")}
         return ["O"] + sorted(tags, key=lambda t: (split_type(t), order.get(t.partition("-")[0], 9), t))
     seen = {ex.label for ex in examples if ex.label is not None}
-    return sorted(seen, key=lambda x: (len(x), x) if x.isdigit() else (1 << 30, x))
+    return sorted(seen, key=label_order)
+
+
+def label_order(label: str) -> tuple[int, str]:
+    """Sort key of class labels: integers by value (2 before 10), then the rest alphabetically."""
+    return (len(label), label) if label.isdigit() else (1 << 30, label)
+
+
+def named_label_order(names: dict[str, str], found: Sequence[str], path: str) -> list[str]:
+    """The names of the training file's labels (`found`, already named), in the order of the
+    labels they name: ids follow the data (0, 1, …), whatever the names."""
+    missing = [label for label, name in names.items() if name not in set(found)]
+    if missing:
+        held = sorted((label for label, name in names.items() if name in set(found)), key=label_order)
+        raise BertflowError(f"--label-names names label(s) {', '.join(missing)}, which {path} does not hold"
+                            f" (its labels: {', '.join(held)}); name only the labels of the training file")
+    return [names[label] for label in sorted(names, key=label_order)]
+
+
+def parse_label_names(text: str) -> dict[str, str]:
+    """'0=negative,1=positive' → {'0': 'negative', '1': 'positive'}: a name for each label of the data."""
+    names: dict[str, str] = {}
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        label, sep, name = (s.strip() for s in part.partition("="))
+        if not sep or not label or not name:
+            raise ValueError(f"--label-names part '{part}' is not LABEL=NAME; write e.g. '0=negative,1=positive'")
+        if label in names:
+            raise ValueError(f"--label-names names label {label} twice")
+        if name in names.values():
+            raise ValueError(f"--label-names gives the name '{name}' to two labels; give each label its own name")
+        names[label] = name
+    if not names:
+        raise ValueError("--label-names is empty; write e.g. '0=negative,1=positive'")
+    return names
 
 
 def split_type(tag: str) -> str:

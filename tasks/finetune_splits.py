@@ -3,9 +3,10 @@ then encoded into features, per split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+from bertflow.errors import BertflowError
 from tasks.finetune_config import FinetuneConfig
 from tasks.finetune_data import QAExample, encode_text_examples, encode_token_examples, prepare_qa_features
 
@@ -50,13 +51,27 @@ def read_split(config: FinetuneConfig, path: str, *, require_labels: bool = True
     options = read_options(config)
     notes: list[str] = []
     if config.task_type in ("classification", "pair"):
-        return store.read_sentence_examples(path, options, pair=config.task_type == "pair",
-                                            require_labels=require_labels, notes=notes)[:limit], notes
+        examples = store.read_sentence_examples(path, options, pair=config.task_type == "pair",
+                                                require_labels=require_labels, notes=notes)[:limit]
+        return name_labels(examples, config.label_name_map, path, strict=require_labels), notes
     if config.task_type == "token":
         # (entity-span JSONL stops reading at the limit: converting spans to tags is the slow part)
         return store.read_token_examples(path, options, require_labels=require_labels, limit=limit,
                                          notes=notes), notes
     return store.read_squad(path)[:limit], notes
+
+
+def name_labels(examples: list, names: dict[str, str] | None, path: str, *, strict: bool) -> list:
+    """The examples with each label replaced by its --label-names name. Every file of a run goes
+    through here, so predictions, metrics and the exported id2label all speak the names.
+    `strict`: a label without a name is an error (else, where labels are not used, kept)."""
+    if not names:
+        return examples
+    unnamed = sorted({ex.label for ex in examples if ex.label is not None and ex.label not in names})
+    if unnamed and strict:
+        raise BertflowError(f"{path}: label(s) {', '.join(unnamed[:10])} have no name in --label-names (it names"
+                            f" {', '.join(names)}); give every label of the data a name")
+    return [replace(ex, label=names.get(ex.label, ex.label)) if ex.label is not None else ex for ex in examples]
 
 
 def guess_language(examples: Sequence[QAExample]) -> str:

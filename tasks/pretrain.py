@@ -328,6 +328,7 @@ def run_pretrain(config: PretrainConfig, data: dict[str, Any], *, cache_key: str
     from transformers import BertTokenizerFast
 
     from storage.artifacts import ArtifactStore, check_name
+    from storage.tokenizer_store import export_tokenizer
 
     check_name(config.name)
     spec = prepare_run(config, data)
@@ -339,7 +340,8 @@ def run_pretrain(config: PretrainConfig, data: dict[str, Any], *, cache_key: str
     with store.create("model", config.name) as writer:
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(writer.dir, safe_serialization=True)
-        BertTokenizerFast.from_pretrained(data["manifest"]["tokenizer"]["path"]).save_pretrained(writer.dir)
+        tokenizer_dir = data["manifest"]["tokenizer"]["path"]
+        export_tokenizer(BertTokenizerFast.from_pretrained(tokenizer_dir), writer.dir, source=tokenizer_dir)
         last_eval = result.evals[-1] if result.evals else {}
         stats = {
             "steps": result.steps, "resumed_from_step": result.resumed_from,

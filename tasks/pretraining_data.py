@@ -224,26 +224,45 @@ def decode_instance(tokens: list[str], positions: list[int], originals: list[str
     return " ".join(shown)
 
 
-def format_instances(data_dir: str, manifest: dict[str, Any], *, start: int, count: int, epoch: int) -> str:
-    """The text `bertflow inspect` prints."""
+LABEL_NAMES = {"nsp": {0: "next", 1: "random"}, "sop": {0: "in order", 1: "swapped"}, "none": {-1: "-"}}
+
+
+def decoded_instances(data_dir: str, manifest: dict[str, Any], *, start: int, count: int, epoch: int
+                      ) -> dict[str, Any]:
+    """Instances `start`.. of a pretraining-data artifact as the model sees them, decoded: what
+    `bertflow inspect` shows (and prints with --json)."""
     from storage.tokenizer_store import load_tokenizer
     from tasks.pretraining_dataset import PretrainingDataset
 
     dataset = PretrainingDataset(data_dir, seed=int(manifest.get("seed", 0)))
     dataset.set_epoch(epoch)
     tokenizer = load_tokenizer(manifest["tokenizer"]["path"])
-    label_names = {"nsp": {0: "next", 1: "random"}, "sop": {0: "in order", 1: "swapped"}, "none": {-1: "-"}}
-    lines = [f"{manifest['name']}: {len(dataset):,} instances, objective {manifest['objective']},"
-             f" masking {manifest['masking']}{' (dynamic, epoch ' + str(epoch) + ')' if manifest['dynamic'] else ''}"]
     if start >= len(dataset) or start < 0:
         raise BertflowError(f"--start {start} is outside 0..{len(dataset) - 1}")
+    items = []
     for index in range(start, min(start + count, len(dataset))):
         item = dataset[index]
-        tokens = [tokenizer.id_to_token(int(i)) for i in item["input_ids"]]
-        originals = [tokenizer.id_to_token(int(i)) for i in item["mlm_labels"]]
         label = int(item["next_sentence_label"])
+        items.append({
+            "index": index,
+            "tokens": [tokenizer.id_to_token(int(i)) for i in item["input_ids"]],
+            "token_type_ids": item["token_type_ids"].tolist(),
+            "masked_positions": item["mlm_positions"].tolist(),
+            "masked_tokens": [tokenizer.id_to_token(int(i)) for i in item["mlm_labels"]],
+            "label": label, "label_name": LABEL_NAMES[manifest["objective"]][label],
+        })
+    return {"name": manifest["name"], "instances": len(dataset), "objective": manifest["objective"],
+            "masking": manifest["masking"], "dynamic": bool(manifest["dynamic"]), "epoch": epoch, "items": items}
+
+
+def format_instances(decoded: dict[str, Any]) -> str:
+    """The text `bertflow inspect` prints."""
+    dynamic = f" (dynamic, epoch {decoded['epoch']})" if decoded["dynamic"] else ""
+    lines = [f"{decoded['name']}: {decoded['instances']:,} instances, objective {decoded['objective']},"
+             f" masking {decoded['masking']}{dynamic}"]
+    for item in decoded["items"]:
         lines.append("")
-        lines.append(f"#{index}  length {len(tokens)}  label {label} ({label_names[manifest['objective']][label]})"
-                     f"  masked {len(originals)}")
-        lines.append(decode_instance(tokens, item["mlm_positions"].tolist(), originals))
+        lines.append(f"#{item['index']}  length {len(item['tokens'])}  label {item['label']} ({item['label_name']})"
+                     f"  masked {len(item['masked_tokens'])}")
+        lines.append(decode_instance(item["tokens"], item["masked_positions"], item["masked_tokens"]))
     return "\n".join(lines)

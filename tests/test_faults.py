@@ -334,21 +334,21 @@ def test_a_shard_damaged_behind_the_catalogs_back_is_found_and_recomputed(flow_h
     corpus = ArtifactStore().resolve("c", kind="corpus")
     assert run_cli("verify") == 0
     capsys.readouterr()
-    (shard,) = sorted(Path(corpus.path).glob("shard-*.parquet"))
+    (shard,) = sorted(Path(corpus.path).glob("data/shard-*.parquet"))
     intact = shard.read_bytes()
 
     # Same size, different bytes: only the full check can tell.
     shard.write_bytes(intact[:100] + bytes([intact[100] ^ 0xFF]) + intact[101:])
     assert run_cli("verify", "c") == 1
     out, err = capsys.readouterr()
-    assert f"DAMAGED  {corpus.id}: {shard.name} differs from what was written" in out
+    assert f"DAMAGED  {corpus.id}: data/{shard.name} differs from what was written" in out
     assert err.strip().startswith("error: 1 of 1 artifact(s) damaged")
 
     # Truncated: every use notices (a size check), and the stage's own command recomputes it.
     shard.write_bytes(intact[: len(intact) // 2])
     assert run_cli("tokenizer", "--corpus", "c", "--name", "t", "--vocab-size", "200") == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if " | INFO    | " not in line]
-    assert len(err) == 1 and f"is damaged: {shard.name} is {len(intact) // 2:,} bytes where {len(intact):,}" in err[0]
+    assert len(err) == 1 and f"is damaged: data/{shard.name} is {len(intact) // 2:,} bytes where {len(intact):,}" in err[0]
     assert run_cli("ingest", str(src), "--name", "c") == 0
     assert "cached" not in capsys.readouterr().err
     assert shard.read_bytes() == intact  # the same artifact, written again

@@ -34,7 +34,11 @@ def write_corpus(root: Path) -> Path:
 
 def read_rows(path: str) -> list[dict]:
     rows = []
-    for shard in sorted(Path(path).glob("shard-*.parquet")):
+    from storage.corpus import corpus_shards
+
+    shards = corpus_shards(path)
+    assert shards, f"no shards in {path}"
+    for shard in shards:
         rows.extend(pq.read_table(shard).to_pylist())
     return rows
 

@@ -97,7 +97,7 @@ def test_corpus_slices_read_across_row_groups(tmp_path):
     for doc_id in range(60):
         writer.add(doc_id, "s", "en", [f"document {doc_id} sentence {k}." for k in range(3)], 60)
     writer.flush()
-    [shard] = sorted(tmp_path.glob("shard-*.parquet"))
+    [shard] = sorted(tmp_path.glob("data/shard-*.parquet"))
     assert pq.ParquetFile(shard).metadata.num_row_groups > 5
     everything = pq.read_table(shard)
     for start, count in ((0, 60), (0, 1), (7, 13), (29, 2), (59, 1), (10, 50)):

@@ -25,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    " digest); exit 1 if any is damaged")
     verify.add_argument("name", nargs="?", help="artifact name or id (default: every version of every artifact)")
     verify.add_argument("--kind", choices=KINDS)
+    verify.add_argument("--json", action="store_true", help="a JSON list of {id, path, status, problem} (stable; see"
+                        " docs/artifacts-and-catalog.md)")
     verify.set_defaults(run=run_verify)
 
 
@@ -83,13 +85,22 @@ def run_verify(args: argparse.Namespace) -> int:
     entries = [store.find_one(args.name, args.kind)] if args.name else store.catalog.list(kind=args.kind,
                                                                                           all_versions=True)
     damaged = 0
+    results = []
     for entry in entries:
-        problem = store.damage(entry.path, full=True) if store.exists(entry.path) else "missing or incomplete"
+        present = store.exists(entry.path)
+        problem = store.damage(entry.path, full=True) if present else "missing or incomplete"
         damaged += problem is not None
-        print(f"{'ok' if problem is None else 'DAMAGED':<8} {entry.id}" + (f": {problem}" if problem else ""))
+        results.append({"id": entry.id, "path": entry.path,
+                        "status": "ok" if problem is None else "damaged" if present else "missing",
+                        "problem": problem})
+        if not args.json:
+            print(f"{'ok' if problem is None else 'DAMAGED':<8} {entry.id}" + (f": {problem}" if problem else ""))
+    if args.json:
+        print(json.dumps(results, indent=2))
     if damaged:
         print(f"error: {damaged} of {len(entries)} artifact(s) damaged; re-run the stages that produced them"
               " (the same commands recompute them)", file=sys.stderr)
         return 1
-    print(f"{len(entries)} artifact(s) intact")
+    if not args.json:
+        print(f"{len(entries)} artifact(s) intact")
     return 0

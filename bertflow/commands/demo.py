@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refresh", action="append", default=[], metavar="STAGE", help="as for `bertflow run`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="as for `bertflow run`")
+    p.add_argument("--json", action="store_true", help="as for `bertflow run` (the sources' directory goes to stderr)")
     p.set_defaults(run=run)
 
 
@@ -26,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     home = DataHome.from_env()
-    print(f"demo sources: {export_demo_sources(home)}")
-    run_pipeline(args.config, args.refresh, args.overrides)
+    print(f"demo sources: {export_demo_sources(home)}", file=sys.stderr if args.json else sys.stdout)
+    run_pipeline(args.config, args.refresh, args.overrides, as_json=args.json)
+    if args.json:
+        return 0
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s; artifacts in {home.url}"
           " (`bertflow ls` lists them)")
     return 0

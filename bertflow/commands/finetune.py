@@ -178,8 +178,12 @@ def run_embed(args: argparse.Namespace) -> int:
         found = [(i, v) for i, v in enumerate(vectors, 1) if v is not None]
         if len(found) < 2:
             raise BertflowError(f"--word '{args.word}' must occur in at least two of the texts")
-        for a in range(len(found)):
-            for b in range(a + 1, len(found)):
-                print(f"cosine('{args.word}' in text {found[a][0]}, text {found[b][0]}) ="
-                      f" {cosine(found[a][1], found[b][1]):.4f}")
+        pairs = [(found[a], found[b]) for a in range(len(found)) for b in range(a + 1, len(found))]
+        if args.json:  # one more line after the texts' objects: the word's vectors and their cosines
+            print(json.dumps({"word": args.word, "vectors": {str(i): v.round(6).tolist() for i, v in found},
+                              "cosines": [{"texts": [x[0], y[0]], "cosine": round(float(cosine(x[1], y[1])), 6)}
+                                          for x, y in pairs]}, ensure_ascii=False))
+        else:
+            for x, y in pairs:
+                print(f"cosine('{args.word}' in text {x[0]}, text {y[0]}) = {cosine(x[1], y[1]):.4f}")
     return 0

@@ -29,11 +29,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="ALBERT: factorised embeddings of size E (default: a BERT, or the ALBERT directory's own)")
     q.add_argument("--share-layers", choices=["none", "attention", "ffn", "all"], default=None,
                    help="ALBERT: cross-layer sharing (default: a BERT, or the ALBERT directory's own)")
+    q.add_argument("--json", action="store_true",
+                   help="the breakdown as one JSON object (stable keys; docs/artifacts-and-catalog.md#json-output)")
 
     f = add_command(subparsers, "fill-mask", run_fill_mask, help="top-k predictions for [MASK] in a sentence")
     f.add_argument("model", metavar="MODEL", help="model artifact name or a Hugging Face model directory")
     f.add_argument("text", nargs="+", help="text(s) holding the tokenizer's mask token, e.g. \"paris is the [MASK] of france .\"")
     f.add_argument("--top-k", type=int, default=5)
+    f.add_argument("--json", action="store_true",
+                   help="one JSON object per text (stable keys; docs/artifacts-and-catalog.md#json-output)")
 
 
 def _under_torchrun() -> bool:
@@ -134,7 +138,10 @@ def run_params(args: argparse.Namespace) -> int:
     if albert is None and args.embedding_size is None and args.share_layers is None:
         instantiated = count_parameters(new_hf_model(config, nsp_head=nsp_head))
         lines = params_breakdown(config, nsp_head=nsp_head)
-        print(format_params(model, config, lines, instantiated))
+        if args.json:
+            print(json.dumps(_params_json(model, config, lines, instantiated, nsp_head), indent=2))
+        else:
+            print(format_params(model, config, lines, instantiated))
         return 0 if instantiated == sum(line.count for line in lines) else 1
 
     from tasks.albert_model import albert_config, albert_params_breakdown, new_albert_model, share_mode
@@ -145,9 +152,25 @@ def run_params(args: argparse.Namespace) -> int:
     instantiated = count_parameters(new_albert_model(config, nsp_head=nsp_head, share_layers=share))
     lines = albert_params_breakdown(config, nsp_head=nsp_head, share_layers=share)
     bert_total = sum(line.count for line in params_breakdown(_bert_shape(config), nsp_head=nsp_head))
-    print(format_params(model, config, lines, instantiated, bert_total=bert_total,
-                        header=f" E={config.embedding_size} sharing={share}"))
+    if args.json:
+        print(json.dumps(_params_json(model, config, lines, instantiated, nsp_head, bert_total=bert_total,
+                                      albert={"embedding_size": config.embedding_size, "share_layers": share}),
+                         indent=2))
+    else:
+        print(format_params(model, config, lines, instantiated, bert_total=bert_total,
+                            header=f" E={config.embedding_size} sharing={share}"))
     return 0 if instantiated == sum(line.count for line in lines) else 1
+
+
+def _params_json(model: str, config, lines: list, instantiated: int, nsp_head: bool, *,
+                 bert_total: int | None = None, albert: dict | None = None) -> dict:
+    total = sum(line.count for line in lines)
+    shape = {key: getattr(config, key) for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                  "intermediate_size", "vocab_size", "max_position_embeddings")}
+    return {"model": model, "architecture": "albert" if albert else "bert", "config": shape, "albert": albert,
+            "nsp_head": nsp_head, "parts": [{"group": line.group, "part": line.part, "count": line.count}
+                                            for line in lines],
+            "total": total, "instantiated": instantiated, "matches": instantiated == total, "bert_total": bert_total}
 
 
 def _bert_shape(albert_config):
@@ -172,10 +195,15 @@ def run_fill_mask(args: argparse.Namespace) -> int:
     for text in args.text:
         if mask not in text:
             raise BertflowError(f"text '{text}' holds no {mask} token; put {mask} where a word should be predicted")
+    for text in args.text:
         predictions = fill(text, top_k=args.top_k)
-        if predictions and isinstance(predictions[0], list):  # several masks: one list per mask
-            predictions = predictions[0]
+        per_mask = predictions if predictions and isinstance(predictions[0], list) else [predictions]
+        if args.json:
+            print(json.dumps({"text": text, "masks": [
+                [{"score": round(float(p["score"]), 6), "token": int(p["token"]), "token_str": p["token_str"],
+                  "sequence": p["sequence"]} for p in candidates] for candidates in per_mask]}, ensure_ascii=False))
+            continue
         print(text)
-        for p in predictions:
+        for p in per_mask[0]:  # several masks: the first one's (--json gives each)
             print(f"  {p['score']:.4f}  {p['token_str']:<16} {p['sequence']}")
     return 0

@@ -22,6 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("-n", type=int, default=3, help="instances to print (default 3)")
     i.add_argument("--start", type=int, default=0, help="index of the first instance (default 0)")
     i.add_argument("--epoch", type=int, default=0, help="epoch whose dynamic masks to show (default 0)")
+    i.add_argument("--json", action="store_true", help="the instances as one JSON object (stable keys;"
+                   " docs/artifacts-and-catalog.md#json-output)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,9 +48,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     """Decode instances of a pretraining-data artifact so a person can eyeball them: [CLS] A [SEP] B
     [SEP] with masked positions shown as [MASK]/replacement{original}."""
     from storage.artifacts import ArtifactStore
-    from tasks.pretraining_data import format_instances
+    from tasks.pretraining_data import decoded_instances, format_instances
 
     artifact = ArtifactStore().resolve(args.name, kind="pretraining-data")
-    print(format_instances(artifact.path, artifact.manifest, start=args.start, count=args.n,
-                           epoch=args.epoch))
+    decoded = decoded_instances(artifact.path, artifact.manifest, start=args.start, count=args.n, epoch=args.epoch)
+    print(json.dumps(decoded, indent=2, ensure_ascii=False) if args.json else format_instances(decoded))
     return 0
