@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,9 +26,42 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return {**env, "BERTFLOW_HOME": str(home), "OMP_NUM_THREADS": "1", **extra}
 
 
-def _bertflow(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bertflow.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+def _bertflow(env: dict[str, str], *argv: str, terminal: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI; with `terminal`, its stderr is a pseudo-terminal, as in an interactive shell."""
+    command = [sys.executable, "-m", "bertflow.cli", *argv]
+    if not terminal:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    controller, terminal_end = pty.openpty()
+    # a new pseudo-terminal is 0 columns wide; give it a shell window's 24 x 120
+    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=terminal_end, text=True, cwd=ROOT)
+    os.close(terminal_end)
+    received = b""
+    while True:  # drain the terminal while the command runs, or a full buffer would block it
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(controller)
+    stdout = process.stdout.read()
+    process.stdout.close()
+    process.wait(timeout=300)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, received.decode(errors="replace"))
+
+
+def _stderr_is_a_terminal(monkeypatch) -> None:
+    """capsys's stderr answers isatty() as a terminal would (called in the test body: capsys
+    replaces sys.stderr only while the test itself runs)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
 
 
 def _bar_only(stderr: str, label: str) -> bool:
@@ -56,7 +90,7 @@ def test_commands_share_one_background_server_that_records_their_runs(tmp_path: 
     home = tmp_path / "home"
     (tmp_path / "a.txt").write_text(TEXT)
     env = _env(home)
-    first = _bertflow(env, "ingest", str(tmp_path / "a.txt"), "--name", "first")
+    first = _bertflow(env, "ingest", str(tmp_path / "a.txt"), "--name", "first", terminal=True)
     assert first.returncode == 0, first.stderr
     assert _bar_only(first.stderr, "ingest first"), first.stderr  # the bar and the summary, no Prefect lines
     assert first.stdout.startswith("corpus first (")
@@ -64,7 +98,8 @@ def test_commands_share_one_background_server_that_records_their_runs(tmp_path: 
     try:
         assert state["ready"] and psutil.pid_exists(state["pid"])
         second = _bertflow(env, "ingest", str(tmp_path / "a.txt"), "--name", "second")
-        assert second.returncode == 0 and _bar_only(second.stderr, "ingest second"), second.stderr
+        # stderr not a terminal (a pipe, a log file): no bar, nothing at all
+        assert second.returncode == 0 and second.stderr == "", second.stderr
         assert _state(home)["pid"] == state["pid"]  # reused, not started again
 
         request = urllib.request.Request(f"{state['url']}/flow_runs/filter", data=b"{}", method="POST",
@@ -117,7 +152,8 @@ def test_ephemeral_mode_is_refused_with_a_typo(tmp_path: Path):
 
 
 def test_default_output_is_the_summary_and_v_adds_prefect_lines_and_q_only_errors(flow_home: Path, tmp_path: Path,
-                                                                                    capsys):
+                                                                                    capsys, monkeypatch):
+    _stderr_is_a_terminal(monkeypatch)
     src = tmp_path / "a.txt"
     src.write_text(TEXT)
     assert run_cli("ingest", str(src), "--name", "plain") == 0
@@ -125,15 +161,17 @@ def test_default_output_is_the_summary_and_v_adds_prefect_lines_and_q_only_error
     assert out.startswith("corpus plain (") and _bar_only(err, "ingest plain"), err
     assert run_cli("ingest", str(src), "--name", "loud", "-v") == 0
     out, err = capsys.readouterr()
+    err = re.sub(r"\x1b\[[0-9;]*m", "", err)  # on a terminal Prefect colours its lines
     assert "Beginning flow run 'ingest-loud' for flow 'ingest'" in err and " | INFO    | " in err
     assert run_cli("ingest", str(tmp_path / "missing.txt"), "--name", "bad", "-q") == 1
     assert capsys.readouterr().err.count("\n") == 1  # the one error line
 
 
 @pytest.mark.slow
-def test_a_training_stage_prints_its_progress_bar_and_nothing_else(flow_home: Path, capsys):
+def test_a_training_stage_prints_its_progress_bar_and_nothing_else(flow_home: Path, capsys, monkeypatch):
     from tests.test_pretrain import register_pretraining_data
 
+    _stderr_is_a_terminal(monkeypatch)
     register_pretraining_data()
     assert run_cli("pretrain", "--data", "toy-data", "--name", "m", "--model", "tiny", "--steps", "6",
                    "--batch-size", "8", "--eval-every", "3", "--eval-instances", "8", "--log-every", "2") == 0
