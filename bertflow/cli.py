@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_environment()
+    try:
+        configure_environment()  # reads BERTFLOW_HOME: a bad one is an error line too
+    except BertflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     set_verbosity(getattr(args, "verbosity", 1), args.command)
     try:

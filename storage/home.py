@@ -17,6 +17,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from bertflow.errors import BertflowError
+
 DEFAULT_HOME = ".bertflow"
 
 
@@ -33,7 +35,16 @@ class DataHome:
 
     @cached_property
     def fs(self) -> fsspec.AbstractFileSystem:
-        fs, _ = fsspec.core.url_to_fs(self.url)
+        try:
+            fs, _ = fsspec.core.url_to_fs(self.url)
+        except ImportError as exc:  # fsspec names the missing package: "Install s3fs to access S3"
+            scheme = self.url.split("://", 1)[0]
+            extra = {"s3": " (`.venv/bin/pip install -e '.[s3]'` installs it)"}.get(scheme, "")
+            raise BertflowError(f"BERTFLOW_HOME={self.url}: this data home needs a package that is not"
+                                f" installed: {exc}{extra}") from None
+        except ValueError as exc:  # an unknown protocol
+            raise BertflowError(f"BERTFLOW_HOME={self.url}: {exc}; use a local path or an fsspec URL"
+                                " (s3://bucket/prefix)") from None
         return fs
 
     @property

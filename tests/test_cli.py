@@ -250,3 +250,23 @@ def test_bash_completion_offers_file_names_for_sources_and_config_files(capsys):
     assert "_shtab_bertflow_run___config_COMPGEN=_shtab_compgen_files" in script
     assert "_shtab_bertflow_finetune___train_COMPGEN=_shtab_compgen_files" in script
     assert "_shtab_bertflow_pretrain___data_COMPGEN" not in script  # an artifact name, not a file
+
+
+@pytest.mark.parametrize("home, says", [
+    ("s3://bucket/team", "needs a package that is not installed: Install s3fs to access S3"
+                         " (`.venv/bin/pip install -e '.[s3]'` installs it)"),
+    ("nosuch://bucket/team", "Protocol not known: nosuch; use a local path or an fsspec URL"),
+])
+def test_a_data_home_url_without_its_driver_is_one_error_line(home: str, says: str, monkeypatch):
+    if home.startswith("s3://"):
+        try:
+            import s3fs  # noqa: F401
+            pytest.skip("s3fs is installed here")
+        except ImportError:
+            pass
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([sys.executable, "-m", "bertflow.cli", "ls"], env={**env, "BERTFLOW_HOME": home},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: BERTFLOW_HOME={home}: ")
+    assert says in done.stderr, done.stderr
