@@ -27,17 +27,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The stage commands (their parsers set runs_flows): known before the parser is built, so that
+# the background server starts ~0.5 s sooner, while the command modules import.
+FLOW_COMMANDS = frozenset({"ingest", "tokenizer", "pretraining-data", "pretrain", "finetune", "distill"})
+
+
+def _will_run_a_flow(argv: list[str]) -> bool:
+    return bool(argv) and argv[0] in FLOW_COMMANDS and not {"-h", "--help"} & set(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
     try:
         configure_environment()  # reads BERTFLOW_HOME: a bad one is an error line too
+        if _will_run_a_flow(words):
+            start_prefect_api_early()
     except BertflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(words)
     set_verbosity(getattr(args, "verbosity", 1), args.command)
     try:
-        if getattr(args, "runs_flows", False):
-            start_prefect_api_early()
         return int(args.run(args) or 0)
     except Stopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)

@@ -212,3 +212,18 @@ def test_a_classification_run_shows_its_confusion_matrix_in_the_ui(flow_home: Pa
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     assert [row["gold \\ predicted"] for row in table] == ["0", "1"]
     assert sum(row["0"] + row["1"] for row in table) == 16
+
+
+def test_flow_heartbeats_are_off_unless_asked_for(monkeypatch):
+    from prefect.settings import get_current_settings
+
+    from bertflow.runtime import _no_flow_heartbeats
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    monkeypatch.delenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", raising=False)
+    with _no_flow_heartbeats():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == 180  # Prefect's default, outside a command
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "180")
+    with _no_flow_heartbeats():  # the user asked for heartbeats: the setting is left alone
+        assert get_current_settings().flows.heartbeat_frequency == 180

@@ -270,3 +270,13 @@ def test_a_data_home_url_without_its_driver_is_one_error_line(home: str, says: s
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: BERTFLOW_HOME={home}: ")
     assert says in done.stderr, done.stderr
+
+
+def test_the_commands_that_start_the_server_early_are_the_stage_commands():
+    from bertflow.cli import FLOW_COMMANDS, _will_run_a_flow
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    stages = {name for name, p in subparsers.choices.items() if p.get_default("runs_flows")}
+    assert stages == FLOW_COMMANDS
+    assert _will_run_a_flow(["ingest", "a.txt"]) and not _will_run_a_flow(["ingest", "--help"])
+    assert not _will_run_a_flow(["ls"]) and not _will_run_a_flow([])
