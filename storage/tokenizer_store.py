@@ -60,15 +60,20 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path, *, lowercase: bool) -> None:
-    """A trained or adopted tokenizer as a Hugging Face tokenizer directory (`export_tokenizer`)."""
-    from transformers import BertTokenizerFast
-
-    wrapped = BertTokenizerFast(
-        tokenizer_object=tokenizer, do_lower_case=lowercase, strip_accents=None,
-        tokenize_chinese_chars=True, model_max_length=MODEL_MAX_LENGTH,
-        **{f"{key}_token": token for key, token in SPECIAL_TOKENS.items()},
-    )
-    export_tokenizer(wrapped, directory)
+    """A trained or adopted tokenizer as a Hugging Face tokenizer directory: the bytes
+    `export_tokenizer(BertTokenizerFast(tokenizer_object=tokenizer, ...))` writes (a test holds
+    them equal), without importing transformers, which costs a tokenizer command over a second."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    clean = Tokenizer.from_str(tokenizer.to_str())
+    clean.no_truncation()
+    clean.no_padding()
+    clean.save(str(directory / TOKENIZER_FILE))
+    specials = {f"{key}_token": token for key, token in SPECIAL_TOKENS.items()}
+    config = {**specials, "clean_up_tokenization_spaces": False, "do_lower_case": lowercase,
+              "model_max_length": MODEL_MAX_LENGTH, "strip_accents": None, "tokenize_chinese_chars": True,
+              "tokenizer_class": "BertTokenizer"}
+    _write_tokenizer_metadata(directory, config, specials, clean.get_vocab(with_added_tokens=True))
 
 
 # What tokenizer_config.json keeps: the BERT settings that every transformers since 4.45 reads
@@ -108,16 +113,25 @@ def export_tokenizer(tokenizer: Any, directory: str | Path, source: str | Path |
     config["model_max_length"] = int(tokenizer.model_max_length)
     # Said explicitly: a missing value defaults differently across versions (and 4.x warns).
     config["clean_up_tokenization_spaces"] = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
-    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    special_map = {key: config[key] for key in specials if key in config}
-    (directory / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    if [i for _, i in vocab] == list(range(len(vocab))):
-        (directory / VOCAB_FILE).write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
-    elif source is not None and (Path(source) / VOCAB_FILE).is_file():
+    wrote_vocab = _write_tokenizer_metadata(directory, config, specials, tokenizer.get_vocab())
+    if not wrote_vocab and source is not None and (Path(source) / VOCAB_FILE).is_file():
         # A vocab.txt that repeats a token leaves a gap at its first line's id: only the file
         # itself says what that line held.
         shutil.copyfile(Path(source) / VOCAB_FILE, directory / VOCAB_FILE)
+
+
+def _write_tokenizer_metadata(directory: Path, config: dict[str, Any], specials: dict[str, Any],
+                              vocab: dict[str, int]) -> bool:
+    """tokenizer_config.json, special_tokens_map.json and vocab.txt (when the ids run 0..n-1,
+    else False: a vocab.txt line number is the id)."""
+    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    special_map = {key: config[key] for key in specials if key in config}
+    (directory / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
+    ordered = sorted(vocab.items(), key=lambda item: item[1])
+    if [i for _, i in ordered] != list(range(len(ordered))):
+        return False
+    (directory / VOCAB_FILE).write_text("".join(f"{token}\n" for token, _ in ordered), encoding="utf-8")
+    return True
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:

@@ -132,3 +132,33 @@ def test_training_gives_the_same_vocabulary_on_every_run():
     assert [t for t in tokenizer.get_added_tokens_decoder().values()] and \
         {t.content for t in tokenizer.get_added_tokens_decoder().values()} == set(vocab[:5])
     assert tokenizer.encode("##e", add_special_tokens=False).tokens != ["##e"]
+
+
+@pytest.mark.parametrize("source", ["trained", "adopted"])
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_saved_tokenizer_files_are_the_bytes_transformers_wrapping_writes(tmp_path: Path, source: str,
+                                                                            lowercase: bool):
+    """save_tokenizer writes the four files without transformers; they must stay the bytes of
+    the transformers route it replaced (wrap in BertTokenizerFast, then export_tokenizer)."""
+    from tokenizers import Tokenizer
+    from transformers import BertTokenizerFast
+
+    from storage.tokenizer_store import (MODEL_MAX_LENGTH, SPECIAL_TOKENS, TOKENIZER_FILES, export_tokenizer,
+                                         save_tokenizer)
+    from tasks.tokenizer import adopt_vocabulary, train_wordpiece_deterministic
+
+    text = ["Café au lait, naïve Über-words and ÉCOLE.", "北京欢迎你，上海也欢迎你。", "Running runners ran 42 km."] * 20
+    if source == "trained":
+        tokenizer = train_wordpiece_deterministic(lambda: [text], vocab_size=200, lowercase=lowercase,
+                                                  min_frequency=1, limit_alphabet=200)
+    else:
+        tokenizer = adopt_vocabulary([*SPECIAL_TOKENS.values(), "run", "##ning", "北", "京", "cafe", "Café"],
+                                     lowercase=lowercase)
+    save_tokenizer(tokenizer, tmp_path / "ours", lowercase=lowercase)
+    wrapped = BertTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.to_str()), do_lower_case=lowercase,
+                                strip_accents=None, tokenize_chinese_chars=True, model_max_length=MODEL_MAX_LENGTH,
+                                **{f"{key}_token": token for key, token in SPECIAL_TOKENS.items()})
+    export_tokenizer(wrapped, tmp_path / "transformers")
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "transformers" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(TOKENIZER_FILES)
