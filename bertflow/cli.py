@@ -50,19 +50,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except Stopped as exc:
+        _clear_progress_bars()
         print(f"stopped: {exc}", file=sys.stderr)
         return 128 + exc.signal_number
     except BertflowError as exc:
+        _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         if not is_out_of_space(exc):
             raise
+        _clear_progress_bars()
         print(f"error: {out_of_space_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _clear_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _clear_progress_bars() -> None:
+    """A bar a failed stage left open is wiped, so that the error starts its own line."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -280,3 +280,18 @@ def test_the_commands_that_start_the_server_early_are_the_stage_commands():
     assert stages == FLOW_COMMANDS
     assert _will_run_a_flow(["ingest", "a.txt"]) and not _will_run_a_flow(["ingest", "--help"])
     assert not _will_run_a_flow(["ls"]) and not _will_run_a_flow([])
+
+
+def test_an_error_wipes_the_progress_bar_a_failed_stage_left_open():
+    from tqdm import tqdm
+
+    from bertflow.cli import _clear_progress_bars
+
+    screen = io.StringIO()
+    bar = tqdm(total=10, desc="pretrain m", file=screen, mininterval=0)
+    bar.update(4)
+    assert "pretrain m:  40%" in screen.getvalue()
+    _clear_progress_bars()
+    assert bar not in getattr(tqdm, "_instances", set())
+    # leave=False: the bar's line is blanked and the cursor back at its start, for the error line
+    assert screen.getvalue().endswith("\r") and screen.getvalue().rsplit("\r", 2)[-2].strip() == ""
