@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from bertflow import __version__
@@ -33,7 +34,10 @@ FLOW_COMMANDS = frozenset({"ingest", "tokenizer", "pretraining-data", "pretrain"
 
 
 def _will_run_a_flow(argv: list[str]) -> bool:
-    return bool(argv) and argv[0] in FLOW_COMMANDS and not {"-h", "--help"} & set(argv)
+    # Under torchrun only global rank 0 runs the flow; the other ranks (maybe on other machines)
+    # receive their work from it and never talk to Prefect.
+    return (bool(argv) and argv[0] in FLOW_COMMANDS and not {"-h", "--help"} & set(argv)
+            and os.environ.get("RANK", "0") == "0")
 
 
 def main(argv: list[str] | None = None) -> int:

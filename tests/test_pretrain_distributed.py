@@ -46,3 +46,82 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(home: Path,
     assert ddp_losses == pytest.approx(single_losses, rel=1e-4, abs=1e-4)
     model = ArtifactStore().resolve("ddp", kind="model")
     assert model.manifest["stats"]["world_size"] == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_node(node_rank: int, port: int, job: str, argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """One torchrun launcher standing in for one machine: one process, c10d rendezvous."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", job, "--max_restarts", "0", "-m", "bertflow.cli", *argv]
+    with open(log, "w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.slow  # two 2-node launches plus the reference run: ~90 s on 2 cores
+@pytest.mark.timeout(600)
+def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(home: Path, tmp_path: Path):
+    """`torchrun --nnodes 2` with a c10d rendezvous on 127.0.0.1 (two launchers standing in for two
+    machines that share the data home): one node is killed after a checkpoint, the other stops by
+    itself, the same two commands resume from the checkpoint, and the whole loss trajectory is the
+    one process's with the same global batch."""
+    import signal
+    import time
+
+    from storage.artifacts import ArtifactStore
+    from storage.checkpoints import checkpoint_step, list_checkpoints, pretrain_run_dir
+
+    data = register_pretraining_data()
+    config = tmp_path / "tiny-no-dropout.json"
+    config.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "intermediate_size": 256, "hidden_dropout_prob": 0.0,
+                                  "attention_probs_dropout_prob": 0.0}))
+    steps, save_every = 60, 8
+    single = train_once(data, name="single", batch_size=4, grad_accum=2, model=str(config), steps=steps,
+                        lr=1e-3, warmup=2, eval_instances=16, save_every=save_every, eval_every=1000)
+
+    env = {**os.environ, "BERTFLOW_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    argv = ["pretrain", "--data", data["name"], "--name", "nodes", "--model", str(config), "--steps", str(steps),
+            "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--warmup", "2", "--eval-instances", "16",
+            "--save-every", str(save_every), "--eval-every", "1000", "--log-every", "1", "--device", "cpu",
+            "--precision", "fp32", "--bucket-batches", "4"]
+    run_dir = pretrain_run_dir("nodes")
+
+    port = _free_port()
+    nodes = [_launch_node(rank, port, "first", argv, env, tmp_path / f"node{rank}-first.log") for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not (run_dir.is_dir() and list_checkpoints(run_dir)):
+        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
+            (tmp_path / "node0-first.log").read_text()[-3000:] + (tmp_path / "node1-first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(nodes[1].pid, signal.SIGKILL)  # the machine of node 1 goes away
+    started = time.monotonic()
+    survivor = nodes[0].wait(timeout=180)  # no hang: the other node notices and stops
+    assert survivor != 0 and time.monotonic() - started < 180
+    nodes[1].wait()
+    done_steps = max(checkpoint_step(p) for p in list_checkpoints(run_dir))
+    assert save_every <= done_steps < steps, "the run ended before the kill: nothing was resumed"
+
+    port = _free_port()
+    nodes = [_launch_node(rank, port, "second", argv, env, tmp_path / f"node{rank}-second.log") for rank in (0, 1)]
+    codes = [n.wait(timeout=400) for n in nodes]
+    logs = "".join((tmp_path / f"node{rank}-second.log").read_text() for rank in (0, 1))
+    assert codes == [0, 0], logs[-4000:]
+    assert f"(resumed from {done_steps:,})" in logs, logs[-4000:]
+
+    history = json.loads((run_dir / "history.json").read_text())
+    node_losses = [h["loss"] for h in history if h["kind"] == "train"]
+    single_losses = [h["loss"] for h in single.history if h["kind"] == "train"]
+    assert len(node_losses) == steps
+    assert node_losses == pytest.approx(single_losses, rel=1e-4, abs=1e-4)
+    model = ArtifactStore().resolve("nodes", kind="model")
+    assert model.manifest["stats"]["world_size"] == 2
