@@ -56,10 +56,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_node(node_rank: int, port: int, job: str, argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """One torchrun launcher standing in for one machine: one process, c10d rendezvous."""
+def _launch_node(port: int, job: str, argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """One torchrun launcher standing in for one machine: one process, c10d rendezvous (which
+    assigns the node ranks)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
                "--rdzv_id", job, "--max_restarts", "0", "-m", "bertflow.cli", *argv]
     with open(log, "w") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -73,7 +74,7 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(home: Path, tm
     machines that share the data home): one node is killed after a checkpoint, the other stops by
     itself, the same two commands resume from the checkpoint, and the whole loss trajectory is the
     one process's with the same global batch."""
-    import signal
+    import contextlib
     import time
 
     from storage.artifacts import ArtifactStore
@@ -97,13 +98,20 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(home: Path, tm
     run_dir = pretrain_run_dir("nodes")
 
     port = _free_port()
-    nodes = [_launch_node(rank, port, "first", argv, env, tmp_path / f"node{rank}-first.log") for rank in (0, 1)]
+    nodes = [_launch_node(port, "first", argv, env, tmp_path / f"node{rank}-first.log") for rank in (0, 1)]
     deadline = time.monotonic() + 300
     while not (run_dir.is_dir() and list_checkpoints(run_dir)):
         assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
             (tmp_path / "node0-first.log").read_text()[-3000:] + (tmp_path / "node1-first.log").read_text()[-3000:]
         time.sleep(0.05)
-    os.killpg(nodes[1].pid, signal.SIGKILL)  # the machine of node 1 goes away
+    # The machine of node 1 goes away: its launcher and its worker (torchrun starts workers in
+    # sessions of their own, so the launcher's process group is not enough).
+    import psutil
+
+    machine = psutil.Process(nodes[1].pid)
+    for process in [machine, *machine.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     started = time.monotonic()
     survivor = nodes[0].wait(timeout=180)  # no hang: the other node notices and stops
     assert survivor != 0 and time.monotonic() - started < 180
@@ -112,7 +120,7 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(home: Path, tm
     assert save_every <= done_steps < steps, "the run ended before the kill: nothing was resumed"
 
     port = _free_port()
-    nodes = [_launch_node(rank, port, "second", argv, env, tmp_path / f"node{rank}-second.log") for rank in (0, 1)]
+    nodes = [_launch_node(port, "second", argv, env, tmp_path / f"node{rank}-second.log") for rank in (0, 1)]
     codes = [n.wait(timeout=400) for n in nodes]
     logs = "".join((tmp_path / f"node{rank}-second.log").read_text() for rank in (0, 1))
     assert codes == [0, 0], logs[-4000:]
