@@ -81,10 +81,14 @@ def _dask_client(address: str | None, workers: int) -> Any:
         raise BertflowError("runner 'dask' needs the `distributed` package:"
                             " pip install 'bertflow[dask]' (or prefect-dask)") from None
     if address:
+        import dask
+
+        # Dask's own setting (30 s by default; DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s)
+        timeout = dask.config.get("distributed.comm.timeouts.connect")
         try:
-            return Client(address, timeout="30s")
+            return Client(address, timeout=timeout)
         except OSError as exc:
-            raise BertflowError(f"cannot reach the Dask scheduler at {address} ({exc});"
+            raise BertflowError(f"cannot reach the Dask scheduler at {address} within {timeout} ({exc});"
                                 f" start it or fix {ADDRESS_VARIABLE}") from None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                            dashboard_address=None)

@@ -64,9 +64,17 @@ def test_settings_come_from_the_environment_and_are_restored(monkeypatch):
 
 
 def test_unreachable_scheduler_is_one_clear_error():
-    with pytest.raises(BertflowError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+    import time
+
+    import dask
+
+    started = time.monotonic()
+    # Dask's connect timeout bounds the wait (30 s by default; shortened here)
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            pytest.raises(BertflowError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9 within 2s"):
         list(map_in_order(operator.neg, [1], workers=1, local="threads",
                           parallel=ParallelConfig(runner="dask", address="tcp://127.0.0.1:9")))
+    assert time.monotonic() - started < 15
 
 
 @pytest.mark.slow
