@@ -17,5 +17,6 @@ COMMAND_MODULES = [
     "bertflow.commands.distill",
     "bertflow.commands.server",
     "bertflow.commands.serve",
+    "bertflow.commands.deploy",
     "bertflow.commands.completion",
 ]

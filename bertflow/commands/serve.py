@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set pretrain.steps=200 (repeatable)")
 
 
-def require_server() -> str:
+def require_server(command: str = "serve") -> str:
     """The API URL of a running Prefect server, or a one-line error saying what to do."""
     import prefect.settings
 
@@ -56,7 +56,7 @@ def require_server() -> str:
             os.environ["PREFECT_API_URL"] = url
             return url
         raise BertflowError(
-            "bertflow serve needs a Prefect server for its schedule: unset BERTFLOW_SERVER=ephemeral (the data"
+            f"bertflow {command} needs a Prefect server for its deployment: unset BERTFLOW_SERVER=ephemeral (the data"
             " home's background server is then used), or start one with `bertflow server` and export"
             " PREFECT_API_URL; or, without a server, put `bertflow run --config CONFIG.yaml` in a system"
             " crontab (see docs/caching-and-prefect.md)")
