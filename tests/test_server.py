@@ -296,6 +296,44 @@ def test_ui_renders_the_run_in_a_browser(server, ingest_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_prefect_worker_runs_the_deployed_pipeline(server, tmp_path):
+    """`bertflow deploy` registers the pipeline on a work pool (created as a process pool); a
+    Prefect worker, a separate process as on another machine, picks the run up and executes it
+    against the data home the deployment names."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "museum.txt").write_text(TEXT)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"name: tiny\ningest:\n  sources: [{tmp_path / 'src'}]\n  workers: 1\n")
+    home = tmp_path / "shared-home"
+    env = clean_env(BERTFLOW_HOME=str(home), PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=server.api)
+    deployed = json.loads(run_bertflow(["deploy", "--config", str(config), "--pool", "bertflow-pool", "--name",
+                                        "on-pool", "--cron", "0 3 * * *", "--json"], env, tmp_path))
+    assert deployed["deployment"] == "pipeline/on-pool" and deployed["pool"] == "bertflow-pool"
+    found = server.get("/deployments/name/pipeline/on-pool").json()
+    assert found["id"] == deployed["id"] and found["work_pool_name"] == "bertflow-pool"
+    assert found["entrypoint"] == "flows.pipeline.pipeline_flow"
+    assert found["job_variables"]["env"]["BERTFLOW_HOME"] == str(home)
+    assert found["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+    assert server.get("/work_pools/bertflow-pool").json()["type"] == "process"
+
+    trigger = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "pipeline/on-pool"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+    # The worker's environment has no BERTFLOW_HOME: the run gets it from the deployment.
+    worker_env = {k: v for k, v in env.items() if k != "BERTFLOW_HOME"}
+    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "bertflow-pool",
+                             "--run-once"], env=worker_env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=400)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    state = server.get(f"/flow_runs/{flow_run_id}").json()["state"]
+    assert state["type"] == "COMPLETED", (state, worker.stdout[-3000:] + worker.stderr[-3000:])
+    listed = json.loads(run_bertflow(["ls", "--json"], env, tmp_path))
+    assert {item["kind"] for item in listed} >= {"corpus", "tokenizer", "pretraining-data", "model"}
+    assert all(str(home) in item["path"] for item in listed)
+
+
+@pytest.mark.slow
 def test_server_stops_on_ctrl_c_and_leaves_nothing_running(server):
     match = re.search(r"starting Prefect server on \S+ \(pid (\d+),", server.background.output)
     child_pid = int(match.group(1))
@@ -337,44 +375,6 @@ def test_serve_rejects_a_bad_cron_before_contacting_a_server(tmp_path):
                           timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith("error: --cron '0 2 * *': Invalid cron string")
-
-
-@pytest.mark.slow
-def test_a_prefect_worker_runs_the_deployed_pipeline(server, tmp_path):
-    """`bertflow deploy` registers the pipeline on a work pool (created as a process pool); a
-    Prefect worker, a separate process as on another machine, picks the run up and executes it
-    against the data home the deployment names."""
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "museum.txt").write_text(TEXT)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"name: tiny\ningest:\n  sources: [{tmp_path / 'src'}]\n  workers: 1\n")
-    home = tmp_path / "shared-home"
-    env = clean_env(BERTFLOW_HOME=str(home), PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=server.api)
-    deployed = json.loads(run_bertflow(["deploy", "--config", str(config), "--pool", "bertflow-pool", "--name",
-                                        "on-pool", "--cron", "0 3 * * *", "--json"], env, tmp_path))
-    assert deployed["deployment"] == "pipeline/on-pool" and deployed["pool"] == "bertflow-pool"
-    found = server.get("/deployments/name/pipeline/on-pool").json()
-    assert found["id"] == deployed["id"] and found["work_pool_name"] == "bertflow-pool"
-    assert found["entrypoint"] == "flows.pipeline.pipeline_flow"
-    assert found["job_variables"]["env"]["BERTFLOW_HOME"] == str(home)
-    assert found["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
-    assert server.get("/work_pools/bertflow-pool").json()["type"] == "process"
-
-    trigger = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "pipeline/on-pool"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert trigger.returncode == 0, trigger.stdout + trigger.stderr
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
-    # The worker's environment has no BERTFLOW_HOME: the run gets it from the deployment.
-    worker_env = {k: v for k, v in env.items() if k != "BERTFLOW_HOME"}
-    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "bertflow-pool",
-                             "--run-once"], env=worker_env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=400)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
-    state = server.get(f"/flow_runs/{flow_run_id}").json()["state"]
-    assert state["type"] == "COMPLETED", (state, worker.stdout[-3000:] + worker.stderr[-3000:])
-    listed = json.loads(run_bertflow(["ls", "--json"], env, tmp_path))
-    assert {item["kind"] for item in listed} >= {"corpus", "tokenizer", "pretraining-data", "model"}
-    assert all(str(home) in item["path"] for item in listed)
 
 
 @pytest.mark.parametrize("argv, message", [

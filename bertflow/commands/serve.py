@@ -62,7 +62,8 @@ def require_server(command: str = "serve") -> str:
             " crontab (see docs/caching-and-prefect.md)")
     from bertflow.commands.server import is_healthy
 
-    if not is_healthy(url):
+    # a busy server can take seconds to answer: three tries of 5 s before saying it is not there
+    if not any(is_healthy(url, timeout=5.0) for _ in range(3)):
         raise BertflowError(f"PREFECT_API_URL={url}: no Prefect server answers there; start it with"
                             " `bertflow server` (or fix PREFECT_API_URL)")
     return url
