@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.home import open_input
 from storage.shards import shard_files, shard_path
 
 CORPUS_SCHEMA = pa.schema([
@@ -114,7 +115,7 @@ class CorpusShardWriter:
         self._close_shard()
 
 
-def corpus_shards(corpus_dir: str | Path) -> list[Path]:
+def corpus_shards(corpus_dir: str | Path) -> list:
     return shard_files(corpus_dir)
 
 
@@ -122,8 +123,8 @@ def iter_corpus_batches(corpus_dir: str | Path, columns: list[str] | None = None
                         batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
     """Stream a corpus artifact's documents as record batches, shard by shard."""
     for shard in corpus_shards(corpus_dir):
-        parquet = pq.ParquetFile(shard)
-        yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+        with open_input(shard) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def iter_documents(corpus_dir: str | Path, batch_size: int = 1024) -> Iterator[list[str]]:

@@ -57,3 +57,8 @@ def hash_directory(root: Path, exclude: frozenset[str] = frozenset(),
                    known: Mapping[str, str] | None = None) -> str:
     """Digest of every file's relative path and bytes, in sorted order (see `directory_files`)."""
     return hash_files(directory_files(root, exclude, known))
+
+
+def stream_digest(handle: Any) -> str:
+    """`file_digest` of a file object's bytes (a remote file, read in blocks)."""
+    return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()

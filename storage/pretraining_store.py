@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bertflow.errors import BertflowError
-from storage.shards import DATA_DIR, SHARD_GLOB, shard_files, shard_path
+from storage.home import open_input
+from storage.shards import DATA_DIR, SHARD_GLOB, join, shard_files, shard_path
 
 MAX_INT32_VOCAB = 2**31 - 1
 MAX_INT16_POSITION = 2**15 - 1
@@ -101,8 +102,16 @@ def write_pretraining_shard(path: Path, columns: InstanceColumns, id_dtype: str)
     return path.stat().st_size
 
 
-def pretraining_shards(data_dir: str | Path) -> list[Path]:
+def pretraining_shards(data_dir: str | Path) -> list:
     return shard_files(data_dir)
+
+
+def read_pretraining_manifest(data_dir: str | Path) -> dict:
+    """The artifact's manifest.json (a local directory or a URL)."""
+    import json
+
+    with open_input(join(data_dir, "manifest.json")) as handle:
+        return json.load(handle)
 
 
 def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,9 +125,11 @@ def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return values[start:stop], offsets - start
 
 
-def read_pretraining_shard(path: Path) -> InstanceColumns:
-    """One shard as flat numpy arrays (no Python object per instance)."""
-    table = pq.read_table(path)
+def read_pretraining_shard(path: str | Path) -> InstanceColumns:
+    """One shard as flat numpy arrays (no Python object per instance). A URL streams: the
+    shard's bytes pass through the read-ahead buffer into the arrays, never to local disk."""
+    with open_input(path) as handle:
+        table = pq.read_table(handle)
     input_ids, offsets = _flat(table.column("input_ids"))
     token_type_ids, _ = _flat(table.column("token_type_ids"))
     masked_positions, mask_offsets = _flat(table.column("masked_positions"))
@@ -137,7 +148,7 @@ def read_pretraining_shard(path: Path) -> InstanceColumns:
 def read_pretraining_data(data_dir: str | Path, shards: list[str] | None = None) -> InstanceColumns:
     """Every shard of an artifact concatenated into one set of flat arrays (offsets int64).
     `shards`: the manifest's list, paths relative to `data_dir` in either layout."""
-    paths = [Path(data_dir) / name for name in shards] if shards else pretraining_shards(data_dir)
+    paths = [join(data_dir, name) for name in shards] if shards else pretraining_shards(data_dir)
     if not paths:
         raise BertflowError(f"{data_dir}: no {DATA_DIR}/{SHARD_GLOB} files; is this a pretraining-data artifact?")
     parts = [read_pretraining_shard(p) for p in paths]
@@ -184,7 +195,8 @@ def plan_corpus_units(corpus_dir: str | Path, unit_chars: int) -> list[CorpusUni
     units: list[CorpusUnit] = []
     for shard in corpus_shards(corpus_dir):
         # to_pylist, not to_numpy: pyarrow's numpy conversion imports pandas first.
-        n_chars = pq.ParquetFile(shard).read(columns=["n_chars"]).column(0).to_pylist()
+        with open_input(shard) as handle:
+            n_chars = pq.ParquetFile(handle).read(columns=["n_chars"]).column(0).to_pylist()
         start, chars = 0, 0
         shard_units: list[CorpusUnit] = []
         for row, size in enumerate(n_chars):
@@ -208,10 +220,15 @@ def read_corpus_slice(shard: str | Path, row_start: int, row_count: int, batch_r
     """(sentences per document as an Arrow list<string> array, language per document) for rows
     of a corpus shard, streamed in small batches so only the unit's rows are ever held (a shard
     can be one large row group). The text stays in Arrow: the tokenising reads it there."""
+    with open_input(shard) as handle:
+        return _slice_of(pq.ParquetFile(handle), row_start, row_count, batch_rows)
+
+
+def _slice_of(parquet: pq.ParquetFile, row_start: int, row_count: int, batch_rows: int
+              ) -> tuple[pa.Array, list[str]]:
     parts: list[pa.Array] = []
     languages: list[str] = []
     stop = row_start + row_count
-    parquet = pq.ParquetFile(shard)
     # Row groups that end before the unit are skipped, not decoded (ingest writes groups of ~1 MB).
     groups, row, first_row = [], 0, None
     for index in range(parquet.metadata.num_row_groups):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from storage.home import filesystem, is_url, store_errors
+
 DATA_DIR = "data"
 SHARD_GLOB = "shard-*.parquet"
 
@@ -24,10 +26,25 @@ def shard_path(index: int) -> str:
     return f"{DATA_DIR}/shard-{index:05d}.parquet"
 
 
-def shard_files(artifact_dir: str | Path) -> list[Path]:
-    """The shards of an artifact directory in order, in either layout."""
+def shard_files(artifact_dir: str | Path) -> list:
+    """The shards of an artifact directory in order, in either layout: local paths, or URLs
+    (str) for an artifact in an object store, which the readers stream (`storage.home.open_input`)."""
+    if is_url(artifact_dir):
+        url = str(artifact_dir).rstrip("/")
+        fs, root = filesystem(url)
+        with store_errors(url):
+            for pattern in (f"{DATA_DIR}/{SHARD_GLOB}", SHARD_GLOB):
+                found = sorted(fs.glob(f"{root}/{pattern}"))
+                if found:
+                    return [f"{url}/{path[len(root):].lstrip('/')}" for path in found]
+        return []
     root = Path(artifact_dir)
     return sorted((root / DATA_DIR).glob(SHARD_GLOB)) or sorted(root.glob(SHARD_GLOB))
+
+
+def join(directory: str | Path, relative: str) -> str | Path:
+    """`directory/relative` for a local path (a Path) or a URL (a str)."""
+    return f"{str(directory).rstrip('/')}/{relative}" if is_url(directory) else Path(directory) / relative
 
 
 def fingerprint_path(relative: str) -> str:

@@ -30,7 +30,7 @@ from tasks.finetune_data import (check_squad_answers, collate, detect_tag_scheme
                                  named_label_order, unseen_labels)
 from tasks.finetune_inference import build_model, load_tokenizer, predict_split, score_predictions
 from tasks.finetune_splits import (SplitData, encode_split, guess_language, read_options, read_split,
-                                   unknown_piece_warning)
+                                   model_label, unknown_piece_warning)
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
 from tasks.training import train as train_loop
 from tasks.training.setup import steps_for, warmup_steps
@@ -221,7 +221,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     started = time.perf_counter()
     check_model_fits(config, check_bert_directory(model["path"]))
     tokenizer = load_tokenizer(model["path"])
-    task_data = prepare_task(config, tokenizer, data, log, tokenizer_dir=model["path"])
+    task_data = prepare_task(config, tokenizer, data, log, tokenizer_dir=model_label(model))
     net = build_model(config.task_type, model["path"], task_data.labels, seed=config.seed, mode=config.mode)
     if config.task_type in ("classification", "pair") and net.config.problem_type is None:
         # What transformers records in config.json at the first training forward, set before it:

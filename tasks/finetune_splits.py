@@ -109,6 +109,12 @@ def unknown_share(features: Sequence[dict], tokenizer: Any) -> float:
     return float((pieces == tokenizer.unk_token_id).mean()) if pieces.size else 0.0
 
 
+def model_label(model: dict) -> str:
+    """How messages name a base model: by catalog id where it has one, since its path differs
+    between machines (a remote home's mirror) and the messages are stored in the artifact."""
+    return model["id"] if model.get("id") else model["path"]
+
+
 def unknown_piece_warning(rates: dict[str, float], tokenizer_dir: str) -> str | None:
     """One line when some split's [UNK] share is above UNK_WARN_SHARE."""
     over = [f"{rate:.1%} of {split}" for split, rate in rates.items() if rate > UNK_WARN_SHARE]

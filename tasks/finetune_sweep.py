@@ -11,7 +11,7 @@ from tasks.finetune import STAGE_VERSION, evaluation_notes, run_warnings, small_
 from tasks.finetune_baselines import baseline_metrics, predictor_of
 from tasks.finetune_config import FinetuneConfig, trial_configs
 from tasks.finetune_inference import evaluate_finetuned
-from tasks.finetune_splits import unknown_piece_warning
+from tasks.finetune_splits import model_label, unknown_piece_warning
 
 
 def sweep_table(trials: Sequence[dict], configs: Sequence[FinetuneConfig], metric: str) -> list[dict]:
@@ -62,7 +62,7 @@ def run_select_and_test(config: FinetuneConfig, trials: list[dict], data: dict[s
         stats = {**trial["stats"], "test": summary_metrics(test_metrics) if test_metrics else None,
                  "selected": trial["name"], "sweep": table, "baselines": baselines, "unk_rate": unk_rate}
         stats.pop("unk_warning", None)
-        if unreadable := unknown_piece_warning(unk_rate, trial_manifest["base_model"]["path"]):
+        if unreadable := unknown_piece_warning(unk_rate, model_label(trial_manifest["base_model"])):
             stats["unk_warning"] = unreadable
         if test_metrics is not None and config.max_test_examples:
             stats["test_max_examples"] = config.max_test_examples

@@ -9,7 +9,6 @@ fresh masks, and any epoch can be replayed exactly (resume mid-run gives the sam
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from storage.pretraining_store import read_pretraining_data
+from storage.home import is_url
+from storage.pretraining_store import read_pretraining_data, read_pretraining_manifest
 from tasks.pretraining_instances import (MaskingRule, SpecialIds, create_masked_lm_predictions,
                                          random_replacement_ids)
 from tasks.training.batch import IGNORE_INDEX
 
-MANIFEST_FILE = "manifest.json"
 
 
 class PretrainingDataset(Dataset):
     """Instances of a pretraining-data artifact directory, unpadded, as int64 tensors."""
 
     def __init__(self, data_dir: str | Path, *, seed: int = 0):
-        self.data_dir = Path(data_dir)
-        self.manifest: dict[str, Any] = json.loads((self.data_dir / MANIFEST_FILE).read_text())
+        self.data_dir = data_dir if is_url(data_dir) else Path(data_dir)
+        self.manifest: dict[str, Any] = read_pretraining_manifest(self.data_dir)
         self.seed = seed
         self.epoch = 0
         self.columns = read_pretraining_data(self.data_dir, self.manifest.get("shards"))

@@ -1,5 +1,5 @@
-"""`bertflow ls`, `bertflow show` and `bertflow verify`: what is in the catalog, and whether it is
-still as written."""
+"""`bertflow ls`, `bertflow show`, `bertflow verify` and `bertflow catalog sync`: what is in the
+catalog, whether it is still as written, and the catalog rebuilt from the artifacts' manifests."""
 
 from __future__ import annotations
 
@@ -28,13 +28,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--json", action="store_true", help="a JSON list of {id, path, status, problem} (stable; see"
                         " docs/artifacts-and-catalog.md)")
     verify.set_defaults(run=run_verify)
+    catalog = subparsers.add_parser("catalog", help="the catalog itself (an index of the data home's artifacts)")
+    actions = catalog.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sync = actions.add_parser("sync", help="rebuild the catalog from the committed artifacts' manifests: add what"
+                              " another machine (or a lost catalog) is missing, drop rows whose artifact is gone")
+    sync.add_argument("--json", action="store_true", help="a JSON object {artifacts, added, removed, swept}")
+    sync.set_defaults(run=run_sync)
 
 
 def run_ls(args: argparse.Namespace) -> int:
     from storage.artifacts import ArtifactStore
 
     store = ArtifactStore()
-    entries = store.catalog.list(kind=args.kind, all_versions=args.all)
+    entries = store.entries(kind=args.kind, all_versions=args.all)
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=2))
         return 0
@@ -82,8 +88,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from storage.artifacts import ArtifactStore
 
     store = ArtifactStore()
-    entries = [store.find_one(args.name, args.kind)] if args.name else store.catalog.list(kind=args.kind,
-                                                                                          all_versions=True)
+    entries = [store.find_one(args.name, args.kind)] if args.name else store.entries(kind=args.kind,
+                                                                                     all_versions=True)
     damaged = 0
     results = []
     for entry in entries:
@@ -103,4 +109,19 @@ def run_verify(args: argparse.Namespace) -> int:
         return 1
     if not args.json:
         print(f"{len(entries)} artifact(s) intact")
+    return 0
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    from storage.artifacts import ArtifactStore
+
+    store = ArtifactStore()
+    swept = [] if store.home.is_local else store.sweep_uncommitted()
+    result = {**store.sync_catalog(), "swept": len(swept)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{store.home.url}: {result['artifacts']} committed artifact(s); catalog {store.home.catalog_path}:"
+          f" {result['added']} added, {result['removed']} removed"
+          + (f"; {len(swept)} abandoned upload(s) removed" if swept else ""))
     return 0

@@ -59,7 +59,7 @@ def run_pipeline(config_path: str, refresh: list[str], overrides: list[str], *, 
     for item in summary["artifacts"]:
         entry = store.catalog.find(item["name"], item["kind"])[0]
         artifacts.append({"kind": item["kind"], "name": item["name"], "id": entry.id,
-                          "fingerprint": item["fingerprint"], "path": item["path"],
+                          "fingerprint": item["fingerprint"], "path": entry.path,
                           "state": "computed" if entry.created_at >= started_at else "reused"})
     result = {"run": config.name, "cached": cached, "seconds": round(seconds, 3), "artifacts": artifacts,
               "metrics": summary["metrics"], "remarks": summary.get("remarks", []),

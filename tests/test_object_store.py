@@ -1,0 +1,304 @@
+"""A data home on an S3-compatible object store: moto's standalone server on 127.0.0.1 (a real
+HTTP server speaking the S3 protocol, reached through s3fs as a user's store would be; no mock of
+s3fs), the catalog as an index rebuilt from the store, commits without rename, and the errors of
+an unreachable endpoint, a missing bucket and refused credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
+pytest.importorskip("moto", reason="moto[server] is not installed")
+
+REPO = Path(__file__).resolve().parents[1]
+BERTFLOW = [sys.executable, "-m", "bertflow.cli"]
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_s3_server(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **(extra_env or {})}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            return server, endpoint
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail("the moto S3 server did not start")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    server, endpoint = _start_s3_server()
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _make_bucket(endpoint: str) -> str:
+    import s3fs
+
+    bucket = f"bertflow-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+    return bucket
+
+
+@pytest.fixture
+def s3_home(s3_endpoint, tmp_path, monkeypatch) -> str:
+    """BERTFLOW_HOME on a new bucket of the local S3 server; this process is 'machine' A."""
+    url = f"s3://{_make_bucket(s3_endpoint)}/home"
+    for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint, "BERTFLOW_HOME": url,
+                       "BERTFLOW_STATE": str(tmp_path / "machine-a")}.items():
+        monkeypatch.setenv(key, value)
+    return url
+
+
+def machine_env(name: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of one 'machine': its own local state (catalog index, mirror, scratch)."""
+    env = {**os.environ, "BERTFLOW_STATE": str(tmp_path / name), "OMP_NUM_THREADS": "1", **extra}
+    return env
+
+
+def bertflow(argv: list[str], env: dict[str, str], timeout: float = 300, check: bool = True
+             ) -> subprocess.CompletedProcess:
+    done = subprocess.run([*BERTFLOW, *argv], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"bertflow {' '.join(argv)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def listed_ids(env: dict[str, str]) -> set[str]:
+    return {entry["id"] for entry in json.loads(bertflow(["ls", "--all", "--json"], env).stdout)}
+
+
+def _text_file(path: Path, documents: int, seed: int) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    words = "the a model reads text on a machine and writes its shards to the store quickly".split()
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) + "." for _ in range(documents)))
+    return path
+
+
+def test_stages_on_the_store_are_the_local_bytes_streamed_and_indexed(s3_home, tmp_path, prefect_server):
+    """Ingest, tokenizer and pretraining data with the home on the S3 server: the same fingerprints
+    as a local home; shard artifacts are read from the store (no local copy), the tokenizer from a
+    mirror; a machine with an empty catalog lists everything; a lost catalog is rebuilt."""
+    from storage.artifacts import ArtifactStore
+    from storage.home import DataHome
+    from tasks.pretraining_dataset import PretrainingDataset
+    from tests.conftest import run_cli
+
+    source = _text_file(tmp_path / "books.txt", 300, seed=1)
+    stages = [["ingest", str(source), "--name", "books"],
+              ["tokenizer", "--corpus", "books", "--name", "tok", "--vocab-size", "400"],
+              ["pretraining-data", "--corpus", "books", "--tokenizer", "tok", "--name", "books-64",
+               "--max-seq-len", "64", "--workers", "1"]]
+    for argv in stages:
+        assert run_cli(*argv) == 0
+    remote = {e.kind: e for e in ArtifactStore().entries()}
+    assert {e.path.split("://")[0] for e in remote.values()} == {"s3"}
+
+    local_home = tmp_path / "local-home"
+    os.environ["BERTFLOW_HOME"] = str(local_home)
+    try:
+        for argv in stages:
+            assert run_cli(*argv) == 0
+        local = {e.kind: e for e in ArtifactStore().entries()}
+        local_data = PretrainingDataset(local["pretraining-data"].path)
+    finally:
+        os.environ["BERTFLOW_HOME"] = s3_home
+    assert {k: e.fingerprint for k, e in remote.items()} == {k: e.fingerprint for k, e in local.items()}
+
+    store = ArtifactStore()
+    data = store.resolve("books-64", kind="pretraining-data")
+    assert data.path.startswith("s3://")  # streamed, not copied
+    streamed = PretrainingDataset(data.path)
+    assert (streamed.columns.input_ids == local_data.columns.input_ids).all()
+    assert (streamed.columns.offsets == local_data.columns.offsets).all()
+    mirror = Path(store.resolve("tok", kind="tokenizer").path)
+    assert mirror.is_relative_to(DataHome.from_env().state_dir) and (mirror / "vocab.txt").is_file()
+    assert not (DataHome.from_env().state_dir / "mirror" / "pretraining-data").exists()
+
+    # Another machine: an empty catalog of its own, filled from the store's manifests.
+    other = machine_env("machine-b", tmp_path)
+    assert listed_ids(other) == {e.id for e in remote.values()}
+    shown = json.loads(bertflow(["show", "books-64", "--json"], other).stdout)
+    assert shown["parents"] == [remote["corpus"].id, remote["tokenizer"].id] and shown["status"] == "ok"
+    # This machine's catalog lost: `bertflow catalog sync` rebuilds it.
+    DataHome.from_env().catalog_path.unlink()
+    synced = json.loads(bertflow(["catalog", "sync", "--json"], dict(os.environ)).stdout)
+    assert synced["added"] == 3 and synced["removed"] == 0
+    assert bertflow(["verify"], dict(os.environ)).returncode == 0
+
+
+def test_lost_local_catalog_is_rebuilt_by_catalog_sync(home, tmp_path, prefect_server):
+    """The same for a local home: the artifacts describe themselves, the catalog is an index."""
+    from storage.artifacts import ArtifactStore
+    from storage.home import DataHome
+    from tests.conftest import run_cli
+
+    assert run_cli("ingest", str(_text_file(tmp_path / "a.txt", 50, seed=2)), "--name", "a") == 0
+    before = ArtifactStore().entries()
+    DataHome.from_env().catalog_path.unlink()
+    assert ArtifactStore().entries() == []
+    assert run_cli("catalog", "sync") == 0
+    after = ArtifactStore().entries()
+    assert [(e.id, e.path, e.params, e.stats, e.cache_key, e.created_at) for e in after] == \
+        [(e.id, e.path, e.params, e.stats, e.cache_key, e.created_at) for e in before]
+
+
+@pytest.mark.slow  # two tiny pipelines at once on 2 cores, then two concurrent ingests: ~80 s
+@pytest.mark.timeout(600)
+def test_two_machines_run_the_pipeline_at_once_on_one_store_and_see_one_catalog(s3_home, tmp_path):
+    """Two processes with separate local state (two 'machines') and one home on the S3 server:
+    the tiny pipeline twice at once (the same artifacts, committed by both), then two different
+    corpora at once; every machine, and a third one that wrote nothing, lists the same catalog."""
+    from tests.test_pipeline import tiny_config
+
+    config = tiny_config(tmp_path / "sources-home", tmp_path)
+    machines = {name: machine_env(name, tmp_path) for name in ("machine-a", "machine-b")}
+    for env in machines.values():
+        env.pop("PREFECT_API_URL", None)  # each machine its own background Prefect server
+    runs = {name: subprocess.Popen([*BERTFLOW, "run", "--config", str(config), "--json"], env=env, cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, env in machines.items()}
+    results = {}
+    for name, process in runs.items():
+        out, err = process.communicate(timeout=500)
+        assert process.returncode == 0, f"{name}:\n{out[-2000:]}\n{err[-3000:]}"
+        results[name] = json.loads(out)
+    made = [{(a["id"], a["path"]) for a in result["artifacts"]} for result in results.values()]
+    assert made[0] == made[1] and all(path.startswith(s3_home) for _, path in made[0])
+
+    sources = {name: _text_file(tmp_path / f"{name}.txt", 400, seed=i) for i, name in enumerate(machines)}
+    ingests = {name: subprocess.Popen([*BERTFLOW, "ingest", str(sources[name]), "--name", f"{name}-corpus"],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, env in machines.items()}
+    for name, process in ingests.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{name}:\n{out[-2000:]}\n{err[-3000:]}"
+
+    catalogs = {name: listed_ids(env) for name, env in
+                {**machines, "machine-c": machine_env("machine-c", tmp_path)}.items()}
+    expected = {a_id for a_id, _ in made[0]}  # the run's artifacts (its random-init model besides)
+    for name, ids in catalogs.items():
+        corpora = {i for i in ids if i.startswith("corpus/machine-")}
+        assert expected <= ids and len(corpora) == 2 and len(ids) == len(expected) + 3, (name, ids)
+    assert len({frozenset(ids) for ids in catalogs.values()}) == 1
+
+
+def _uncommitted(home_url: str) -> list[str]:
+    from storage.artifacts import SUCCESS_MARKER, ArtifactStore
+
+    store = ArtifactStore()
+    return [path for path, objects in store._listing().items() if SUCCESS_MARKER not in objects]
+
+
+def test_upload_killed_midway_is_never_trusted_and_is_swept_by_the_next_run(s3_home, tmp_path):
+    """`kill -9` of a writer while it uploads (stopped inside its upload, after the `_WRITING`
+    marker and some data): nothing is listed, the same command then commits, and the prefix left
+    behind is removed. Another host's upload is left alone until it is stale."""
+    source = _text_file(tmp_path / "big.txt", 3000, seed=3)
+    slow_upload = (
+        "import os, sys, time\n"
+        "from storage.artifacts import ArtifactStore\n"
+        "upload = ArtifactStore._upload\n"
+        "def stalled(self, scratch, final, files):\n"
+        "    self.home.fs.pipe_file(self._fs_path(final) + '/_WRITING', __import__('storage.liveness').liveness"
+        ".this_process_owner().encode())\n"
+        "    first = sorted(files)[0]\n"
+        "    self.home.fs.put_file(str(scratch / first), self._fs_path(final) + '/' + first)\n"
+        "    os.write(1, b'uploading\\n')  # the CLI holds sys.stdout while a flow runs\n"
+        "    time.sleep(600)\n"
+        "ArtifactStore._upload = stalled\n"
+        "from bertflow.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = machine_env("machine-a", tmp_path)
+    writer = subprocess.Popen([sys.executable, "-c", slow_upload, "ingest", str(source), "--name", "big"], env=env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert writer.stdout.readline().strip() == "uploading"
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+
+    assert [p.rsplit("/", 1)[1][:4] for p in _uncommitted(s3_home)] == ["big-"]
+    assert listed_ids(env) == set()
+    assert "no corpus named 'big'" in bertflow(["show", "big", "--kind", "corpus"], env, check=False).stderr
+
+    # Another host is uploading: not swept while fresh.
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    foreign = s3_home.removeprefix("s3://") + "/artifacts/corpus/elsewhere-0123456789abcdef"
+    fs.pipe_file(f"{foreign}/_WRITING", b"another-host:4242:1.0")
+    fs.pipe_file(f"{foreign}/data/shard-00000.parquet", b"partial")
+
+    bertflow(["ingest", str(source), "--name", "big"], env)
+    assert [p.rsplit("/", 1)[1] for p in _uncommitted(s3_home)] == ["elsewhere-0123456789abcdef"]
+    assert {i.split("/")[1] for i in listed_ids(env)} == {"big"}
+    stale = json.loads(bertflow(["catalog", "sync", "--json"], {**env, "BERTFLOW_STALE_UPLOAD_S": "0"}).stdout)
+    assert stale["swept"] == 1 and _uncommitted(s3_home) == []
+    assert bertflow(["verify"], env).returncode == 0
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    return lines[0]
+
+
+def test_unreachable_store_missing_bucket_and_refused_credentials_are_one_line(s3_endpoint, tmp_path):
+    """Each within a bounded time, exit ≠ 0, nothing registered."""
+    env = machine_env("machine-a", tmp_path, **CREDENTIALS)
+    source = _text_file(tmp_path / "a.txt", 20, seed=4)
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    line = _one_error_line(bertflow(["ingest", str(source), "--name", "a"],
+                                    {**env, "AWS_ENDPOINT_URL": dead, "BERTFLOW_HOME": "s3://nowhere/home"},
+                                    check=False, timeout=120))
+    assert f"cannot reach the object store at {dead}" in line and "s3://nowhere/home" in line
+    assert time.monotonic() - started < 60
+
+    line = _one_error_line(bertflow(["ls"], {**env, "AWS_ENDPOINT_URL": s3_endpoint,
+                                              "BERTFLOW_HOME": "s3://no-such-bucket/home"}, check=False))
+    assert "the bucket 'no-such-bucket' does not exist" in line and "create it" in line
+
+    guarded, guarded_endpoint = _start_s3_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        line = _one_error_line(bertflow(["ingest", str(source), "--name", "a"],
+                                        {**env, "AWS_ENDPOINT_URL": guarded_endpoint,
+                                         "BERTFLOW_HOME": "s3://guarded/home"}, check=False))
+        assert "refused access" in line and "AWS_ACCESS_KEY_ID" in line
+    finally:
+        guarded.terminate()
+        guarded.wait(timeout=30)
+    import duckdb
+
+    for catalog in (tmp_path / "machine-a").rglob("catalog.duckdb"):
+        with duckdb.connect(str(catalog), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM artifacts").fetchone()[0] == 0
