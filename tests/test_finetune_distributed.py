@@ -92,3 +92,27 @@ def test_two_gloo_ranks_select_and_stop_as_one_process_with_the_same_global_batc
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert ddp.fingerprint in again.stdout
     assert len(ArtifactStore().catalog.list(kind="finetune", all_versions=True)) == 2
+
+
+@pytest.mark.slow  # two torchrun launches: ~35 s on 2 cores
+def test_a_sweep_trains_every_setting_on_both_ranks_and_an_input_error_releases_the_other_rank(
+        home: Path, tmp_path: Path):
+    from storage.artifacts import ArtifactStore
+
+    bert = _tiny_bert_without_dropout(tmp_path / "bert")
+    train = write_tsv(tmp_path / "train.tsv", SENTIMENT)
+    argv = ["finetune", "--model", str(bert), "--task-type", "classification", "--train", str(train),
+            "--test", str(train), "--epochs", "8", "--batch-size", "2", "--lr", "3e-3", "--warmup-ratio", "0",
+            "--eval-every", "4", "--device", "cpu", "--precision", "fp32"]
+    done = _torchrun([*argv, "--dev", str(train), "--name", "sw", "--sweep", "lr=1e-6,3e-3"], home)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = ArtifactStore()
+    trials = [store.resolve(f"sw.trial-{i}", kind="finetune").manifest["stats"] for i in range(2)]
+    assert [t["world_size"] for t in trials] == [2, 2] and [t["steps"] for t in trials] == [16, 16]
+    assert store.resolve("sw", kind="finetune").manifest["stats"]["selected"] == "sw.trial-1"
+
+    # Rank 0 fails before training: the other rank is released, the launch fails with rank 0's line.
+    dev = write_tsv(tmp_path / "dev.tsv", [("good movie", "2")])
+    failed = _torchrun([*argv, "--dev", str(dev), "--name", "bad"], home)
+    assert failed.returncode != 0
+    assert "error: " in failed.stderr and "do not occur in the training file" in failed.stderr
