@@ -220,3 +220,33 @@ def prefect_api() -> Iterator[None]:
     url = background_server.ensure_running(home.state_dir)
     with background_server.client(home.state_dir), temporary_settings(updates={PREFECT_API_URL: url}):
         yield
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_as_ranks(device: str, lead: Any, follow: Any, release: Any) -> Any:
+    """A stage command under torchrun: global rank 0 runs `lead()` (the flow) and returns its
+    result; the other ranks run `follow()` (train what rank 0 sends) and return None. `release()`
+    runs on rank 0 after the flow, whatever its outcome, so waiting ranks learn there is nothing
+    (more) to train."""
+    import torch
+    import torch.distributed as dist
+
+    if device != "cpu" and torch.cuda.is_available():
+        # Before any collective: NCCL sends rank 0's objects over each rank's own GPU.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    try:
+        if dist.get_rank() != 0:
+            follow()
+            return None
+        try:
+            return lead()
+        finally:
+            release()
+    finally:
+        dist.destroy_process_group()

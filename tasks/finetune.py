@@ -12,6 +12,10 @@ evaluation; the core selects the best evaluation's weights, stops early on reque
 from the run's checkpoints. `--mode feature` freezes the embeddings and encoder layers, so only
 the head (and pooler) train. Reading and encoding the files: `tasks/finetune_splits.py`;
 prediction and embeddings: `tasks/finetune_inference.py`; sweeps: `tasks/finetune_sweep.py`.
+
+Distributed: under `torchrun`, rank 0 runs the Prefect flow and sends each prepared training job
+(`FinetuneJob`: one per trained sweep setting) to the other ranks (`follow_rank0`); every rank
+trains it with `train_job`, and rank 0 evaluates, selects and writes the artifact.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,7 +38,7 @@ from tasks.finetune_splits import (SplitData, encode_split, guess_language, read
                                    model_label, unknown_piece_warning)
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
 from tasks.training import train as train_loop
-from tasks.training.setup import steps_for, warmup_steps
+from tasks.training.setup import Processes, steps_for, warmup_steps
 
 STAGE = "finetune"
 STAGE_VERSION = "4"  # bump when the output of the same inputs and parameters changes
@@ -53,9 +58,10 @@ def train_model(model: Any, train_features: list[dict], *, config: FinetuneConfi
     steps, and at the last), keep the best weights (restored before returning), stop early after
     `early_stopping` evaluations without improvement. `evaluate(model)` returns an Evaluation
     whose metrics hold the selection metric."""
+    world = Processes.current().world
     per_epoch = math.ceil(len(train_features) / config.batch_size)  # micro-batches
-    total_steps = steps_for(per_epoch, config.grad_accum, config.epochs)
-    steps_per_epoch = math.ceil(per_epoch / config.grad_accum)
+    total_steps = steps_for(per_epoch, config.grad_accum * world, config.epochs)
+    steps_per_epoch = epoch_steps(len(train_features), config, world)
 
     def plan_epoch(epoch: int) -> list[Any]:
         order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(config.seed + epoch))
@@ -73,10 +79,17 @@ def train_model(model: Any, train_features: list[dict], *, config: FinetuneConfi
         save_every=config.save_every or eval_every, log_every=max(10, total_steps // 20), seed=config.seed,
         select_metric=config.metric_name, early_stopping=config.early_stopping)
     description = (f"{len(train_features):,} training sequences, {config.epochs} epoch(s) × {steps_per_epoch:,} steps"
-                   f" of {config.batch_size * config.grad_accum}, peak lr {config.lr:g}")
+                   f" of {config.batch_size * config.grad_accum * world}, peak lr {config.lr:g}")
+    if world > 1:
+        description += (f" ({config.batch_size}/micro-batch × {config.grad_accum} accum × {world} processes)")
     return train_loop(model, task_loss, EpochBatches(per_epoch, plan=plan_epoch, load=load_epoch), settings,
                       evaluate=evaluate, checkpoints=checkpoints, identity=identity, callbacks=callbacks,
                       name=config.name, description=description)
+
+
+def epoch_steps(train_sequences: int, config: FinetuneConfig, world: int = 1) -> int:
+    """Optimizer steps per epoch: each takes grad_accum micro-batches on each of `world` processes."""
+    return math.ceil(math.ceil(train_sequences / config.batch_size) / (config.grad_accum * world))
 
 
 def dev_history(result: TrainResult, config: FinetuneConfig, steps_per_epoch: int) -> list[dict[str, Any]]:
@@ -222,27 +235,13 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     check_model_fits(config, check_bert_directory(model["path"]))
     tokenizer = load_tokenizer(model["path"])
     task_data = prepare_task(config, tokenizer, data, log, tokenizer_dir=model_label(model))
-    net = build_model(config.task_type, model["path"], task_data.labels, seed=config.seed, mode=config.mode)
-    if config.task_type in ("classification", "pair") and net.config.problem_type is None:
-        # What transformers records in config.json at the first training forward, set before it:
-        # a run resumed at its last step trains no more, and must write the same artifact.
-        net.config.problem_type = "regression" if net.config.num_labels == 1 else "single_label_classification"
-
-    def evaluate(current: Any) -> Evaluation:
-        rows = predict_split(config, current, task_data.splits["dev"], task_data.labels, pad_id=tokenizer.pad_token_id)
-        metrics = score_predictions(config.task_type, rows, task_data.labels, task_data.language,
-                                    config.positive_label)
-        if config.metric_name not in metrics:
-            raise BertflowError(f"--selection-metric {config.metric_name} is not among the dev metrics"
-                                f" ({', '.join(summary_metrics(metrics))})")
-        return Evaluation(step=0, metrics=metrics, payload=rows)
-
-    checkpoints = RunCheckpoints(finetune_run_dir(config.name), keep=config.keep_checkpoints)
-    result = train_model(net, task_data.splits["train"].features, config=config, pad_id=tokenizer.pad_token_id,
-                         evaluate=evaluate, callbacks=callbacks, checkpoints=checkpoints,
-                         identity=trajectory_identity(config, model, data))
-    steps_per_epoch = math.ceil(math.ceil(len(task_data.splits["train"].features) / config.batch_size)
-                                / config.grad_accum)
+    job = FinetuneJob(config=config, model_path=model["path"], labels=task_data.labels, language=task_data.language,
+                      train=task_data.splits["train"], dev=task_data.splits["dev"], pad_id=tokenizer.pad_token_id,
+                      run_dir=str(finetune_run_dir(config.name)), identity=trajectory_identity(config, model, data))
+    _send_to_followers(job)
+    net, result = train_job(job, callbacks)
+    _followers.training = False
+    steps_per_epoch = epoch_steps(len(task_data.splits["train"].features), config, result.world_size)
     history = dev_history(result, config, steps_per_epoch)
     best = result.best
     test_metrics, test_rows = None, None
@@ -263,7 +262,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
                  "best_step": best.step, "steps": result.steps, "stopped_early": result.stopped_early,
                  "resumed_from_step": result.resumed_from, "precision": result.precision,
                  "train_seconds": round(result.seconds, 2), "seconds": round(time.perf_counter() - started, 2),
-                 "device": result.device, **task_data.notes,
+                 "device": result.device, "world_size": result.world_size, **task_data.notes,
                  "warnings": run_warnings(config, best.metrics, test_metrics, task_data.notes)}
         write_json(writer.dir / METRICS_FILE, {"dev": best.metrics, "test": test_metrics, "history": history,
                                                **evaluation_notes(stats)})
@@ -271,9 +270,90 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
             manifest=_finetune_manifest(config, task_data, model),
             parents=[model["id"]] if model.get("id") else [], params=config.model_dump(mode="json"),
             stats=stats, cache_key=cache_key, stage_version=STAGE_VERSION)
-    checkpoints.remove_checkpoints()
+    RunCheckpoints(Path(job.run_dir)).remove_checkpoints()
     _log_run_metrics(store, config.name, history, best, test_metrics)
     return small_manifest(artifact)
+
+
+@dataclass
+class FinetuneJob:
+    """What `train_job` needs, read, encoded and validated by rank 0 (sent to the other ranks as is)."""
+
+    config: FinetuneConfig
+    model_path: str  # the encoder's Hugging Face directory: every rank sees the data home
+    labels: list[str] | None
+    language: str
+    train: SplitData
+    dev: SplitData
+    pad_id: int
+    run_dir: str
+    identity: dict[str, Any]  # a checkpoint of another identity is refused
+
+
+def train_job(job: FinetuneJob, callbacks: Sequence[Callback] = ()) -> tuple[Any, TrainResult]:
+    """Build the model (encoder + seeded head) and train it → (model with the best dev weights on
+    rank 0, the result). Every rank runs this; only rank 0 evaluates."""
+    from storage.checkpoints import RunCheckpoints
+
+    config = job.config
+    net = build_model(config.task_type, job.model_path, job.labels, seed=config.seed, mode=config.mode)
+    if config.task_type in ("classification", "pair") and net.config.problem_type is None:
+        # What transformers records in config.json at the first training forward, set before it:
+        # a run resumed at its last step trains no more, and must write the same artifact.
+        net.config.problem_type = "regression" if net.config.num_labels == 1 else "single_label_classification"
+
+    def evaluate(current: Any) -> Evaluation:
+        rows = predict_split(config, current, job.dev, job.labels, pad_id=job.pad_id)
+        metrics = score_predictions(config.task_type, rows, job.labels, job.language, config.positive_label)
+        if config.metric_name not in metrics:
+            raise BertflowError(f"--selection-metric {config.metric_name} is not among the dev metrics"
+                                f" ({', '.join(summary_metrics(metrics))})")
+        return Evaluation(step=0, metrics=metrics, payload=rows)
+
+    checkpoints = RunCheckpoints(Path(job.run_dir), keep=config.keep_checkpoints)
+    result = train_model(net, job.train.features, config=config, pad_id=job.pad_id, evaluate=evaluate,
+                         callbacks=callbacks, checkpoints=checkpoints, identity=job.identity)
+    return net, result
+
+
+class _Followers:
+    """Rank 0's side of the conversation with the other ranks (under torchrun)."""
+
+    released = False  # they were sent None and have left
+    training = False  # a job was sent and rank 0 has not finished training it
+
+
+_followers = _Followers()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _send_to_followers(job: FinetuneJob | None) -> None:
+    if _followers.released or not _distributed():
+        return
+    torch.distributed.broadcast_object_list([job], src=0)
+    _followers.released, _followers.training = job is None, job is not None
+
+
+def release_followers() -> None:
+    """Rank 0, after the flow: tell waiting ranks there is nothing (more) to train. Not while a
+    job is in training (rank 0 failed in it): the others are inside a collective then, and
+    torchrun stops them when rank 0 exits."""
+    if not _followers.training:
+        _send_to_followers(None)
+
+
+def follow_rank0() -> None:
+    """Ranks > 0 under torchrun: train each job rank 0 sends (a sweep sends one per setting it
+    trains) until it sends None."""
+    while True:
+        box: list[Any] = [None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        train_job(box[0])
 
 
 def _finetune_manifest(config: FinetuneConfig, task_data: PreparedTask, model: dict) -> dict[str, Any]:

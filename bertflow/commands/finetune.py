@@ -9,7 +9,7 @@ from typing import Any
 
 from bertflow.errors import BertflowError
 from bertflow.options import ConfigOptions, add_command, add_stage_parser
-from bertflow.runtime import run_flow
+from bertflow.runtime import run_as_ranks, run_flow, under_torchrun
 
 OPTIONS = ConfigOptions("tasks.finetune_config:FinetuneConfig", required=("task_type", "train", "dev"),
                         sections=(("format", "file format"), ("mode", "training")))
@@ -50,7 +50,17 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_name(args.name)
     from flows.finetune import finetune_flow
 
-    manifest = run_flow(finetune_flow, config=config, refresh=args.refresh, restart=args.restart)
+    if under_torchrun():
+        from tasks.finetune import follow_rank0, release_followers
+
+        # Rank 0 runs the flow and sends each training job; the other ranks train them and print nothing.
+        manifest = run_as_ranks(config.device, lambda: run_flow(finetune_flow, config=config, refresh=args.refresh,
+                                                                restart=args.restart),
+                                follow_rank0, release_followers)
+        if manifest is None:
+            return 0
+    else:
+        manifest = run_flow(finetune_flow, config=config, refresh=args.refresh, restart=args.restart)
     print(json.dumps(manifest, indent=2) if args.json else format_summary(manifest))
     return 0
 

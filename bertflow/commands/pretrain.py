@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from bertflow.errors import BertflowError
 from bertflow.options import ConfigOptions, add_command, add_stage_parser
-from bertflow.runtime import run_flow
+from bertflow.runtime import run_as_ranks, run_flow, under_torchrun
 
 PRESET_NAMES = "tiny, mini, small, medium, base, large"
 OPTIONS = ConfigOptions("tasks.pretrain_config:PretrainConfig", exclusive=(("steps", "epochs"),))
@@ -40,10 +39,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="one JSON object per text (stable keys; docs/artifacts-and-catalog.md#json-output)")
 
 
-def _under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def run(args: argparse.Namespace) -> int:
     """Pretrain BERT on a pretraining-data artifact (CUDA when available, else CPU; DDP under
     torchrun). Checkpoints go to <home>/runs/pretrain/NAME; re-running the same command resumes.
@@ -51,29 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from tasks.pretrain import format_summary
 
     config = OPTIONS.config(args)
-    if _under_torchrun():
-        import torch.distributed as dist
-
+    if under_torchrun():
         from tasks.pretrain import follow_rank0, release_followers
 
-        if _cuda_wanted(args.device):
-            import torch
-
-            # Before any collective: NCCL sends rank 0's run spec over each rank's own GPU.
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend="nccl")
-        else:
-            dist.init_process_group(backend="gloo")
-        try:
-            if dist.get_rank() != 0:
-                follow_rank0()  # rank 0 runs the flow and sends what to train
-                return 0
-            try:
-                manifest = _run(config, args)
-            finally:
-                release_followers()
-        finally:
-            dist.destroy_process_group()
+        # Rank 0 runs the flow and sends what to train; the other ranks train it and print nothing.
+        manifest = run_as_ranks(args.device, lambda: _run(config, args), follow_rank0, release_followers)
+        if manifest is None:
+            return 0
     else:
         manifest = _run(config, args)
     print(json.dumps(manifest, indent=2) if args.json else format_summary(manifest))
@@ -84,12 +63,6 @@ def _run(config, args: argparse.Namespace) -> dict:
     from flows.pretrain import pretrain_flow
 
     return run_flow(pretrain_flow, config=config, data=args.data, refresh=args.refresh, restart=args.restart)
-
-
-def _cuda_wanted(device: str) -> bool:
-    import torch
-
-    return device != "cpu" and torch.cuda.is_available()
 
 
 def _model_dir(model: str) -> Path:

@@ -19,7 +19,9 @@ the stage resumes from it.
 
 Distributed (torchrun): micro-batch g of the global stream goes to rank g % world, so N ranks
 with grad_accum A see the examples of one process with grad_accum N·A. Rank 0 evaluates,
-reports and writes checkpoints.
+reports and writes checkpoints. When selecting, rank 0 alone keeps the best weights (it is the
+rank that exports them); with early stopping it sends its decision to the other ranks after
+each evaluation, so that every rank leaves the loop at the same step.
 """
 
 from __future__ import annotations
@@ -116,8 +118,6 @@ def train(model: torch.nn.Module, objective: Objective, batches: EpochBatches, s
           description: str = "") -> TrainResult:
     s = settings
     processes = Processes.current()
-    if s.select_metric and processes.distributed:
-        raise BertflowError("selecting the best evaluation needs a single process; run without torchrun")
     device = place_on_device(s.device)
     precision = resolve_precision(s.precision, device.type)
     autocast = autocast_for(precision, device.type)
@@ -159,8 +159,8 @@ def train(model: torch.nn.Module, objective: Objective, batches: EpochBatches, s
             step = progress.step
             last = step == s.total_steps
             progress.pending.append((step, loss, lr, grad_norm))
-            evaluating = evaluate is not None and processes.master and (
-                last or bool(s.eval_every and step % s.eval_every == 0))
+            evaluation_step = evaluate is not None and (last or bool(s.eval_every and step % s.eval_every == 0))
+            evaluating = evaluation_step and processes.master
             saving = checkpoints is not None and (last or bool(s.save_every and step % s.save_every == 0))
             logging_now = step % s.log_every == 0 or last
             if logging_now or evaluating or saving:
@@ -174,6 +174,8 @@ def train(model: torch.nn.Module, objective: Objective, batches: EpochBatches, s
             events.on_step(step)
             if evaluating:
                 stopped_early = _evaluate(model, evaluate, autocast, progress, s, events)
+            if evaluation_step and s.early_stopping and processes.distributed:
+                stopped_early = _rank0_decides(stopped_early, device)
             saved = saving or (stopped_early and checkpoints is not None)
             if saved:
                 _save(checkpoints, model, trainable, progress, s, identity, processes)
@@ -281,6 +283,13 @@ def _flush(progress: _Progress) -> None:
     progress.history.extend({"kind": "train", "step": step, "loss": float(loss), "lr": lr, "grad_norm": float(norm)}
                             for step, loss, lr, norm in progress.pending)
     progress.pending.clear()
+
+
+def _rank0_decides(decision: bool, device: torch.device) -> bool:
+    """Rank 0's decision on every rank (the others wait for it while rank 0 evaluates)."""
+    flag = torch.tensor(int(decision), device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag)
 
 
 def _all_ranks_sum(value: int, device: torch.device, processes: Processes) -> int:
