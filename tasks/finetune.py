@@ -235,7 +235,7 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     check_model_fits(config, check_bert_directory(model["path"]))
     tokenizer = load_tokenizer(model["path"])
     task_data = prepare_task(config, tokenizer, data, log, tokenizer_dir=model_label(model))
-    job = FinetuneJob(config=config, model_path=model["path"], labels=task_data.labels, language=task_data.language,
+    job = FinetuneJob(config=config, model_path=model["path"], model_id=model.get("id"), labels=task_data.labels, language=task_data.language,
                       train=task_data.splits["train"], dev=task_data.splits["dev"], pad_id=tokenizer.pad_token_id,
                       run_dir=str(finetune_run_dir(config.name)), identity=trajectory_identity(config, model, data))
     _send_to_followers(job)
@@ -280,7 +280,7 @@ class FinetuneJob:
     """What `train_job` needs, read, encoded and validated by rank 0 (sent to the other ranks as is)."""
 
     config: FinetuneConfig
-    model_path: str  # the encoder's Hugging Face directory: every rank sees the data home
+    model_path: str  # the encoder's Hugging Face directory, as rank 0 reads it
     labels: list[str] | None
     language: str
     train: SplitData
@@ -288,6 +288,7 @@ class FinetuneJob:
     pad_id: int
     run_dir: str
     identity: dict[str, Any]  # a checkpoint of another identity is refused
+    model_id: str | None = None  # the encoder's artifact id, when it is one
 
 
 def train_job(job: FinetuneJob, callbacks: Sequence[Callback] = ()) -> tuple[Any, TrainResult]:
@@ -353,7 +354,19 @@ def follow_rank0() -> None:
         torch.distributed.broadcast_object_list(box, src=0)
         if box[0] is None:
             return
-        train_job(box[0])
+        train_job(_on_this_machine(box[0]))
+
+
+def _on_this_machine(job: FinetuneJob) -> FinetuneJob:
+    """A rank on another machine than rank 0 reads the encoder at its own path: with an
+    object-store home rank 0's path is its machine's mirror of the artifact."""
+    if Path(job.model_path).is_dir() or not job.model_id:
+        return job
+    from dataclasses import replace
+
+    from storage.artifacts import ArtifactStore
+
+    return replace(job, model_path=ArtifactStore().load_by_id(job.model_id).path)
 
 
 def _finetune_manifest(config: FinetuneConfig, task_data: PreparedTask, model: dict) -> dict[str, Any]:

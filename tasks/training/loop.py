@@ -362,12 +362,26 @@ def _plain(value: Any) -> Any:
     return json.dumps(value, default=float)
 
 
+def _same_checkpoint_on_every_rank(checkpoint: dict[str, Any] | None, directory: Any) -> None:
+    """Every rank reads the run's newest checkpoint itself: ranks on machines that do not share the
+    run directory would resume from different steps and train on different data."""
+    steps: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(steps, None if checkpoint is None else checkpoint["step"])
+    if len(set(steps)) > 1:
+        found = ", ".join(f"rank {rank}: {'none' if step is None else f'step {step}'}" for rank, step in enumerate(steps))
+        raise BertflowError(f"{directory}: the ranks found different checkpoints to resume from ({found}); every"
+                            " machine must see the run directory at this path (put BERTFLOW_STATE, or the data"
+                            " home, on a shared filesystem) or pass --restart")
+
+
 def _resume(model: torch.nn.Module, trainable: tuple[Any, Any, Any], checkpoints: Checkpoints | None,
             identity: dict[str, Any] | None, processes: Processes, events: Subscribers) -> _Progress:
     progress = _Progress()
     if checkpoints is None:
         return progress
     checkpoint = checkpoints.load_latest(on_damaged=events.on_note)
+    if processes.distributed:
+        _same_checkpoint_on_every_rank(checkpoint, checkpoints.directory)
     if checkpoint is None:
         return progress
     if checkpoint["identity"] != (identity or {}):
