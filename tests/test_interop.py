@@ -333,10 +333,20 @@ def test_every_command_that_prints_a_result_has_json():
     from bertflow.options import expand_all
 
     parser = expand_all(build_parser())
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    def commands_of(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+        """Every command, a group's actions included (`catalog sync`)."""
+        found = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    nested = commands_of(sub, f"{prefix}{name} ")
+                    found.update(nested or {f"{prefix}{name}": sub})
+        return found
+
+    commands = commands_of(parser)
     with_json = {name for name, sub in commands.items() if any("--json" in a.option_strings for a in sub._actions)}
     # server and serve run until stopped; completion prints a shell script
-    assert set(commands) - with_json == {"server", "serve", "completion"}
+    assert set(commands) - with_json == {"server", "serve", "completion"} and "catalog sync" in commands
 
 
 def test_run_report_and_a_cached_run_as_json(chain):

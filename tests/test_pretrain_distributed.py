@@ -69,11 +69,12 @@ def _launch_node(port: int, job: str, argv: list[str], env: dict, log: Path) -> 
 
 @pytest.mark.slow  # two 2-node launches plus the reference run: ~90 s on 2 cores
 @pytest.mark.timeout(600)
-def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(home: Path, tmp_path: Path):
+def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(s3_home: str, tmp_path: Path):
     """`torchrun --nnodes 2` with a c10d rendezvous on 127.0.0.1 (two launchers standing in for two
-    machines that share the data home): one node is killed after a checkpoint, the other stops by
-    itself, the same two commands resume from the checkpoint, and the whole loss trajectory is the
-    one process's with the same global batch."""
+    machines that share the data home, here on the S3 server: every rank streams the shards from
+    it): one node is killed after a checkpoint, the other stops by itself, the same two commands
+    resume from the checkpoint, and the whole loss trajectory is the one process's with the same
+    global batch."""
     import contextlib
     import time
 
@@ -89,7 +90,7 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(home: Path, tm
     single = train_once(data, name="single", batch_size=4, grad_accum=2, model=str(config), steps=steps,
                         lr=1e-3, warmup=2, eval_instances=16, save_every=save_every, eval_every=1000)
 
-    env = {**os.environ, "BERTFLOW_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the S3 home, its endpoint and this machine's state
     env.pop("PREFECT_API_URL", None)
     argv = ["pretrain", "--data", data["name"], "--name", "nodes", "--model", str(config), "--steps", str(steps),
             "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--warmup", "2", "--eval-instances", "16",
@@ -133,3 +134,4 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(home: Path, tm
     assert node_losses == pytest.approx(single_losses, rel=1e-4, abs=1e-4)
     model = ArtifactStore().resolve("nodes", kind="model")
     assert model.manifest["stats"]["world_size"] == 2
+    assert model.manifest["path"].startswith(s3_home) and data["path"].startswith(s3_home)
