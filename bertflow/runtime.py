@@ -29,9 +29,7 @@ def configure_environment() -> None:
         # Without a server, Prefect's run history lives beside our artifacts, not in ~/.prefect.
         from storage.home import DataHome
 
-        home = DataHome.from_env()
-        if home.is_local:
-            os.environ["PREFECT_HOME"] = str(home.state_dir / "prefect")
+        os.environ["PREFECT_HOME"] = str(DataHome.from_env().state_dir / "prefect")
 
 
 class _DropUserErrorTracebacks(logging.Filter):
@@ -98,8 +96,6 @@ def log_file_path() -> Any:
     from storage.home import DataHome
 
     home = DataHome.from_env()
-    if not home.is_local:
-        return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(home.state_dir) / "logs" / f"{stamp}-{_COMMAND}-{os.getpid()}.log"
 
@@ -177,8 +173,9 @@ def _no_flow_heartbeats() -> Iterator[None]:
 
 
 def _background_server_home() -> Any:
-    """The local data home whose background server this process should use, or None (a Prefect
-    API is configured, BERTFLOW_SERVER=ephemeral, or the home is on an object store)."""
+    """The data home whose background server this process should use, or None (a Prefect API is
+    configured, or BERTFLOW_SERVER=ephemeral). The server lives in the home's state directory,
+    which is on this machine's disk for an object-store home too."""
     from bertflow import background_server
     from storage.home import DataHome
 
@@ -189,8 +186,7 @@ def _background_server_home() -> Any:
 
         if get_current_settings().api.url:
             return None
-    home = DataHome.from_env()
-    return home if home.is_local else None
+    return DataHome.from_env()  # its state directory is local, for an object-store home too
 
 
 def start_prefect_api_early() -> None:
@@ -207,8 +203,7 @@ def start_prefect_api_early() -> None:
 def prefect_api() -> Iterator[None]:
     """Runs go to the configured Prefect API when there is one (PREFECT_API_URL, a test
     harness), else to the data home's background server (bertflow/background_server.py), started
-    on first use; Prefect's temporary per-command server only with BERTFLOW_SERVER=ephemeral or a
-    data home on an object store."""
+    on first use; Prefect's temporary per-command server only with BERTFLOW_SERVER=ephemeral."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from bertflow import background_server

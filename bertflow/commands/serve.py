@@ -14,7 +14,6 @@ runs), its whole process group is killed, so `bertflow serve` always stops.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -50,7 +49,7 @@ def require_server(command: str = "serve") -> str:
         from storage.home import DataHome
 
         home = DataHome.from_env()
-        if background_server.mode() == "auto" and home.is_local:
+        if background_server.mode() == "auto":
             # The data home's background server; the runner child finds it through the environment.
             url = background_server.ensure_running(home.state_dir)
             os.environ["PREFECT_API_URL"] = url
@@ -172,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
     from bertflow import background_server
 
     home = DataHome.from_env()
-    serving = background_server.client(home.state_dir) if home.is_local else contextlib.nullcontext()
-    with serving:  # the background server's idle timer waits while this serves
+    with background_server.client(home.state_dir):  # the background server's idle timer waits while this serves
         return supervise({"name": name, "cron": args.cron, "timezone": args.timezone,
                           "parameters": {"config": config.model_dump(mode="json")}})

@@ -272,11 +272,7 @@ def _refuse_if_background_runs(prefect_home: Path) -> None:
 def _home_state_dir() -> Path:
     from storage.home import DataHome
 
-    home = DataHome.from_env()
-    if not home.is_local:
-        raise BertflowError(f"BERTFLOW_HOME={home.root} is not a local folder: there is no background server"
-                            " for it; set PREFECT_API_URL to a server of your own")
-    return home.state_dir
+    return DataHome.from_env().state_dir  # on this machine's disk, for an object-store home too
 
 
 def _status() -> int:
