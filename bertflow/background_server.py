@@ -292,6 +292,18 @@ class _Stop(Exception):
     pass
 
 
+PORT_ATTEMPTS = 3
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
@@ -305,31 +317,41 @@ def supervise(state_dir: Path) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     lock = hold_database_lock(prefect_home)
-    port = _free_port()
-    env = {**server_environment("127.0.0.1", port), "PREFECT_HOME": str(prefect_home),
-           "PREFECT_UI_API_URL": api_url("127.0.0.1", port)}
-    url = api_url("127.0.0.1", port)
-    state = {"pid": os.getpid(), "owner": this_process_owner(), "port": port, "url": url,
-             "ui": f"http://127.0.0.1:{port}", "started": time.time(), "ready": False}
+    state: dict = {"pid": os.getpid(), "owner": this_process_owner(), "started": time.time(), "ready": False}
     state_path = prefect_home / STATE_FILE
+    log_path = prefect_home / "server.log"
 
     def write_state() -> None:
         _write(state_path, state)
 
+    def start_on_a_free_port() -> subprocess.Popen:
+        port = _free_port()
+        env = {**server_environment("127.0.0.1", port), "PREFECT_HOME": str(prefect_home),
+               "PREFECT_UI_API_URL": api_url("127.0.0.1", port)}
+        state.update(port=port, url=api_url("127.0.0.1", port), ui=f"http://127.0.0.1:{port}")
+        return start_server("127.0.0.1", port, env, log_path)
+
     database, template = prefect_home / "prefect.db", _template_path()
     fresh = not database.exists() and not _copy_template(template, database)
-    child = start_server("127.0.0.1", port, env, prefect_home / "server.log")
+    child = start_on_a_free_port()
     try:
         write_state()
-        while not is_healthy(url):
+        # The port was free when chosen; another process may bind it before the server does.
+        attempts = 1
+        while not is_healthy(state["url"]):
             if child.poll() is not None:
+                if attempts < PORT_ATTEMPTS and "already in use" in _log_tail(log_path):
+                    attempts += 1
+                    child = start_on_a_free_port()
+                    write_state()
+                    continue
                 return child.returncode or 1
             time.sleep(0.2)
         if fresh:
             _save_template(template, database)
         state["ready"] = True
         write_state()
-        print(f"background Prefect server for {state_dir} on {url} (pid {os.getpid()})", flush=True)
+        print(f"background Prefect server for {state_dir} on {state['url']} (pid {os.getpid()})", flush=True)
         idle_since, limit = time.time(), idle_seconds()
         while child.poll() is None:
             time.sleep(POLL_S)

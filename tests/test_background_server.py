@@ -227,3 +227,38 @@ def test_flow_heartbeats_are_off_unless_asked_for(monkeypatch):
     monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "180")
     with _no_flow_heartbeats():  # the user asked for heartbeats: the setting is left alone
         assert get_current_settings().flows.heartbeat_frequency == 180
+
+
+@pytest.mark.timeout(300)
+def test_a_port_taken_before_the_server_binds_it_is_replaced_by_another(tmp_path: Path):
+    """The supervisor picks a free port, then starts Prefect on it; another process (a torchrun
+    rendezvous, a second server) may bind it in between. The server then starts on another port."""
+    import signal
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    state_dir = tmp_path / "home"
+    state_dir.mkdir()
+    script = ("import sys\n"
+              "from pathlib import Path\n"
+              "from bertflow import background_server\n"
+              f"ports, real = iter([{port}]), background_server._free_port\n"
+              "background_server._free_port = lambda: next(ports, None) or real()\n"
+              "sys.exit(background_server.supervise(Path(sys.argv[1])))\n")
+    supervisor = subprocess.Popen([sys.executable, "-c", script, str(state_dir)], env=_env(state_dir), cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (state_dir / "prefect-server" / "background.json").exists() or not _state(state_dir)["ready"]:
+            assert supervisor.poll() is None and time.monotonic() < deadline, supervisor.communicate()[0][-3000:]
+            time.sleep(0.2)
+        state = _state(state_dir)
+        assert state["port"] != port and state["url"].startswith(f"http://127.0.0.1:{state['port']}/")
+        assert "already in use" in (state_dir / "prefect-server" / "server.log").read_text()
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=60)
+        taken.close()
