@@ -11,6 +11,11 @@ A checkpoint is written to a temp file, fsynced and renamed into place; the mark
 last, the same way. Only a file with a marker whose size and digest match is trusted, so a crash
 mid-write, a truncated copy or a flipped byte makes `load_latest` fall back to the previous
 intact checkpoint (and say which file it skipped and why).
+
+With the data home on an object store, the state directory is one machine's. Each checkpoint
+is then also uploaded to `<home>/runs/<stage>/<name>/` (the file, then its marker), and a run
+that finds a newer checkpoint there than on its own disk downloads it first: a run resumes on
+any machine, and every rank of a multi-node run reads the same checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -99,12 +104,26 @@ def _marker(path: Path) -> Path:
     return path.with_name(path.name + MARKER_SUFFIX)
 
 
+def _store_copy_of(directory: Path) -> str | None:
+    """The run's folder in an object-store home (None for a local home: the directory is in it)."""
+    home = DataHome.from_env()
+    parts = Path(directory).parts
+    if home.is_local or len(parts) < 3 or parts[-3] != "runs":
+        return None
+    return home.join("runs", parts[-2], parts[-1])
+
+
 @dataclass
 class RunCheckpoints:
-    """The checkpoints of one training run (one directory)."""
+    """The checkpoints of one training run (one directory, and its copy in an object-store home)."""
 
     directory: Path
     keep: int = 2
+    remote: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.remote is None:
+            self.remote = _store_copy_of(self.directory)
 
     def save(self, step: int, checkpoint: dict[str, Any]) -> Path:
         """Write `checkpoint` as step `step`; delete all but the newest `keep`."""
@@ -124,7 +143,51 @@ class RunCheckpoints:
         for old in self.list()[:-self.keep] if self.keep > 0 else []:
             _marker(old).unlink(missing_ok=True)
             old.unlink(missing_ok=True)
+        if self.remote:
+            self._upload(final)
         return final
+
+    # -- the copy in an object-store home ---------------------------------------------------
+
+    def _remote_markers(self) -> dict[str, str]:
+        """Marker name → its path on the store's filesystem."""
+        from storage.home import filesystem, store_errors
+
+        fs, root = filesystem(self.remote)
+        with store_errors(self.remote):
+            found = fs.glob(f"{root}/{STEP_PREFIX}*{SUFFIX}{MARKER_SUFFIX}")
+        return {path.rsplit("/", 1)[1]: path for path in found}
+
+    def _upload(self, final: Path) -> None:
+        from storage.home import filesystem, store_errors
+
+        fs, root = filesystem(self.remote)
+        with store_errors(self.remote):
+            fs.put_file(str(final), f"{root}/{final.name}")
+            fs.put_file(str(_marker(final)), f"{root}/{_marker(final).name}")  # last: the copy is complete
+            kept = {_marker(p).name for p in self.list()}
+            for name, path in self._remote_markers().items():
+                if name not in kept:
+                    fs.rm([path, path[: -len(MARKER_SUFFIX)]])
+
+    def _fetch_newer(self) -> None:
+        """Download the store's checkpoints that this machine does not have (a run that resumes on
+        another machine, or a rank on another machine than rank 0)."""
+        from storage.home import filesystem, store_errors
+
+        fs, _ = filesystem(self.remote)
+        local = {_marker(p).name for p in self.list()}
+        for name, marker in sorted(self._remote_markers().items()):
+            if name in local:
+                continue
+            checkpoint = self.directory / name[: -len(MARKER_SUFFIX)]
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp, marker_tmp = _temp_path(checkpoint), _temp_path(_marker(checkpoint))
+            with store_errors(self.remote):
+                fs.get_file(marker[: -len(MARKER_SUFFIX)], str(tmp))
+                fs.get_file(marker, str(marker_tmp))
+            _replace_durably(tmp, checkpoint)
+            _replace_durably(marker_tmp, _marker(checkpoint))
 
     def list(self) -> list[Path]:
         """Checkpoints with a success marker, oldest first (not yet verified)."""
@@ -152,6 +215,8 @@ class RunCheckpoints:
 
     def load_latest(self, on_damaged: Callable[[str], None] = lambda message: None) -> dict[str, Any] | None:
         """The newest intact checkpoint; each damaged newer one is reported and skipped."""
+        if self.remote:
+            self._fetch_newer()
         for path in reversed(self.list()):
             try:
                 return self.load(path)
@@ -164,10 +229,23 @@ class RunCheckpoints:
         for path in self.list():
             path.unlink(missing_ok=True)
             _marker(path).unlink(missing_ok=True)
+        self._remove_remote()
 
     def discard(self) -> None:
         """Forget the run: checkpoints and the files written beside them."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        self._remove_remote()
+
+    def _remove_remote(self) -> None:
+        if not self.remote:
+            return
+        from storage.home import filesystem, store_errors
+
+        fs, _ = filesystem(self.remote)
+        paths = [p for marker in self._remote_markers().values() for p in (marker, marker[: -len(MARKER_SUFFIX)])]
+        if paths:
+            with store_errors(self.remote):
+                fs.rm(paths)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -72,14 +72,14 @@ def _launch_node(port: int, job: str, argv: list[str], env: dict, log: Path) -> 
 def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(s3_home: str, tmp_path: Path):
     """`torchrun --nnodes 2` with a c10d rendezvous on 127.0.0.1 (two launchers standing in for two
     machines that share the data home, here on the S3 server: every rank streams the shards from
-    it): one node is killed after a checkpoint, the other stops by itself, the same two commands
-    resume from the checkpoint, and the whole loss trajectory is the one process's with the same
-    global batch."""
+    it): one node is killed once a checkpoint is in the store, the other stops by itself, the same
+    two commands on "two other machines" (an empty state directory) resume from the store's
+    checkpoint, and the whole loss trajectory is the one process's with the same global batch."""
     import contextlib
     import time
 
     from storage.artifacts import ArtifactStore
-    from storage.checkpoints import checkpoint_step, list_checkpoints, pretrain_run_dir
+    from storage.checkpoints import RunCheckpoints, pretrain_run_dir
 
     data = register_pretraining_data()
     config = tmp_path / "tiny-no-dropout.json"
@@ -97,14 +97,18 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(s3_home: str, 
             "--save-every", str(save_every), "--eval-every", "1000", "--log-every", "1", "--device", "cpu",
             "--precision", "fp32", "--bucket-batches", "4"]
     run_dir = pretrain_run_dir("nodes")
+    stored = RunCheckpoints(run_dir)  # rank 0 uploads each checkpoint to the store as well
+
+    def stored_steps() -> list[int]:
+        return sorted(int(name[len("step-"):].split(".")[0]) for name in stored._remote_markers())
 
     port = _free_port()
     nodes = [_launch_node(port, "first", argv, env, tmp_path / f"node{rank}-first.log") for rank in (0, 1)]
     deadline = time.monotonic() + 300
-    while not (run_dir.is_dir() and list_checkpoints(run_dir)):
+    while not stored_steps():
         assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
             (tmp_path / "node0-first.log").read_text()[-3000:] + (tmp_path / "node1-first.log").read_text()[-3000:]
-        time.sleep(0.05)
+        time.sleep(0.1)
     # The machine of node 1 goes away: its launcher and its worker (torchrun starts workers in
     # sessions of their own, so the launcher's process group is not enough).
     import psutil
@@ -117,9 +121,11 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(s3_home: str, 
     survivor = nodes[0].wait(timeout=180)  # no hang: the other node notices and stops
     assert survivor != 0 and time.monotonic() - started < 180
     nodes[1].wait()
-    done_steps = max(checkpoint_step(p) for p in list_checkpoints(run_dir))
+    done_steps = stored_steps()[-1]
     assert save_every <= done_steps < steps, "the run ended before the kill: nothing was resumed"
 
+    # Relaunched on two other machines (an empty state directory): they resume from the store.
+    env = {**env, "BERTFLOW_STATE": str(tmp_path / "machines-relaunched")}
     port = _free_port()
     nodes = [_launch_node(port, "second", argv, env, tmp_path / f"node{rank}-second.log") for rank in (0, 1)]
     codes = [n.wait(timeout=400) for n in nodes]
@@ -127,7 +133,7 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(s3_home: str, 
     assert codes == [0, 0], logs[-4000:]
     assert f"(resumed from {done_steps:,})" in logs, logs[-4000:]
 
-    history = json.loads((run_dir / "history.json").read_text())
+    history = json.loads(next((tmp_path / "machines-relaunched").rglob("runs/pretrain/nodes/history.json")).read_text())
     node_losses = [h["loss"] for h in history if h["kind"] == "train"]
     single_losses = [h["loss"] for h in single.history if h["kind"] == "train"]
     assert len(node_losses) == steps
