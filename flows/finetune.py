@@ -77,23 +77,6 @@ def select_and_test(config: FinetuneConfig, trials: list[dict[str, Any]], data: 
     return manifest
 
 
-def publish_confusion(name: str, manifest: dict[str, Any]) -> None:
-    """Classification and pair runs: the confusion matrix of their dev predictions, in the UI."""
-    from prefect.artifacts import create_table_artifact
-
-    from storage.finetune_store import read_json, read_predictions
-    from tasks.metrics import confusion_table
-
-    run = read_json(Path(manifest["path"]) / "manifest.json")
-    task = run.get("manifest", run)
-    if task.get("task_type") not in ("classification", "pair"):
-        return
-    rows = read_predictions(manifest["path"], "dev")
-    if rows:
-        create_table_artifact(key=f"finetune-{slug(name)}-confusion", table=confusion_table(rows, task["labels"]),
-                              description=f"finetune {name}: dev confusion matrix (rows gold, columns predicted)")
-
-
 @flow(name="finetune", flow_run_name="finetune-{config.name}", log_prints=True)
 def finetune_flow(config: FinetuneConfig, refresh: bool = False, restart: bool = False) -> dict[str, Any]:
     home = DataHome.from_env()
