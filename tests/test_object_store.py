@@ -215,6 +215,23 @@ def test_upload_killed_midway_is_never_trusted_and_is_swept_by_the_next_run(s3_h
     assert bertflow(["verify"], env).returncode == 0
 
 
+def _read_only_user(endpoint: str, bucket: str) -> dict[str, str]:
+    """The bucket, and the keys of a user who may only read and list it (four requests)."""
+    import boto3
+
+    options = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                   aws_secret_access_key="setup")
+    boto3.client("s3", **options).create_bucket(Bucket=bucket)
+    iam = boto3.client("iam", **options)
+    iam.create_user(UserName="reader")
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    # s3:Head*: moto checks a HEAD request against it (AWS against s3:GetObject).
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:Get*", "s3:List*", "s3:Head*"],
+                                                 "Resource": "*"}]}))
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -223,7 +240,8 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
 
 
 def test_unreachable_store_missing_bucket_and_refused_credentials_are_one_line(s3_endpoint, tmp_path):
-    """Each within a bounded time, exit ≠ 0, nothing registered."""
+    """Each within a bounded time, exit ≠ 0, nothing registered: an unreachable endpoint, a missing
+    bucket, unknown keys, and keys that may read the home but not write it."""
     env = machine_env("machine-a", tmp_path, **CREDENTIALS)
     source = _text_file(tmp_path / "a.txt", 20, seed=4)
 
@@ -238,12 +256,18 @@ def test_unreachable_store_missing_bucket_and_refused_credentials_are_one_line(s
                                               "BERTFLOW_HOME": "s3://no-such-bucket/home"}, check=False))
     assert "the bucket 'no-such-bucket' does not exist" in line and "create it" in line
 
-    guarded, guarded_endpoint = _start_s3_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    # A server that checks credentials and policies once the set-up's four requests are done.
+    guarded, guarded_endpoint = _start_s3_server({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
-        line = _one_error_line(bertflow(["ingest", str(source), "--name", "a"],
-                                        {**env, "AWS_ENDPOINT_URL": guarded_endpoint,
-                                         "BERTFLOW_HOME": "s3://guarded/home"}, check=False))
-        assert "refused access" in line and "AWS_ACCESS_KEY_ID" in line
+        reader = _read_only_user(guarded_endpoint, "guarded")
+        guarded_env = {**env, "AWS_ENDPOINT_URL": guarded_endpoint, "BERTFLOW_HOME": "s3://guarded/home"}
+        line = _one_error_line(bertflow(["ingest", str(source), "--name", "a"], guarded_env, check=False))
+        assert "refused access" in line and "AWS_ACCESS_KEY_ID" in line  # keys the server does not know
+
+        read_only = {**guarded_env, **reader}
+        assert bertflow(["ls"], read_only).stdout.startswith("no artifacts in s3://guarded/home")
+        line = _one_error_line(bertflow(["ingest", str(source), "--name", "a"], read_only, check=False))
+        assert "refused access" in line and "may read and write this bucket" in line
     finally:
         guarded.terminate()
         guarded.wait(timeout=30)
