@@ -29,8 +29,10 @@ def _tiny_bert_without_dropout(root: Path) -> Path:
 
 
 def _torchrun(argv: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BERTFLOW_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
+    from prefect.settings import PREFECT_API_URL
+
+    # Rank 0 records its flow runs on the session's Prefect server; the other ranks never reach it.
+    env = {**os.environ, "BERTFLOW_HOME": str(home), "OMP_NUM_THREADS": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "bertflow.cli", *argv]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400,
@@ -38,7 +40,7 @@ def _torchrun(argv: list[str], home: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # one process, then two ranks plus a Prefect flow start-up: ~35 s on 2 cores
-def test_two_gloo_ranks_select_and_stop_as_one_process_with_the_same_global_batch(home: Path, tmp_path: Path):
+def test_two_gloo_ranks_select_and_stop_as_one_process_with_the_same_global_batch(flow_home: Path, tmp_path: Path):
     import torch
     from safetensors.torch import load_file
 
@@ -66,7 +68,7 @@ def test_two_gloo_ranks_select_and_stop_as_one_process_with_the_same_global_batc
             "--dev", str(train), "--name", "ddp", "--grad-accum", "1"]
     for key, value in SETTINGS.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    done = _torchrun(argv, home)
+    done = _torchrun(argv, flow_home)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     history = json.loads((finetune_run_dir("ddp") / "history.json").read_text())
@@ -92,7 +94,7 @@ def test_two_gloo_ranks_select_and_stop_as_one_process_with_the_same_global_batc
 
 @pytest.mark.slow  # two torchrun launches: ~35 s on 2 cores
 def test_a_sweep_trains_every_setting_on_both_ranks_and_an_input_error_releases_the_other_rank(
-        home: Path, tmp_path: Path):
+        flow_home: Path, tmp_path: Path):
     from storage.artifacts import ArtifactStore
 
     bert = _tiny_bert_without_dropout(tmp_path / "bert")
@@ -100,7 +102,7 @@ def test_a_sweep_trains_every_setting_on_both_ranks_and_an_input_error_releases_
     argv = ["finetune", "--model", str(bert), "--task-type", "classification", "--train", str(train),
             "--test", str(train), "--epochs", "8", "--batch-size", "2", "--lr", "3e-3", "--warmup-ratio", "0",
             "--eval-every", "4", "--device", "cpu", "--precision", "fp32"]
-    done = _torchrun([*argv, "--dev", str(train), "--name", "sw", "--sweep", "lr=1e-6,3e-3"], home)
+    done = _torchrun([*argv, "--dev", str(train), "--name", "sw", "--sweep", "lr=1e-6,3e-3"], flow_home)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store = ArtifactStore()
     trials = [store.resolve(f"sw.trial-{i}", kind="finetune").manifest["stats"] for i in range(2)]
@@ -110,6 +112,6 @@ def test_a_sweep_trains_every_setting_on_both_ranks_and_an_input_error_releases_
     # Rank 0 fails before training: the other rank is released (as on a cache hit, where rank 0
     # has nothing to train either), and the launch fails with rank 0's line.
     dev = write_tsv(tmp_path / "dev.tsv", [("good movie", "2")])
-    failed = _torchrun([*argv, "--dev", str(dev), "--name", "bad"], home)
+    failed = _torchrun([*argv, "--dev", str(dev), "--name", "bad"], flow_home)
     assert failed.returncode != 0
     assert "error: " in failed.stderr and "do not occur in the training file" in failed.stderr

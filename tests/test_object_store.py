@@ -169,7 +169,7 @@ def _uncommitted(home_url: str) -> list[str]:
     return [path for path, objects in store._listing().items() if SUCCESS_MARKER not in objects]
 
 
-def test_upload_killed_midway_is_never_trusted_and_is_swept_by_the_next_run(s3_home, tmp_path):
+def test_upload_killed_midway_is_never_trusted_and_is_swept_by_the_next_run(s3_home, tmp_path, prefect_server):
     """`kill -9` of a writer while it uploads (stopped inside its upload, after the `_WRITING`
     marker and some data): nothing is listed, the same command then commits, and the prefix left
     behind is removed. Another host's upload is left alone until it is stale."""
@@ -188,7 +188,9 @@ def test_upload_killed_midway_is_never_trusted_and_is_swept_by_the_next_run(s3_h
         "ArtifactStore._upload = stalled\n"
         "from bertflow.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
-    env = machine_env("machine-a", tmp_path)
+    from prefect.settings import PREFECT_API_URL
+
+    env = machine_env("machine-a", tmp_path, PREFECT_API_URL=PREFECT_API_URL.value())
     writer = subprocess.Popen([sys.executable, "-c", slow_upload, "ingest", str(source), "--name", "big"], env=env,
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert writer.stdout.readline().strip() == "uploading"
@@ -239,10 +241,12 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_unreachable_store_missing_bucket_and_refused_credentials_are_one_line(s3_endpoint, tmp_path):
+def test_unreachable_store_missing_bucket_and_refused_credentials_are_one_line(s3_endpoint, tmp_path, prefect_server):
     """Each within a bounded time, exit ≠ 0, nothing registered: an unreachable endpoint, a missing
     bucket, unknown keys, and keys that may read the home but not write it."""
-    env = machine_env("machine-a", tmp_path, **CREDENTIALS)
+    from prefect.settings import PREFECT_API_URL
+
+    env = machine_env("machine-a", tmp_path, **CREDENTIALS, PREFECT_API_URL=PREFECT_API_URL.value())
     source = _text_file(tmp_path / "a.txt", 20, seed=4)
 
     dead = f"http://127.0.0.1:{_free_port()}"
@@ -261,7 +265,7 @@ def test_unreachable_store_missing_bucket_and_refused_credentials_are_one_line(s
     try:
         reader = _read_only_user(guarded_endpoint, "guarded")
         guarded_env = {**env, "AWS_ENDPOINT_URL": guarded_endpoint, "BERTFLOW_HOME": "s3://guarded/home"}
-        line = _one_error_line(bertflow(["ingest", str(source), "--name", "a"], guarded_env, check=False))
+        line = _one_error_line(bertflow(["ls"], guarded_env, check=False))
         assert "refused access" in line and "AWS_ACCESS_KEY_ID" in line  # keys the server does not know
 
         read_only = {**guarded_env, **reader}

@@ -67,7 +67,7 @@ def _launch_node(port: int, job: str, argv: list[str], env: dict, log: Path) -> 
                                 cwd=Path(__file__).resolve().parents[1])
 
 
-@pytest.mark.slow  # two 2-node launches plus the reference run: ~90 s on 2 cores
+@pytest.mark.slow  # two 2-node launches plus the reference run: ~70 s on 2 cores
 @pytest.mark.timeout(600)
 def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(s3_home: str, tmp_path: Path):
     """`torchrun --nnodes 2` with a c10d rendezvous on 127.0.0.1 (two launchers standing in for two
@@ -86,7 +86,7 @@ def test_two_nodes_kill_one_relaunch_resume_and_match_one_process(s3_home: str, 
     config.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                                   "intermediate_size": 256, "hidden_dropout_prob": 0.0,
                                   "attention_probs_dropout_prob": 0.0}))
-    steps, save_every = 60, 8
+    steps, save_every = 40, 8
     single = train_once(data, name="single", batch_size=4, grad_accum=2, model=str(config), steps=steps,
                         lr=1e-3, warmup=2, eval_instances=16, save_every=save_every, eval_every=1000)
 
