@@ -120,11 +120,6 @@ class DataHome:
         """The home's path as its filesystem names it (no protocol)."""
         return filesystem(self.url)[1].rstrip("/")
 
-    def url_of(self, fs_path: str) -> str:
-        """A path the filesystem returned (a listing), as a URL under the home."""
-        relative = fs_path.rstrip("/")[len(self.fs_root):].lstrip("/")
-        return self.join(relative) if relative else self.url
-
     def check_reachable(self) -> None:
         """For a remote home: the store answers and the bucket exists, else one line (bounded by
         the driver's connect timeout and retries, a few seconds)."""

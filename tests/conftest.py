@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from bertflow.runtime import configure_environment
+from tests.s3_server import start_s3_server
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -96,31 +93,8 @@ def run_cli(*argv: str) -> int:
 
 # --- an S3-compatible object store: moto's standalone server (a real HTTP server) ----------------
 
+
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_s3_server(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, **(extra_env or {})}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            return server, endpoint
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("the moto S3 server did not start")
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +102,10 @@ def s3_endpoint():
     """moto's standalone S3 server on 127.0.0.1, for this test session (worker)."""
     pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
     pytest.importorskip("moto", reason="moto[server] is not installed")
-    server, endpoint = start_s3_server()
+    try:
+        server, endpoint = start_s3_server()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield endpoint
     server.terminate()
     server.wait(timeout=30)

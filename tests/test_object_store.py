@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3_CREDENTIALS as CREDENTIALS
-from tests.conftest import free_port as _free_port
-from tests.conftest import start_s3_server as _start_s3_server
+from tests.s3_server import free_port as _free_port
+from tests.s3_server import start_s3_server as _start_s3_server
 
 pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
 
