@@ -227,8 +227,14 @@ def run_as_ranks(device: str, lead: Any, follow: Any, release: Any) -> Any:
     runs on rank 0 after the flow, whatever its outcome, so waiting ranks learn there is nothing
     (more) to train."""
     import torch
+    import torch._dynamo  # noqa: F401  (see below)
     import torch.distributed as dist
 
+    # DDP imports torch._dynamo on first use, and that import keeps references to the process
+    # groups that exist then. Such a group outlives `destroy_process_group`, and so do gloo's
+    # threads: one that frees a finished collective's tensors during the interpreter's exit
+    # cannot take the GIL and aborts the process ("terminate called without an active
+    # exception"), at random. Imported first, the group is freed (its threads joined) below.
     if device != "cpu" and torch.cuda.is_available():
         # Before any collective: NCCL sends rank 0's objects over each rank's own GPU.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
