@@ -38,6 +38,7 @@ from tasks.finetune_splits import (SplitData, encode_split, guess_language, read
                                    model_label, unknown_piece_warning)
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
 from tasks.training import train as train_loop
+from tasks.training.ranks import Followers, follow
 from tasks.training.setup import Processes, steps_for, warmup_steps
 
 STAGE = "finetune"
@@ -238,9 +239,8 @@ def run_finetune(config: FinetuneConfig, model: dict[str, Any], data: dict[str, 
     job = FinetuneJob(config=config, model_path=model["path"], model_id=model.get("id"), labels=task_data.labels, language=task_data.language,
                       train=task_data.splits["train"], dev=task_data.splits["dev"], pad_id=tokenizer.pad_token_id,
                       run_dir=str(finetune_run_dir(config.name)), identity=trajectory_identity(config, model, data))
-    _send_to_followers(job)
-    net, result = train_job(job, callbacks)
-    _followers.training = False
+    with followers.training_together(job):
+        net, result = train_job(job, callbacks)
     steps_per_epoch = epoch_steps(len(task_data.splits["train"].features), config, result.world_size)
     history = dev_history(result, config, steps_per_epoch)
     best = result.best
@@ -317,44 +317,13 @@ def train_job(job: FinetuneJob, callbacks: Sequence[Callback] = ()) -> tuple[Any
     return net, result
 
 
-class _Followers:
-    """Rank 0's side of the conversation with the other ranks (under torchrun)."""
-
-    released = False  # they were sent None and have left
-    training = False  # a job was sent and rank 0 has not finished training it
-
-
-_followers = _Followers()
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _send_to_followers(job: FinetuneJob | None) -> None:
-    if _followers.released or not _distributed():
-        return
-    torch.distributed.broadcast_object_list([job], src=0)
-    _followers.released, _followers.training = job is None, job is not None
-
-
-def release_followers() -> None:
-    """Rank 0, after the flow: tell waiting ranks there is nothing (more) to train. Not while a
-    job is in training (rank 0 failed in it): the others are inside a collective then, and
-    torchrun stops them when rank 0 exits."""
-    if not _followers.training:
-        _send_to_followers(None)
+followers = Followers()  # under torchrun: the other ranks, which train each job rank 0 sends
 
 
 def follow_rank0() -> None:
     """Ranks > 0 under torchrun: train each job rank 0 sends (a sweep sends one per setting it
-    trains) until it sends None."""
-    while True:
-        box: list[Any] = [None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[0] is None:
-            return
-        train_job(_on_this_machine(box[0]))
+    trains) until it releases them."""
+    follow(lambda job: train_job(_on_this_machine(job)))
 
 
 def _on_this_machine(job: FinetuneJob) -> FinetuneJob:

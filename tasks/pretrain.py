@@ -26,6 +26,7 @@ from tasks.pretrain_config import PretrainConfig
 from tasks.pretraining_dataset import PretrainingDataset, collate_pretraining
 from tasks.training import Callback, EpochBatches, Evaluation, TrainResult, TrainSettings
 from tasks.training import train as train_loop
+from tasks.training.ranks import Followers, follow
 from tasks.training.setup import Processes, resolve_device, seed_everything, steps_for, warmup_steps
 
 STAGE = "pretrain"
@@ -297,29 +298,12 @@ def prepare_run(config: PretrainConfig, data: dict[str, Any]) -> RunSpec:
                    pad_id=tokenizer.pad_token_id, run_dir=str(pretrain_run_dir(config.name)), identity=identity)
 
 
-# The spec is sent to the other ranks once; rank 0 sends None when it will not train (cache hit, error).
-_followers_released = False
-
-
-def _send_to_followers(spec: RunSpec | None) -> None:
-    global _followers_released
-    if _followers_released or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    _followers_released = True
-    torch.distributed.broadcast_object_list([spec], src=0)
-
-
-def release_followers() -> None:
-    """Rank 0, after the flow: tell waiting ranks there is nothing (more) to train."""
-    _send_to_followers(None)
+followers = Followers()  # under torchrun: the other ranks, which train the run spec rank 0 sends
 
 
 def follow_rank0() -> None:
-    """Ranks > 0 under torchrun: wait for rank 0's run spec and train with it."""
-    box: list[Any] = [None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        train(box[0])
+    """Ranks > 0 under torchrun: train with rank 0's run spec (none on a cache hit or an error)."""
+    follow(train)
 
 
 def run_pretrain(config: PretrainConfig, data: dict[str, Any], *, cache_key: str | None = None,
@@ -332,8 +316,8 @@ def run_pretrain(config: PretrainConfig, data: dict[str, Any], *, cache_key: str
 
     check_name(config.name)
     spec = prepare_run(config, data)
-    _send_to_followers(spec)
-    result = train(spec, callbacks)
+    with followers.training_together(spec, last=True):
+        result = train(spec, callbacks)
     model = result.model
 
     store = ArtifactStore()

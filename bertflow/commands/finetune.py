@@ -51,12 +51,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     from flows.finetune import finetune_flow
 
     if under_torchrun():
-        from tasks.finetune import follow_rank0, release_followers
+        from tasks.finetune import follow_rank0, followers
 
         # Rank 0 runs the flow and sends each training job; the other ranks train them and print nothing.
         manifest = run_as_ranks(config.device, lambda: run_flow(finetune_flow, config=config, refresh=args.refresh,
                                                                 restart=args.restart),
-                                follow_rank0, release_followers)
+                                follow_rank0, followers.release)
         if manifest is None:
             return 0
     else:

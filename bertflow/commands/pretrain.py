@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = OPTIONS.config(args)
     if under_torchrun():
-        from tasks.pretrain import follow_rank0, release_followers
+        from tasks.pretrain import follow_rank0, followers
 
         # Rank 0 runs the flow and sends what to train; the other ranks train it and print nothing.
-        manifest = run_as_ranks(args.device, lambda: _run(config, args), follow_rank0, release_followers)
+        manifest = run_as_ranks(args.device, lambda: _run(config, args), follow_rank0, followers.release)
         if manifest is None:
             return 0
     else:
